@@ -1,0 +1,44 @@
+"""Errors and the exit codes the CLI maps them to.
+
+Every failure the tool reports is one line; the CLI prints ``str(err)`` and exits with
+``err.exit_code``. The codes are documented in README.md ("Exit codes").
+"""
+
+EXIT_OK = 0
+EXIT_ERROR = 1          # generic error, or "differences found" for diff
+EXIT_USAGE = 2          # bad command line (click's own code)
+EXIT_NO_STATE = 3       # no saved state at SOURCE
+EXIT_INTEGRITY = 4      # magic, checksum, truncation, bounds
+EXIT_VERSION = 5        # unsupported format (or region layout) version
+EXIT_MISMATCH = 6       # saved state does not match the running host (load)
+EXIT_FALLBACK = 7       # state read, but from an older generation: the newest is damaged
+
+
+class HandoverError(Exception):
+    """Base class: a one-line, user-facing error with an exit code."""
+
+    exit_code = EXIT_ERROR
+    kind = "error"
+
+    def __str__(self) -> str:  # one line, always
+        return " ".join(super().__str__().split())
+
+
+class NoStateError(HandoverError):
+    exit_code = EXIT_NO_STATE
+    kind = "no-state"
+
+
+class IntegrityError(HandoverError):
+    exit_code = EXIT_INTEGRITY
+    kind = "integrity"
+
+
+class VersionError(HandoverError):
+    exit_code = EXIT_VERSION
+    kind = "version"
+
+
+class MismatchError(HandoverError):
+    exit_code = EXIT_MISMATCH
+    kind = "mismatch"

@@ -1,0 +1,1 @@
+"""The handover state format (definitions, encoder, decoder)."""

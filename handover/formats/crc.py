@@ -49,6 +49,8 @@ def _select():
             ext = google_crc32c.extend
 
             def crc(data, crc: int = 0) -> int:
+                if not isinstance(data, bytes):  # it takes bytes only
+                    data = bytes(data)
                 return ext(crc, data)
 
             return crc, "google-crc32c (C extension)"

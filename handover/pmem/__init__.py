@@ -1,0 +1,112 @@
+"""pmem regions: where `handover save` puts the state blob for the next kernel.
+
+Public API (other modules call exactly these):
+
+- :func:`probe` (path) -> bool
+- :func:`read_latest` (path, generation=None) -> :class:`RegionRead`
+- :func:`commit` (path, blob, *, wait=False, force=False) -> :class:`CommitResult`
+- :func:`init` (path, *, size=None, force=False) -> dict
+- :func:`status` (path) -> dict, :func:`wipe` (path, *, force=False) -> int
+- :func:`open_region` (path, write=..., wait=..., force=...): context manager; hold the lock
+  across a whole save with ``with open_region(p, write=True) as r: ... r.commit(blob)``
+- :func:`discover` () -> list of dict (``region list``)
+
+The blob is opaque here; the region layer has its own magic and CRC (see layout.py).
+"""
+
+from __future__ import annotations
+
+import os
+
+from handover.errors import HandoverError, NoStateError
+
+from .commit import CommitResult, Region, RegionRead, create_file, open_region
+from .kinds import RegionError, RegionLockedError
+from .layout import HEADER_OFFSETS, HEADER_SIZE, has_magic
+
+__all__ = [
+    "probe", "read_latest", "commit", "init", "status", "wipe", "open_region", "discover",
+    "RegionRead", "CommitResult", "RegionError", "RegionLockedError", "Region",
+]
+
+
+def probe(path) -> bool:
+    """True when PATH holds an initialized handover region (region magic in a header copy).
+
+    Never raises: a missing path, a plain blob file, garbage or a device that cannot be read
+    all give False."""
+    try:
+        from . import kinds
+        acc, fd, _ = kinds.open_access(os.fspath(path), write=False)
+    except (HandoverError, OSError, ValueError):
+        return False
+    try:
+        for off in HEADER_OFFSETS:
+            if off + HEADER_SIZE <= acc.size and has_magic(acc.read(off, 8)):
+                return True
+        return False
+    except (OSError, ValueError):
+        return False
+    finally:
+        try:
+            acc.close()
+        finally:
+            os.close(fd)
+
+
+def read_latest(path, generation: int | None = None) -> RegionRead:
+    """The newest valid generation (or GENERATION).  Raises NoStateError, IntegrityError,
+    VersionError; ``fallback`` is True when a newer generation was found damaged."""
+    with open_region(os.fspath(path), write=False) as r:
+        return r.read_latest(generation)
+
+
+def commit(path, blob: bytes, *, wait: bool = False, force: bool = False) -> CommitResult:
+    """Crash-consistent A/B commit of BLOB, under an exclusive flock for the whole call."""
+    with open_region(os.fspath(path), write=True, wait=wait, force=force) as r:
+        return r.commit(blob)
+
+
+def init(path, *, size: int | None = None, force: bool = False, wait: bool = False) -> dict:
+    """Initialize PATH as an empty region.  A missing file is created 0600 with SIZE bytes
+    (SIZE is required then); an existing region or non-zero data needs FORCE."""
+    path = os.fspath(path)
+    created = False
+    if not os.path.exists(path):
+        if size is None:
+            raise RegionError(f"{path}: does not exist; give --size to create a region file")
+        create_file(path, size)
+        created = True
+    elif size is not None and os.path.isfile(path):
+        cur = os.path.getsize(path)
+        if cur != size:
+            if not force:
+                raise RegionError(f"{path}: exists with {cur} bytes, not {size}; pass --force to "
+                                  f"resize (destroys its content)")
+            os.truncate(path, size)
+    try:
+        with open_region(path, write=True, wait=wait, force=force) as r:
+            h = r.init(force=force or created)
+            return {"path": path, "created": created, "kind": r.acc.kind, "size": r.acc.size,
+                    "uuid": h.uuid_str, "slot_capacity": h.slots[0].capacity,
+                    "slots": [s.offset for s in h.slots], "phys_start": r.acc.phys_start,
+                    "durability": r.acc.durability}
+    except BaseException:
+        if created:
+            os.unlink(path)
+        raise
+
+
+def status(path) -> dict:
+    with open_region(os.fspath(path), write=False) as r:
+        return r.status()
+
+
+def wipe(path, *, force: bool = False, wait: bool = False) -> int:
+    with open_region(os.fspath(path), write=True, wait=wait, force=force) as r:
+        return r.wipe()
+
+
+def discover(**kw):
+    from .discover import discover as _d
+    return _d(**kw)

@@ -1,0 +1,827 @@
+"""QEMU (TCG) + emulated VT-d + pmem + kexec lab for handover system tests.
+
+Everything that is downloaded or built lives in a cache outside the repository:
+``$HANDOVER_LAB_CACHE`` (default ``~/.cache/handover-lab``).  See tests/system/README.md.
+
+Python API (what tests call)::
+
+    from tests.system import lab
+    res = lab.run_guest(
+        ["dd if=/dev/urandom of=/dev/pmem0 bs=4k count=1; md5sum /dev/pmem0",   # phase 1
+         "cat /proc/cmdline"],                                                   # phase 2 (after kexec)
+        pmem="legacy",            # or "nvdimm" or None
+        timeout=300)
+    res.check()                   # raises LabError unless every phase ran and exited 0
+    print(res.phases[1].stdout, res.timings)
+
+CLI: ``python -m tests.system.lab {setup,build,run,shell,timings} ...`` (``--help``).
+
+Guest conventions (see guest_init.sh): phase N runs ``/payload/lab/phaseN.sh`` under busybox
+``sh`` with ``cd /payload``; env ``LAB_PHASE``, ``LAB_PAYLOAD=/payload`` and ``LAB_OUT`` (a
+directory; everything put there comes back as ``PhaseResult.files``).  ``python3`` (Debian's
+3.11) with ``handover``, construct, click, msgpack, crcmod, google_crc32c and elftools is on
+PATH, as are busybox, kexec, ndctl, daxctl.  Modules for pmem/dax/nfit/vfio/virtio/e1000e are
+loaded before the script runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import io
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+# --------------------------------------------------------------------------------------
+# Configuration (the single place for package lists, module lists, machine layout)
+# --------------------------------------------------------------------------------------
+
+#: Debian packages the lab needs on the host, with one file each that proves it installed.
+HOST_PACKAGES = {
+    "qemu-system-x86": "/usr/bin/qemu-system-x86_64",
+    "kexec-tools": "/sbin/kexec",
+    "busybox-static": "/bin/busybox",
+    "cpio": "/usr/bin/cpio",
+    "zstd": "/usr/bin/zstd",
+    "ndctl": "/usr/bin/ndctl",
+    "daxctl": "/usr/bin/daxctl",
+    "kmod": "/sbin/depmod",
+    "python3.11": "/usr/bin/python3.11",
+    "xz-utils": "/usr/bin/xz",
+}
+
+#: Kernel modules loaded (with their modules.dep dependencies) at guest boot, in this order.
+GUEST_MODULES = [
+    "virtio_blk", "e1000e",
+    "libnvdimm", "nd_pmem", "nd_e820", "nfit", "nd_btt",
+    "dax", "device_dax", "dax_pmem",
+    "vfio", "vfio_iommu_type1", "vfio_pci",
+]
+
+#: Host binaries copied into the guest (plus every shared library ldd names for them).
+GUEST_BINARIES = ["/sbin/kexec", "/usr/bin/ndctl", "/usr/bin/daxctl", "/usr/bin/python3.11"]
+
+#: Python packages (import names) copied from the interpreter running lab.py into the
+#: guest's /usr/lib/python3/dist-packages.  Missing optional ones are skipped.
+GUEST_PY_PACKAGES = ["construct", "click", "msgpack", "crcmod", "google_crc32c", "elftools"]
+GUEST_PY_OPTIONAL = {"google_crc32c", "elftools"}
+
+GUEST_PYTHON = "/usr/bin/python3.11"
+GUEST_STDLIB = "/usr/lib/python3.11"
+#: Top-level stdlib entries left out of the guest (big and never needed by handover).
+STDLIB_EXCLUDE = {
+    "test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3", "pydoc_data",
+    "distutils", "site-packages", "dist-packages", "venv", "__phello__", "turtle.py",
+    "config-3.11-x86_64-linux-gnu", "sqlite3", "dbm", "curses",
+}
+LIB_DYNLOAD_EXCLUDE_RE = re.compile(
+    r"^(_test|_xx|xxlimited|_ctypes_test|_tkinter|_sqlite3|_dbm|_gdbm|_curses|nis|ossaudiodev|audioop)")
+
+#: Legacy pmem carve-out used by pmem="legacy" (64 MiB at 768 MiB; guest RAM is 1 GiB).
+LEGACY_PMEM_MEMMAP = "memmap=64M!0x30000000"
+LEGACY_PMEM_START = 0x30000000
+LEGACY_PMEM_SIZE = 64 << 20
+
+BASE_CMDLINE = "console=ttyS0,115200 panic=1 oops=panic loglevel=4 rdinit=/init"
+DEFAULT_TIMEOUT = 300.0
+RESULT_SLOT_MB = 32
+
+#: Bump when guest_init.sh or the initramfs layout changes (part of the cache key).
+BUILD_FORMAT = 1
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+MARK_RE = re.compile(r"@@LAB ([A-Z-]+)(.*)")
+
+
+class LabError(RuntimeError):
+    """The lab itself failed (build, boot, guest script) in a way a test should report."""
+
+
+class LabUnavailable(LabError):
+    """The host cannot run the lab at all (QEMU cannot be installed)."""
+
+
+class LabTimeout(LabError):
+    """The guest did not finish in time and was killed."""
+
+
+# --------------------------------------------------------------------------------------
+# Small helpers
+# --------------------------------------------------------------------------------------
+
+def log(msg: str) -> None:
+    print(f"[lab] {msg}", file=sys.stderr, flush=True)
+
+
+class _Step:
+    """Context manager that reports how long a step took (stderr) and records it."""
+
+    def __init__(self, name: str, sink: dict | None = None):
+        self.name, self.sink = name, sink
+
+    def __enter__(self):
+        self.t0 = time.monotonic()
+        return self
+
+    def __exit__(self, *exc):
+        dt = time.monotonic() - self.t0
+        if self.sink is not None:
+            self.sink[self.name] = round(dt, 3)
+        log(f"{self.name}: {dt:.2f} s")
+
+
+def cache_dir() -> Path:
+    d = Path(os.environ.get("HANDOVER_LAB_CACHE") or Path.home() / ".cache" / "handover-lab")
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def _run(cmd, **kw) -> subprocess.CompletedProcess:
+    kw.setdefault("check", True)
+    return subprocess.run(cmd, **kw)
+
+
+def _apt_env() -> dict:
+    return dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+
+
+# --------------------------------------------------------------------------------------
+# Host packages
+# --------------------------------------------------------------------------------------
+
+def ensure_host_packages() -> None:
+    """apt-get install whatever of HOST_PACKAGES is missing.  Raises LabUnavailable."""
+    missing = [p for p, f in HOST_PACKAGES.items() if not os.path.exists(f)]
+    if not missing:
+        return
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        raise LabUnavailable(f"missing packages {missing} and cannot apt-get install them")
+    with _Step(f"apt-get install {' '.join(missing)}"):
+        cmd = ["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing]
+        r = subprocess.run(cmd, env=_apt_env(), capture_output=True, text=True)
+        if r.returncode != 0:
+            subprocess.run(["apt-get", "update", "-q"], env=_apt_env(), capture_output=True)
+            r = subprocess.run(cmd, env=_apt_env(), capture_output=True, text=True)
+    still = [p for p, f in HOST_PACKAGES.items() if not os.path.exists(f)]
+    if still:
+        raise LabUnavailable(f"apt-get could not install {still}: {r.stderr[-2000:]}")
+
+
+# --------------------------------------------------------------------------------------
+# Guest kernel (Debian's stock linux-image-6.12.N+deb12-amd64, unpacked, never installed)
+# --------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Kernel:
+    version: str          # uname -r, e.g. "6.12.117+deb12-amd64"
+    root: Path            # dpkg -x tree
+    @property
+    def vmlinuz(self) -> Path:
+        return self.root / "boot" / f"vmlinuz-{self.version}"
+    @property
+    def config(self) -> Path:
+        return self.root / "boot" / f"config-{self.version}"
+    @property
+    def modules(self) -> Path:
+        return self.root / "lib" / "modules" / self.version
+
+
+def _kver_key(v: str):
+    return [int(x) if x.isdigit() else x for x in re.split(r"[.+-]", v)]
+
+
+def fetch_kernel(version: str | None = None) -> Kernel:
+    """Return the cached Debian 6.12 kernel, downloading it (apt-get download + dpkg -x) if needed.
+
+    ``version`` (or env HANDOVER_LAB_KERNEL) pins ``6.12.N+deb12-amd64``; otherwise the newest
+    already cached is used, and if none is, the newest that apt-cache knows.
+    """
+    version = version or os.environ.get("HANDOVER_LAB_KERNEL")
+    kroot = cache_dir() / "kernel"
+    kroot.mkdir(exist_ok=True)
+    if not version:
+        cached = [p.name for p in kroot.iterdir() if (p / ".complete").exists()]
+        if cached:
+            version = max(cached, key=_kver_key)
+    if not version:
+        pat = r"^linux-image-6\.12\.[0-9]+\+deb12-amd64$"
+        out = _run(["apt-cache", "search", pat], capture_output=True, text=True).stdout
+        if not out.strip():
+            _run(["apt-get", "update", "-q"], env=_apt_env(), capture_output=True)
+            out = _run(["apt-cache", "search", pat], capture_output=True, text=True).stdout
+        names = [ln.split()[0] for ln in out.splitlines() if ln.strip()]
+        if not names:
+            raise LabUnavailable("apt-cache knows no linux-image-6.12.N+deb12-amd64")
+        version = max((n[len("linux-image-"):] for n in names), key=_kver_key)
+    k = Kernel(version, kroot / version)
+    if (k.root / ".complete").exists():
+        return k
+    with _Step(f"fetch kernel {version}"):
+        shutil.rmtree(k.root, ignore_errors=True)
+        with tempfile.TemporaryDirectory(dir=kroot) as td:
+            os.chmod(td, 0o755)  # so that _apt can write into it
+            _run(["apt-get", "download", "-q", f"linux-image-{version}"], cwd=td,
+                 env=_apt_env(), capture_output=True)
+            debs = list(Path(td).glob("*.deb"))
+            if not debs:
+                raise LabUnavailable(f"apt-get download linux-image-{version} gave no .deb")
+            _run(["dpkg-deb", "-x", str(debs[0]), str(k.root)])
+        if not k.vmlinuz.exists():
+            raise LabError(f"{k.vmlinuz} missing after dpkg -x")
+        # the .deb ships no modules.dep (postinst runs depmod); make one for this tree
+        _run(["depmod", "-b", str(k.root), version], capture_output=True)
+        (k.root / ".complete").write_text(version + "\n")
+    return k
+
+
+# --------------------------------------------------------------------------------------
+# Initramfs
+# --------------------------------------------------------------------------------------
+
+def _ldd(paths) -> set[str]:
+    libs: set[str] = set()
+    for p in paths:
+        r = subprocess.run(["ldd", str(p)], capture_output=True, text=True)
+        for ln in r.stdout.splitlines():
+            ln = ln.strip()
+            m = re.match(r"\S+ => (/\S+)", ln) or re.match(r"(/\S+) \(0x", ln)
+            if m:
+                libs.add(m.group(1))
+    return libs
+
+
+def _copy_into(root: Path, src: str | Path, dst: str | None = None) -> Path:
+    """Copy host file ``src`` (following links) to ``root/dst`` (default: same path)."""
+    dst_p = root / (dst or str(src)).lstrip("/")
+    dst_p.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(os.path.realpath(src), dst_p)
+    return dst_p
+
+
+def _module_closure(k: Kernel, names) -> list[str]:
+    """Module paths (relative to modules dir, as in modules.dep) for ``names`` plus deps,
+    dependencies first."""
+    deps: dict[str, list[str]] = {}
+    by_name: dict[str, str] = {}
+    for ln in (k.modules / "modules.dep").read_text().splitlines():
+        mod, _, rest = ln.partition(":")
+        deps[mod] = rest.split()
+        base = os.path.basename(mod).split(".ko")[0].replace("-", "_")
+        by_name[base] = mod
+    order: list[str] = []
+
+    def visit(mod: str) -> None:
+        if mod in order:
+            return
+        for d in deps.get(mod, []):
+            visit(d)
+        order.append(mod)
+
+    builtin = (k.modules / "modules.builtin").read_text() if (k.modules / "modules.builtin").exists() else ""
+    for n in names:
+        n = n.replace("-", "_")
+        if n not in by_name:
+            if f"/{n}.ko" in builtin:
+                continue
+            raise LabError(f"kernel module {n} not found in {k.version}")
+        visit(by_name[n])
+    return order
+
+
+def _busybox_links(root: Path) -> None:
+    _copy_into(root, "/bin/busybox")
+    out = _run(["/bin/busybox", "--list-full"], capture_output=True, text=True).stdout
+    for rel in out.split():
+        p = root / rel
+        if p.exists() or p.is_symlink():
+            continue
+        p.parent.mkdir(parents=True, exist_ok=True)
+        os.symlink("/bin/busybox", p)
+
+
+def _stdlib_ignore(dirpath: str, names):
+    ignored = set()
+    top = os.path.realpath(dirpath) == os.path.realpath(GUEST_STDLIB)
+    for n in names:
+        if top and n in STDLIB_EXCLUDE:
+            ignored.add(n)
+        elif ".opt-" in n and n.endswith(".pyc"):
+            ignored.add(n)
+        elif dirpath.endswith("lib-dynload") and LIB_DYNLOAD_EXCLUDE_RE.match(n):
+            ignored.add(n)
+    return ignored
+
+
+def _find_py_package(name: str) -> Path | None:
+    import importlib.util
+    spec = importlib.util.find_spec(name)
+    if spec is None:
+        return None
+    if spec.submodule_search_locations:
+        return Path(list(spec.submodule_search_locations)[0])
+    return Path(spec.origin)
+
+
+def _cpio(root: Path, out: Path, compress: list[str]) -> None:
+    files = sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    with open(tmp, "wb") as f:
+        cp = subprocess.Popen(["cpio", "--quiet", "-o", "-H", "newc", "-R", "0:0"], cwd=root,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        zp = subprocess.Popen(compress, stdin=cp.stdout, stdout=f)
+        cp.stdout.close()
+        cp.stdin.write(("\n".join(files) + "\n").encode())
+        cp.stdin.close()
+        if cp.wait() != 0 or zp.wait() != 0:
+            raise LabError(f"cpio/compress of {root} failed")
+    tmp.replace(out)
+
+
+def _tree_hash(paths) -> str:
+    h = hashlib.sha256()
+    for base in paths:
+        base = Path(base)
+        items = [base] if base.is_file() else sorted(p for p in base.rglob("*") if p.is_file())
+        for p in items:
+            if "__pycache__" in p.parts or p.suffix == ".pyc":
+                continue
+            h.update(str(p.relative_to(base.parent)).encode() + b"\0")
+            h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _base_key(k: Kernel) -> str:
+    h = hashlib.sha256()
+    h.update(repr((BUILD_FORMAT, k.version, GUEST_MODULES, GUEST_BINARIES, sorted(STDLIB_EXCLUDE),
+                   LIB_DYNLOAD_EXCLUDE_RE.pattern)).encode())
+    for f in [*GUEST_BINARIES, "/bin/busybox"]:
+        st = os.stat(f)
+        h.update(f"{f}:{st.st_size}:{st.st_mtime_ns}".encode())
+    h.update((HERE / "guest_init.sh").read_bytes())
+    return h.hexdigest()[:16]
+
+
+def build_base_initramfs(k: Kernel, force: bool = False, timings: dict | None = None) -> Path:
+    """busybox + modules + kexec/ndctl/daxctl + Python 3.11 and trimmed stdlib (cached)."""
+    out = cache_dir() / "initramfs" / f"base-{k.version}-{_base_key(k)}.cpio.zst"
+    if out.exists() and not force:
+        return out
+    out.parent.mkdir(exist_ok=True)
+    with _Step("build base initramfs", timings), tempfile.TemporaryDirectory(dir=out.parent) as td:
+        root = Path(td) / "root"
+        for d in ["proc", "sys", "dev", "tmp", "run", "payload", "root", "etc/lab", "lab", "mnt"]:
+            (root / d).mkdir(parents=True, exist_ok=True)
+        _busybox_links(root)
+        shutil.copy(HERE / "guest_init.sh", root / "init")
+        os.chmod(root / "init", 0o755)
+        # kernel modules, decompressed (busybox insmod takes plain .ko)
+        mods = _module_closure(k, GUEST_MODULES)
+        mdst = root / "lib" / "modules" / k.version
+        loads = []
+        for rel in mods:
+            src = k.modules / rel
+            plain = rel[:-3] if rel.endswith(".xz") else rel
+            (mdst / plain).parent.mkdir(parents=True, exist_ok=True)
+            if rel.endswith(".xz"):
+                with open(mdst / plain, "wb") as f:
+                    _run(["xz", "-dc", str(src)], stdout=f)
+            else:
+                shutil.copy2(src, mdst / plain)
+            loads.append(plain)
+        for extra in ["modules.builtin", "modules.builtin.modinfo", "modules.order"]:
+            if (k.modules / extra).exists():
+                shutil.copy2(k.modules / extra, mdst / extra)
+        _run(["depmod", "-b", str(root), k.version], capture_output=True)
+        (root / "etc/lab/modules.load").write_text("\n".join(loads) + "\n")
+        # binaries + stdlib + shared libraries
+        for b in GUEST_BINARIES:
+            p = root / b.lstrip("/")
+            if p.is_symlink():
+                p.unlink()
+            _copy_into(root, b)
+        os.symlink("python3.11", root / "usr/bin/python3")
+        stdlib_dst = root / GUEST_STDLIB.lstrip("/")
+        shutil.copytree(GUEST_STDLIB, stdlib_dst, ignore=_stdlib_ignore, symlinks=False)
+        elves = list(GUEST_BINARIES) + [str(p) for p in (stdlib_dst / "lib-dynload").glob("*.so")]
+        for lib in _ldd(elves):
+            if not (root / lib.lstrip("/")).exists():
+                _copy_into(root, lib)
+        (root / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
+        (root / "etc/group").write_text("root:x:0:\n")
+        _cpio(root, out, ["zstd", "-3", "-T0", "-q", "-c"])
+    log(f"base initramfs {out.name}: {out.stat().st_size / 1e6:.1f} MB")
+    return out
+
+
+def build_overlay(force: bool = False, timings: dict | None = None,
+                  extra_packages: list[str] | None = None) -> Path:
+    """The repo's ``handover`` package + its deps as a small gzip cpio (rebuilt when they change)."""
+    pkgs: dict[str, Path] = {"handover": REPO / "handover"}
+    for n in GUEST_PY_PACKAGES + list(extra_packages or []):
+        p = _find_py_package(n)
+        if p is None:
+            if n in GUEST_PY_OPTIONAL:
+                continue
+            raise LabError(f"python package {n} not importable by {sys.executable}")
+        pkgs[n] = p
+    libs_dirs = [p.parent / (p.name + ".libs") for p in pkgs.values() if (p.parent / (p.name + ".libs")).is_dir()]
+    key = _tree_hash(list(pkgs.values()) + libs_dirs)
+    out = cache_dir() / "initramfs" / f"overlay-{key}.cpio.gz"
+    if out.exists() and not force:
+        return out
+    out.parent.mkdir(exist_ok=True)
+    with _Step("build handover overlay", timings), tempfile.TemporaryDirectory(dir=out.parent) as td:
+        root = Path(td) / "root"
+        site = root / "usr/lib/python3/dist-packages"
+        site.mkdir(parents=True)
+        ign = shutil.ignore_patterns("__pycache__", "*.pyc", "tests")
+        for n, p in {**pkgs, **{d.name: d for d in libs_dirs}}.items():
+            if p.is_dir():
+                shutil.copytree(p, site / p.name, ignore=ign)
+            else:
+                shutil.copy2(p, site / p.name)
+        # shared libraries of C extensions (libstdc++ for google_crc32c, ...); libc & co are in base
+        sos = [str(p) for p in site.rglob("*.so*") if p.is_file()]
+        for lib in _ldd(sos):
+            if os.path.basename(lib) in ("libc.so.6", "libm.so.6", "ld-linux-x86-64.so.2"):
+                continue
+            if not lib.startswith(str(root)) and "/site-packages/" not in lib:
+                _copy_into(root, lib)
+        # byte-compile with the guest's interpreter so imports in TCG stay fast
+        subprocess.run([GUEST_PYTHON, "-m", "compileall", "-q", "-j0", str(site)],
+                       capture_output=True)
+        _cpio(root, out, ["gzip", "-1", "-n", "-c"])
+    return out
+
+
+def build_initramfs(kernel: Kernel | None = None, force: bool = False,
+                    timings: dict | None = None) -> Path:
+    """Return the path of the guest initrd: cached base archive + handover overlay, concatenated."""
+    k = kernel or fetch_kernel()
+    base = build_base_initramfs(k, force, timings)
+    ov = build_overlay(force, timings)
+    out = cache_dir() / "initramfs" / f"initrd-{base.name.split('.cpio')[0]}-{ov.name.split('.cpio')[0]}.img"
+    if not out.exists() or force:
+        tmp = out.with_suffix(".tmp")
+        with open(tmp, "wb") as f:
+            for part in (base, ov):
+                f.write(part.read_bytes())
+        tmp.replace(out)
+        # keep the cache from growing without bound: drop older combined images
+        for old in out.parent.glob("initrd-*.img"):
+            if old != out and time.time() - old.stat().st_mtime > 3600:
+                old.unlink(missing_ok=True)
+    return out
+
+
+def setup(timings: dict | None = None) -> tuple[Kernel, Path]:
+    """ensure_host_packages + fetch_kernel + build_initramfs.  Returns (kernel, initrd)."""
+    ensure_host_packages()
+    k = fetch_kernel()
+    return k, build_initramfs(k, timings=timings)
+
+
+# --------------------------------------------------------------------------------------
+# Running a guest
+# --------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class PhaseResult:
+    phase: int
+    rc: int | None = None                # exit code of the phase script (None: did not finish)
+    stdout: str = ""
+    stderr: str = ""
+    dmesg: str = ""
+    cmdline: str = ""
+    files: dict = dataclasses.field(default_factory=dict)   # relpath under $LAB_OUT -> bytes
+    kexec_rc: int | None = None
+    kexec_log: str = ""
+
+
+@dataclasses.dataclass
+class GuestResult:
+    phases: list                          # PhaseResult, one per script, in order
+    console: str                          # whole serial console log
+    qemu_cmd: list
+    qemu_rc: int | None
+    timings: dict                         # step name -> seconds (host wall clock)
+    markers: list                         # (host seconds since QEMU start, marker, rest)
+    workdir: Path
+    nvdimm_file: Path | None = None
+
+    def check(self) -> "GuestResult":
+        """Raise LabError with the console tail unless every phase ran and exited 0."""
+        bad = [p for p in self.phases if p.rc != 0]
+        if bad:
+            p = bad[0]
+            raise LabError(
+                f"guest phase {p.phase} rc={p.rc}\n--- stdout ---\n{p.stdout[-3000:]}\n"
+                f"--- stderr ---\n{p.stderr[-3000:]}\n--- console tail ---\n{self.console[-4000:]}")
+        return self
+
+    def format_timings(self) -> str:
+        return "\n".join(f"  {k:32s} {v:7.2f} s" for k, v in self.timings.items())
+
+
+def _write_payload(path: Path, scripts, files, kernel: Kernel | None, initrd: Path | None,
+                   cmdlines: dict, kexec_mode: str) -> None:
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:
+        def add_bytes(name: str, data: bytes, mode: int = 0o644) -> None:
+            ti = tarfile.TarInfo(name)
+            ti.size, ti.mode, ti.mtime = len(data), mode, int(time.time())
+            tar.addfile(ti, io.BytesIO(data))
+        for i, s in enumerate(scripts, 1):
+            add_bytes(f"lab/phase{i}.sh", s.encode() if isinstance(s, str) else s, 0o755)
+        for n, c in cmdlines.items():
+            add_bytes(f"lab/cmdline.{n}", c.encode())
+        add_bytes("lab/kexec.mode", kexec_mode.encode())
+        add_bytes("lab/slot_mb", str(RESULT_SLOT_MB).encode())
+        if len(scripts) > 1:
+            tar.add(str(kernel.vmlinuz), "lab/vmlinuz")
+            tar.add(str(initrd), "lab/initrd.img")
+        for name, content in (files or {}).items():
+            if isinstance(content, (bytes, bytearray)):
+                add_bytes(name, bytes(content))
+            elif isinstance(content, str) and not os.path.exists(content):
+                add_bytes(name, content.encode())
+            else:
+                tar.add(str(content), name)
+    # pad to a multiple of 512 (virtio-blk sector)
+    sz = path.stat().st_size
+    if sz % 4096:
+        with open(path, "ab") as f:
+            f.write(b"\0" * (4096 - sz % 4096))
+
+
+def _read_results(res_img: Path, nphases: int) -> list[PhaseResult]:
+    out = []
+    slot = RESULT_SLOT_MB << 20
+    with open(res_img, "rb") as f:
+        for n in range(1, nphases + 1):
+            pr = PhaseResult(phase=n)
+            f.seek((n - 1) * slot)
+            blob = f.read(slot)
+            if blob[:512].strip(b"\0"):
+                try:
+                    with tarfile.open(fileobj=io.BytesIO(blob), mode="r:") as tar:
+                        for m in tar.getmembers():
+                            if not m.isfile():
+                                continue
+                            data = tar.extractfile(m).read()
+                            name = m.name[2:] if m.name.startswith("./") else m.name
+                            if name.startswith("files/"):
+                                pr.files[name[6:]] = data
+                            elif name == "rc":
+                                pr.rc = int(data.strip() or -1)
+                            elif name == "kexec.rc":
+                                pr.kexec_rc = int(data.strip() or -1)
+                            else:
+                                txt = data.decode(errors="replace")
+                                attr = {"stdout": "stdout", "stderr": "stderr", "lab-dmesg.txt": "dmesg",
+                                        "lab-cmdline.txt": "cmdline", "kexec.log": "kexec_log"}.get(name)
+                                if attr:
+                                    setattr(pr, attr, txt)
+                except tarfile.TarError as e:
+                    pr.stderr += f"\n[lab] results slot {n} unreadable: {e}"
+            out.append(pr)
+    return out
+
+
+class _ConsoleReader(threading.Thread):
+    def __init__(self, stream, logf, t0: float, echo: bool):
+        super().__init__(daemon=True)
+        self.stream, self.logf, self.t0, self.echo = stream, logf, t0, echo
+        self.lines: list[str] = []
+        self.markers: list[tuple[float, str, str]] = []
+        self.first_kernel_line: float | None = None
+
+    def run(self):
+        for raw in iter(self.stream.readline, b""):
+            t = time.monotonic() - self.t0
+            line = raw.decode(errors="replace").rstrip("\r\n")
+            self.lines.append(line)
+            self.logf.write(f"[{t:8.3f}] {line}\n")
+            self.logf.flush()
+            if self.echo:
+                print(line, file=sys.stderr, flush=True)
+            m = MARK_RE.search(line)
+            if m:
+                self.markers.append((t, m.group(1), m.group(2).strip()))
+            elif self.first_kernel_line is None and "Linux version" in line:
+                self.first_kernel_line = t
+
+
+def _marker_timings(markers, t_qemu_exit: float | None) -> dict:
+    """Turn console marker arrival times into named step durations."""
+    tm: dict[str, float] = {}
+    by = {}
+    for t, name, rest in markers:
+        ph = re.search(r"phase=(\d+)", rest)
+        by.setdefault((name, int(ph.group(1)) if ph else 0), t)
+
+    def d(key, a, b):
+        if a in by and b in by:
+            tm[key] = round(by[b] - by[a], 3)
+    if ("INIT", 1) in by:
+        tm["qemu start -> /init (phase 1)"] = round(by[("INIT", 1)], 3)
+    n = 1
+    while ("INIT", n) in by:
+        d(f"phase {n}: init -> modules loaded", ("INIT", n), ("MODULES-LOADED", n))
+        d(f"phase {n}: modules -> payload", ("MODULES-LOADED", n), ("PAYLOAD", n))
+        d(f"phase {n}: script", ("SCRIPT-BEGIN", n), ("SCRIPT-END", n))
+        d(f"phase {n}: kexec load", ("KEXEC-LOAD-BEGIN", n), ("KEXEC-LOAD-END", n))
+        d(f"phase {n}: write results", ("RESULTS-BEGIN", n), ("RESULTS-END", n))
+        d(f"kexec -e -> /init (phase {n + 1})", ("KEXEC-EXEC", n), ("INIT", n + 1))
+        n += 1
+    if t_qemu_exit is not None:
+        tm["qemu total"] = round(t_qemu_exit, 3)
+    return tm
+
+
+def qemu_command(kernel: Kernel, initrd: Path, cmdline: str, payload: Path, results: Path,
+                 nvdimm: Path | None = None, nvdimm_size: int = 256 << 20,
+                 nvdimm_label_size: int | None = None, memory: str = "1G",
+                 cpu: str | None = None, extra_args: list | None = None) -> list:
+    machine = "q35,nvdimm=on" if nvdimm else "q35"
+    mem = f"{memory},slots=2,maxmem=4G" if nvdimm else memory
+    cmd = [
+        "qemu-system-x86_64", "-machine", machine, "-accel", "tcg", "-smp", "1", "-m", mem,
+        "-device", "intel-iommu,intremap=on",
+        "-device", "edu,addr=03.0",
+        "-netdev", "user,id=n0,restrict=on", "-device", "e1000e,netdev=n0,addr=04.0",
+        "-drive", f"if=none,id=pay,file={payload},format=raw,readonly=on",
+        "-device", "virtio-blk-pci,drive=pay,iommu_platform=on,disable-legacy=on,addr=05.0",
+        "-drive", f"if=none,id=res,file={results},format=raw,cache=writethrough",
+        "-device", "virtio-blk-pci,drive=res,iommu_platform=on,disable-legacy=on,addr=06.0",
+        "-kernel", str(kernel.vmlinuz), "-initrd", str(initrd), "-append", cmdline,
+        "-display", "none", "-monitor", "none", "-serial", "stdio", "-no-reboot",
+    ]
+    if cpu:
+        cmd += ["-cpu", cpu]
+    if nvdimm:
+        dev = "nvdimm,id=nv0,memdev=nvm0"
+        if nvdimm_label_size:
+            dev += f",label-size={nvdimm_label_size}"
+        cmd += ["-object", f"memory-backend-file,id=nvm0,mem-path={nvdimm},size={nvdimm_size},share=on",
+                "-device", dev]
+    return cmd + list(extra_args or [])
+
+
+def run_guest(scripts, *, pmem: str | None = "legacy", append: str = "",
+              kexec_append: str | None = None, kexec_mode: str = "l",
+              files: dict | None = None, nvdimm_file: str | Path | None = None,
+              nvdimm_size: int = 256 << 20, nvdimm_label_size: int | None = None,
+              memory: str = "1G", cpu: str | None = None, qemu_args: list | None = None,
+              timeout: float = DEFAULT_TIMEOUT, workdir: str | Path | None = None,
+              echo: bool = False, shell: bool = False) -> GuestResult:
+    """Boot the lab guest and run ``scripts`` (a str or a list of str, shell source).
+
+    scripts[0] runs in the first kernel; for each further script the guest init kexecs
+    (``kexec -l`` or, with kexec_mode="s", ``kexec -s``) into the same kernel+initrd and runs it.
+    pmem: "legacy" (memmap=64M!0x30000000 on every kernel's cmdline), "nvdimm" (QEMU NVDIMM
+    backed by ``nvdimm_file``, a fresh file in workdir by default), or None.
+    append: extra kernel args for every phase.  kexec_append: extra args for the kexec'd
+    phases only (default: same as append).  files: {payload path: bytes | str | host Path},
+    visible in the guest under /payload/<path> (cwd of the scripts).
+    Whole run killed after ``timeout`` seconds (LabTimeout).  Results: GuestResult.
+    """
+    if isinstance(scripts, str):
+        scripts = [scripts]
+    if shell:
+        scripts = scripts or [""]
+    timings: dict[str, float] = {}
+    kernel, initrd = setup(timings)
+    wd = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="run-", dir=cache_dir()))
+    wd.mkdir(parents=True, exist_ok=True)
+    if pmem not in (None, "legacy", "nvdimm"):
+        raise ValueError(f"pmem={pmem!r}")
+    nv = None
+    if pmem == "nvdimm":
+        nv = Path(nvdimm_file) if nvdimm_file else wd / "nvdimm.img"
+        if not nv.exists() or nv.stat().st_size != nvdimm_size:
+            with open(nv, "wb") as f:
+                f.truncate(nvdimm_size)
+    pm = LEGACY_PMEM_MEMMAP if pmem == "legacy" else ""
+
+    def cmdline(n: int, extra: str) -> str:
+        return " ".join(x for x in [BASE_CMDLINE, pm, extra, f"handover.lab.phase={n}",
+                                    "handover.lab.shell=1" if shell and n == 1 else ""] if x)
+    first = cmdline(1, append)
+    cmdlines = {n: cmdline(n, append if kexec_append is None else kexec_append)
+                for n in range(2, len(scripts) + 1)}
+    payload, results = wd / "payload.tar", wd / "results.img"
+    with _Step("write payload", timings):
+        _write_payload(payload, scripts, files, kernel, initrd, cmdlines, kexec_mode)
+    with open(results, "wb") as f:
+        f.truncate(RESULT_SLOT_MB * max(1, len(scripts)) << 20)
+    cmd = qemu_command(kernel, initrd, first, payload, results, nv, nvdimm_size,
+                       nvdimm_label_size, memory, cpu, qemu_args)
+    (wd / "qemu-cmd.txt").write_text(shlex.join(cmd) + "\n")
+    log(f"boot: {shlex.join(cmd)}")
+    if shell:
+        cmd[cmd.index("-serial") + 1] = "mon:stdio"
+        del cmd[cmd.index("-monitor"):cmd.index("-monitor") + 2]
+        return subprocess.call(cmd)  # type: ignore[return-value]
+    t0 = time.monotonic()
+    with open(wd / "console.log", "w") as logf:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        reader = _ConsoleReader(proc.stdout, logf, t0, echo)
+        reader.start()
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _kill(proc)
+            reader.join(5)
+            tail = "\n".join(reader.lines[-60:])
+            raise LabTimeout(f"guest did not finish in {timeout:.0f} s (killed); workdir {wd}\n"
+                             f"--- console tail ---\n{tail}")
+        finally:
+            if proc.poll() is None:
+                _kill(proc)
+        t_exit = time.monotonic() - t0
+        reader.join(10)
+    timings.update(_marker_timings(reader.markers, t_exit))
+    phases = _read_results(results, len(scripts))
+    res = GuestResult(phases, "\n".join(reader.lines), cmd, rc, timings, reader.markers, wd, nv)
+    log("timings:\n" + res.format_timings())
+    return res
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, 9)
+    except ProcessLookupError:
+        pass
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+# --------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------
+
+def _main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m tests.system.lab", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("setup", help="install host packages, fetch the kernel, build the initramfs")
+    b = sub.add_parser("build", help="(re)build the initramfs")
+    b.add_argument("--force", action="store_true")
+    for name in ("run", "shell"):
+        r = sub.add_parser(name, help="boot the guest and run scripts" if name == "run"
+                           else "boot the guest into an interactive busybox shell (Ctrl-a x quits)")
+        if name == "run":
+            r.add_argument("scripts", nargs="+", help="script file per phase (or '-c CODE')")
+        r.add_argument("--pmem", choices=["legacy", "nvdimm", "none"], default="legacy")
+        r.add_argument("--append", default="")
+        r.add_argument("--kexec-append")
+        r.add_argument("--kexec-mode", choices=["l", "s"], default="l")
+        r.add_argument("--nvdimm-file")
+        r.add_argument("--nvdimm-label-size", type=int)
+        r.add_argument("--file", action="append", default=[], metavar="GUESTPATH=HOSTPATH")
+        r.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT)
+        r.add_argument("--workdir")
+        r.add_argument("--quiet", action="store_true", help="do not echo the console")
+    a = ap.parse_args(argv)
+    if a.cmd == "setup":
+        k, initrd = setup()
+        print(f"kernel {k.version}: {k.vmlinuz}\ninitrd {initrd} ({initrd.stat().st_size / 1e6:.1f} MB)")
+        return 0
+    if a.cmd == "build":
+        ensure_host_packages()
+        k = fetch_kernel()
+        initrd = build_initramfs(k, force=a.force)
+        print(f"initrd {initrd} ({initrd.stat().st_size / 1e6:.1f} MB)")
+        return 0
+    files = dict(f.split("=", 1) for f in a.file)
+    kw = dict(pmem=None if a.pmem == "none" else a.pmem, append=a.append,
+              kexec_append=a.kexec_append, kexec_mode=a.kexec_mode, files=files,
+              nvdimm_file=a.nvdimm_file, nvdimm_label_size=a.nvdimm_label_size,
+              timeout=a.timeout, workdir=a.workdir)
+    if a.cmd == "shell":
+        return run_guest([], shell=True, **kw)  # type: ignore[return-value]
+    scripts = [Path(s).read_text() if os.path.exists(s) else s for s in a.scripts]
+    res = run_guest(scripts, echo=not a.quiet, **kw)
+    for p in res.phases:
+        print(f"=== phase {p.phase} rc={p.rc} ===\n{p.stdout}", end="")
+        if p.stderr:
+            print(f"--- stderr ---\n{p.stderr}", end="")
+    print(f"workdir: {res.workdir}\ntimings:\n{res.format_timings()}")
+    return 0 if all(p.rc == 0 for p in res.phases) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(_main())

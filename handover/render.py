@@ -1,0 +1,322 @@
+"""State -> JSON-able dicts and the human tree that ``inspect`` prints; ``diff`` of states.
+
+JSON conventions: addresses, register values and raw words are lower-case hex strings
+("0x..."), counts and indices are numbers, PCI addresses are "ssss:bb:dd.f", byte strings
+are hex without prefix. The top-level ``schema`` key versions this output.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+from .formats import descriptions as D
+from .formats import enums as E
+from .formats.model import TABLE_ATTRS, State
+
+SCHEMA = "handover.inspect/1"
+
+
+def _cstr(b: bytes) -> str:
+    return bytes(b).split(b"\0", 1)[0].decode("utf-8", "replace")
+
+
+def unit_name(u: int) -> str:
+    return "none" if u == 0xFFFF else f"dmar{u}"
+
+
+# --- per-record dicts ----------------------------------------------------------------------
+def unit_dict(u, missing=()) -> dict:
+    present = u.present
+    d = {"unit": u.unit, "name": unit_name(u.unit), "segment": u.segment,
+         "reg_base": D.hx(u.reg_base), "flags": E.flag_names(u.flags, E.UNIT_FLAGS)}
+
+    def have(name):
+        return present & E.UNIT_PRESENT_BIT[name] and name not in missing
+
+    if have("ver"):
+        d["ver"] = D.decode_ver(u.ver)
+    if have("cap"):
+        d["cap"] = D.hx(u.cap)
+        d["cap_decoded"] = D.decode_cap(u.cap)
+    if have("ecap"):
+        d["ecap"] = D.hx(u.ecap)
+        d["ecap_decoded"] = D.decode_ecap(u.ecap)
+    if have("gsts"):
+        d["gsts"] = D.hx(u.gsts, 8)
+        d["gsts_decoded"] = D.decode_gsts(u.gsts)
+    for reg, dec in (("rtaddr", D.decode_rtaddr), ("irta", D.decode_irta), ("iqa", D.decode_iqa)):
+        if have(reg):
+            d[reg] = D.hx(getattr(u, reg))
+            d[reg + "_decoded"] = dec(getattr(u, reg))
+    for reg in ("iqh", "iqt"):
+        if have(reg):
+            d[reg] = D.hx(getattr(u, reg))
+    d["absent_registers"] = [n for n in E.UNIT_PRESENT_BIT if not have(n)]
+    return d
+
+
+def irte_dict(r) -> dict:
+    return {"unit": r.unit, "index": r.index, "lo": D.hx(r.lo, 16), "hi": D.hx(r.hi, 16),
+            "decoded": D.decode_irte(r.lo, r.hi)}
+
+
+def vector_dict(r) -> dict:
+    d = {"device": D.bdf_str(r.sbdf), "kind": E.VECTOR_KIND.get(r.kind, str(r.kind)),
+         "vector": r.vector, "unit": unit_name(r.unit), "flags": E.flag_names(r.flags, E.VECTOR_FLAGS),
+         "irq": r.irq or None}
+    if r.flags & E.VEC_F_IRTE_KNOWN:
+        d["irte_index"] = r.irte_index
+        d["sub_handle"] = r.sub_handle
+    return d
+
+
+def bar_dict(r) -> dict:
+    return {"device": D.bdf_str(r.sbdf), "index": r.index, "name": E.bar_index_name(r.index),
+            "start": D.hx(r.start), "size": D.hx(r.size), "flags": D.bar_flags(r.flags),
+            "raw": D.hx(r.raw), "res_flags": D.hx(r.res_flags)}
+
+
+def context_dict(r) -> dict:
+    sm = bool(r.flags & E.CTX_F_SM)
+    d = {"device": D.bdf_str(r.sbdf), "unit": unit_name(r.unit), "did": r.did,
+         "scalable": sm, "root": [D.hx(r.root_hi, 16), D.hx(r.root_lo, 16)],
+         "entry": [D.hx(r.hi, 16), D.hx(r.lo, 16)], "decoded": D.decode_context(r.lo, r.hi, sm)}
+    if r.flags & E.CTX_F_PASID:
+        d["pasid"] = r.pasid
+        d["pasid_entry"] = [D.hx(r.pasid_val2, 16), D.hx(r.pasid_val1, 16), D.hx(r.pasid_val0, 16)]
+        d["pasid_decoded"] = D.decode_pasid_entry(r.pasid_val0, r.pasid_val1, r.pasid_val2)
+    return d
+
+
+def domain_dict(r) -> dict:
+    return {"unit": unit_name(r.unit), "did": r.did, "translation": D.domain_tt_name(r.tt),
+            "agaw": r.agaw, "address_width": r.gaw, "pgd": D.hx(r.pgd),
+            "flags": E.flag_names(r.flags, E.DOMAIN_FLAGS)}
+
+
+def pi_desc_dict(r) -> dict:
+    import uuid
+
+    return {"phys": D.hx(r.phys), "vm": str(uuid.UUID(bytes=bytes(r.vm))), "vcpu": r.vcpu,
+            "raw": bytes(r.raw).hex(), "decoded": D.decode_pi_desc(r.raw)}
+
+
+def reserved_dict(r) -> dict:
+    return {"start": D.hx(r.start), "size": D.hx(r.size), "end": D.hx(r.start + r.size - 1),
+            "kind": E.RESERVED_KIND.get(r.kind, str(r.kind)), "unit": unit_name(r.unit)}
+
+
+def bridge_dict(r) -> dict:
+    return {"device": D.bdf_str(r.sbdf), "depth": r.depth, "bridge": D.bdf_str(r.bridge),
+            "command": D.hx(r.command, 4)}
+
+
+def device_dict(st: State, r) -> dict:
+    import hashlib
+
+    cfg = st.device_config(r)
+    d = {"device": D.bdf_str(r.sbdf), "vendor": D.hx(r.vendor, 4), "device_id": D.hx(r.device, 4),
+         "subsystem": [D.hx(r.subsystem_vendor, 4), D.hx(r.subsystem_device, 4)],
+         "class": D.hx(r.class_, 6), "revision": D.hx(r.revision, 2),
+         "header_type": D.hx(r.header_type, 2), "flags": E.flag_names(r.flags, E.DEVICE_FLAGS),
+         "driver": _cstr(r.driver), "iommu_group": None if r.iommu_group == 0xFFFFFFFF else r.iommu_group,
+         "unit": unit_name(r.unit),
+         "dsn": D.hx(r.dsn, 16) if r.flags & E.DEV_F_DSN else None,
+         "config": {"length": len(cfg), "sha256": hashlib.sha256(cfg).hexdigest()},
+         "token": {"set": bool(r.flags & E.DEV_F_TOKEN)}}
+    if r.flags & (E.DEV_F_PF | E.DEV_F_VF):
+        d["sriov"] = {"total_vfs": r.total_vfs, "num_vfs": r.num_vfs,
+                      "ctrl": D.hx(r.sriov_ctrl, 4),
+                      "physfn": None if r.physfn == 0xFFFFFFFF else D.bdf_str(r.physfn)}
+    return d
+
+
+_DICT = {"units": None, "domains": domain_dict, "contexts": context_dict, "irtes": irte_dict,
+         "vectors": vector_dict, "pi_descs": pi_desc_dict, "bars": bar_dict, "devices": None,
+         "bridges": bridge_dict, "reserved": reserved_dict}
+
+
+def state_dict(st: State, source: dict | None = None) -> dict:
+    out = {"schema": SCHEMA, "format": f"{st.version[0]}.{st.version[1]}",
+           "generation": st.generation, "meta": _jsonable(st.meta),
+           "absent": sorted(st.absent), "provenance": _jsonable(st.provenance)}
+    if source:
+        out["source"] = source
+    missing = st.units.missing_fields()
+    out["units"] = [unit_dict(u, missing) for u in st.units]
+    out["devices"] = [device_dict(st, d) for d in st.devices]
+    for attr in TABLE_ATTRS:
+        if attr in ("units", "devices"):
+            continue
+        out[attr] = [_DICT[attr](r) for r in getattr(st, attr)]
+    out["counts"] = {a: len(getattr(st, a)) for a in TABLE_ATTRS}
+    out["unknown_sections"] = [
+        {"type": u.type, "version": u.version, "flags": u.flags, "count": u.count,
+         "record_size": u.record_size, "length": len(u.data)} for u in st.unknown_sections]
+    return out
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (bytes, bytearray)):
+        return obj.hex()
+    return obj
+
+
+# --- human tree ------------------------------------------------------------------------------
+def tree_lines(st: State, *, limit: int = 16, source: str = "") -> Iterator[str]:
+    m = st.meta
+    yield (f"handover state {st.version[0]}.{st.version[1]}, generation {st.generation}"
+           + (f"  ({source})" if source else ""))
+    yield (f"  saved by {m.get('tool', '?')} {m.get('tool_version', '')} on {m.get('hostname', '?')} "
+           f"at {m.get('created', '?')}, kernel {m.get('kernel_release', '?')}"
+           + (f" -> {m['target_kernel_release']}" if m.get("target_kernel_release") else ""))
+    if st.absent:
+        yield f"  not captured: {', '.join(sorted(st.absent))}"
+    missing = st.units.missing_fields()
+    irtes_by_unit: dict[int, list] = {}
+    for r in st.irtes.rows():  # (index, unit, lo, hi)
+        irtes_by_unit.setdefault(r[1], []).append(r)
+    yield f"IOMMU units ({len(st.units)})"
+    for u in st.units:
+        d = unit_dict(u, missing)
+        yield f"  {d['name']}  segment {u.segment}  registers @ {d['reg_base']}  VT-d {d.get('ver', '?')}  [{' '.join(d['flags'])}]"
+        if "cap" in d:
+            c = d["cap_decoded"]
+            yield (f"    CAP   {d['cap']}  {c['nd_domains']} domains, SAGAW {'/'.join(map(str, c['sagaw']))}-bit,"
+                   f" posted-interrupts {'yes' if c['posted_interrupts'] else 'no'}")
+        if "ecap" in d:
+            e = [k for k, v in d["ecap_decoded"].items() if v]
+            yield f"    ECAP  {d['ecap']}  {' '.join(e)}"
+        if "gsts" in d:
+            yield f"    GSTS  {d['gsts']}  {' '.join(d['gsts_decoded'])}"
+        if "rtaddr" in d:
+            r = d["rtaddr_decoded"]
+            yield f"    RTADDR {d['rtaddr']}  root table {r['root_table']} ({'scalable' if r['scalable'] else 'legacy'} mode)"
+        if "irta" in d:
+            r = d["irta_decoded"]
+            yield f"    IRTA  {d['irta']}  table {r['table']}, {r['entries']} entries, {'x2APIC (EIME)' if r['eime'] else 'xAPIC'}"
+        if "iqa" in d:
+            r = d["iqa_decoded"]
+            yield f"    IQA   {d['iqa']}  queue {r['base']}, {r['pages']} page(s){', 256-bit' if r['dw256'] else ''}"
+        if d["absent_registers"]:
+            yield f"    not captured: {', '.join(d['absent_registers'])}"
+        rows = irtes_by_unit.get(u.unit, [])
+        posted = sum(1 for r in rows if r[2] >> 15 & 1)
+        yield f"    IRTEs: {len(rows)} ({len(rows) - posted} remapped, {posted} posted)"
+        for r in rows[:limit]:
+            yield f"      [{r[0]:5d}] {D.irte_summary(r[2], r[3])}"
+        if len(rows) > limit:
+            yield f"      ... {len(rows) - limit} more (--limit)"
+    per_dev: dict[str, dict[int, list]] = {a: {} for a in ("bars", "vectors", "bridges", "contexts")}
+    for a in per_dev:
+        for r in getattr(st, a):
+            per_dev[a].setdefault(r.sbdf, []).append(r)
+    yield f"Devices ({len(st.devices)})"
+    for n, dev in enumerate(st.devices):
+        if n >= limit:
+            yield f"  ... {len(st.devices) - limit} more (--limit)"
+            break
+        d = device_dict(st, dev)
+        yield (f"  {d['device']}  {dev.vendor:04x}:{dev.device:04x} ({dev.subsystem_vendor:04x}:"
+               f"{dev.subsystem_device:04x})  class {dev.class_:06x} rev {dev.revision:02x}  "
+               f"driver {d['driver'] or '-'}  group {d['iommu_group']}  {d['unit']}  [{' '.join(d['flags'])}]")
+        if d["dsn"]:
+            yield f"    DSN {d['dsn']}"
+        yield f"    config snapshot {d['config']['length']} bytes, token {'hash stored' if d['token']['set'] else 'none'}"
+        for b in per_dev["bars"].get(dev.sbdf, []):
+            yield (f"    {E.bar_index_name(b.index):<11} {b.start:#018x} {D.size_str(b.size):>6}  "
+                   f"{' '.join(D.bar_flags(b.flags))}")
+        for v in per_dev["vectors"].get(dev.sbdf, []):
+            vd = vector_dict(v)
+            tgt = f"{vd['unit']} IRTE {vd['irte_index']}" if "irte_index" in vd else "IRTE unknown"
+            yield f"    {vd['kind']} {v.vector} -> {tgt}  irq {vd['irq']}"
+        for c in per_dev["contexts"].get(dev.sbdf, []):
+            cd = context_dict(c)
+            yield f"    context {cd['unit']} did {c.did}  entry {cd['entry'][0]}:{cd['entry'][1]}"
+        for br in per_dev["bridges"].get(dev.sbdf, []):
+            yield f"    upstream bridge {D.bdf_str(br.bridge)} (depth {br.depth}, COMMAND {br.command:#06x})"
+    yield f"Domains ({len(st.domains)})"
+    for n, r in enumerate(st.domains):
+        if n >= limit:
+            yield f"  ... {len(st.domains) - limit} more (--limit)"
+            break
+        yield f"  {unit_name(r.unit)} did {r.did:<5} {D.domain_tt_name(r.tt)}, {r.gaw}-bit, pgd {r.pgd:#x}"
+    yield f"Posted-interrupt descriptors ({len(st.pi_descs)})"
+    for n, r in enumerate(st.pi_descs):
+        if n >= limit:
+            yield f"  ... {len(st.pi_descs) - limit} more (--limit)"
+            break
+        p = D.decode_pi_desc(r.raw)
+        yield (f"  {r.phys:#x} vcpu {r.vcpu}  ON={int(p['on'])} SN={int(p['sn'])} NV={p['nv']} "
+               f"NDST={p['ndst']} PIR={len(p['pir'])} pending")
+    yield f"Reserved ranges ({len(st.reserved)})"
+    for n, r in enumerate(st.reserved):
+        if n >= limit:
+            yield f"  ... {len(st.reserved) - limit} more (--limit)"
+            break
+        yield f"  {r.start:#014x}-{r.start + r.size - 1:#014x}  {E.RESERVED_KIND.get(r.kind, r.kind)}  {unit_name(r.unit)}"
+    for u in st.unknown_sections:
+        yield f"Unknown section type {u.type} ({len(u.data)} bytes, skipped)"
+
+
+# --- diff ------------------------------------------------------------------------------------
+_KEYS = {
+    "units": lambda r: unit_name(r.unit),
+    "domains": lambda r: f"{unit_name(r.unit)} did {r.did}",
+    "contexts": lambda r: f"{D.bdf_str(r.sbdf)} {unit_name(r.unit)} pasid {r.pasid}",
+    "irtes": lambda r: f"{unit_name(r.unit)} IRTE {r.index}",
+    "vectors": lambda r: f"{D.bdf_str(r.sbdf)} {E.VECTOR_KIND.get(r.kind, r.kind)} {r.vector}",
+    "pi_descs": lambda r: D.hx(r.phys),
+    "bars": lambda r: f"{D.bdf_str(r.sbdf)} {E.bar_index_name(r.index)}",
+    "devices": lambda r: D.bdf_str(r.sbdf),
+    "bridges": lambda r: f"{D.bdf_str(r.sbdf)} depth {r.depth}",
+    "reserved": lambda r: f"{D.hx(r.start)}+{D.hx(r.size)} {E.RESERVED_KIND.get(r.kind, r.kind)}",
+}
+_IGNORE = {"devices": {"config_offset"}}
+_META_VOLATILE = {"created", "generation", "boot_id"}
+
+
+def _fmt(v):
+    if isinstance(v, (bytes, bytearray)):
+        return bytes(v).hex()
+    if isinstance(v, int):
+        return D.hx(v)
+    return v
+
+
+def diff_states(a: State, b: State, *, include_meta: bool = False) -> list[dict]:
+    out = []
+    for attr in TABLE_ATTRS:
+        ta, tb = getattr(a, attr), getattr(b, attr)
+        if ta == tb and attr != "devices":
+            continue
+        key = _KEYS[attr]
+        ma = {key(r): r for r in ta}
+        mb = {key(r): r for r in tb}
+        ign = _IGNORE.get(attr, set())
+        for k in sorted(ma.keys() | mb.keys()):
+            ra, rb = ma.get(k), mb.get(k)
+            if ra is None:
+                out.append({"section": attr, "key": k, "change": "added"})
+            elif rb is None:
+                out.append({"section": attr, "key": k, "change": "removed"})
+            else:
+                fields = {f: [_fmt(x), _fmt(y)] for f, x, y in zip(ra._fields, ra, rb)
+                          if x != y and f not in ign}
+                if attr == "devices" and a.device_config(ra) != b.device_config(rb):
+                    fields["config"] = ["snapshot", "differs"]
+                if fields:
+                    out.append({"section": attr, "key": k, "change": "changed", "fields": fields})
+    if sorted(a.absent) != sorted(b.absent):
+        out.append({"section": "absent", "key": "items", "change": "changed",
+                    "fields": {"absent": [sorted(a.absent), sorted(b.absent)]}})
+    volatile = set() if include_meta else _META_VOLATILE
+    for k in sorted((set(a.meta) | set(b.meta)) - volatile, key=str):
+        if a.meta.get(k) != b.meta.get(k):
+            out.append({"section": "meta", "key": str(k), "change": "changed",
+                        "fields": {str(k): [_jsonable(a.meta.get(k)), _jsonable(b.meta.get(k))]}})
+    return out

@@ -1,0 +1,71 @@
+"""Resolve a SOURCE argument: a blob file, or a pmem region holding saved generations."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from .errors import HandoverError, IntegrityError, NoStateError
+from .formats.structs import MAGIC, MAX_BLOB_SIZE
+
+
+@dataclass
+class Loaded:
+    state: object
+    blob: bytes
+    info: dict = field(default_factory=dict)   # kind, path, generation, slot, fallback, reason
+
+    @property
+    def fallback(self) -> bool:
+        return bool(self.info.get("fallback"))
+
+
+def _region_api():
+    try:
+        from . import pmem  # noqa: F401
+        return pmem if hasattr(pmem, "probe") and hasattr(pmem, "read_latest") else None
+    except ImportError:
+        return None
+
+
+def read_blob(path: str, generation: int | None = None) -> tuple[bytes, dict]:
+    """Return (blob, info) without decoding it."""
+    if not os.path.exists(path):
+        raise NoStateError(f"no saved state: {path} does not exist")
+    pmem = _region_api()
+    if pmem is not None and pmem.probe(path):
+        r = pmem.read_latest(path, generation=generation)
+        info = {"kind": "region", "path": path, "generation": r.generation, "slot": r.slot,
+                "fallback": bool(r.fallback), "reason": r.reason}
+        return r.blob, info
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(0)
+            if size > MAX_BLOB_SIZE:
+                # a device or huge file with no region header: look at the head only
+                blob = f.read(4096)
+                if blob[:8] == MAGIC:
+                    raise IntegrityError(f"{path}: {size} bytes exceeds the limit of "
+                                         f"{MAX_BLOB_SIZE} bytes for a state")
+            else:
+                blob = f.read(size)
+    except OSError as e:
+        raise HandoverError(f"cannot read {path}: {e.strerror or e}") from None
+    return blob, {"kind": "file", "path": path, "fallback": False}
+
+
+def load(path: str, generation: int | None = None, *, check_refs: bool = True) -> Loaded:
+    from .formats.codec import decode
+
+    blob, info = read_blob(path, generation)
+    try:
+        st = decode(blob, check_refs=check_refs)
+    except HandoverError as e:
+        e.args = (f"{path}: {e}",)
+        raise
+    if info["kind"] == "file" and generation is not None and st.generation != generation:
+        raise NoStateError(f"{path}: holds generation {st.generation}, not {generation}")
+    info.setdefault("generation", st.generation)
+    return Loaded(st, blob, info)

@@ -479,8 +479,8 @@ def build_initramfs(kernel: Kernel | None = None, force: bool = False,
                 f.write(part.read_bytes())
         tmp.replace(out)
         # keep the cache from growing without bound: drop older combined images
-        for old in out.parent.glob("initrd-*.img"):
-            if old != out and time.time() - old.stat().st_mtime > 3600:
+        for old in [*out.parent.glob("initrd-*.img"), *out.parent.glob("overlay-*.cpio.gz")]:
+            if old not in (out, ov) and time.time() - old.stat().st_mtime > 3600:
                 old.unlink(missing_ok=True)
     return out
 
@@ -702,7 +702,9 @@ def run_guest(scripts, *, pmem: str | None = "legacy", append: str = "",
         scripts = scripts or [""]
     timings: dict[str, float] = {}
     kernel, initrd = setup(timings)
-    wd = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="run-", dir=cache_dir()))
+    if not workdir:
+        _prune_runs()
+    wd = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="run-", dir=cache_dir() / "runs"))
     wd.mkdir(parents=True, exist_ok=True)
     if pmem not in (None, "legacy", "nvdimm"):
         raise ValueError(f"pmem={pmem!r}")
@@ -757,6 +759,15 @@ def run_guest(scripts, *, pmem: str | None = "legacy", append: str = "",
     res = GuestResult(phases, "\n".join(reader.lines), cmd, rc, timings, reader.markers, wd, nv)
     log("timings:\n" + res.format_timings())
     return res
+
+
+def _prune_runs(keep: int = 10) -> None:
+    """Keep only the newest ``keep`` automatic work dirs (each holds a ~40 MB payload)."""
+    d = cache_dir() / "runs"
+    d.mkdir(exist_ok=True)
+    runs = sorted(d.glob("run-*"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in runs[keep - 1:]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _kill(proc: subprocess.Popen) -> None:

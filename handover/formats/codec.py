@@ -97,6 +97,13 @@ def encode(state: State, minor: int = FORMAT_MINOR, generation: int | None = Non
                 data = _packb(getattr(state, attr))
             sections.append((stype, since, flags, 0, 0, data))
 
+    return assemble(sections, FORMAT_MAJOR, minor, generation)
+
+
+def assemble(sections, major: int, minor: int, generation: int) -> bytes:
+    """Lay out (type, version, flags, count, record_size, data) sections with header,
+    table, alignment padding and CRCs. Used by ``encode``; tests use it to build blobs
+    of other versions (newer minors, other majors) with valid checksums."""
     n = len(sections)
     header_size = HEADER_SIZE + SECTION_ENTRY_SIZE * n
     table_bytes, body, off = [], [], _align(header_size)
@@ -111,8 +118,10 @@ def encode(state: State, minor: int = FORMAT_MINOR, generation: int | None = Non
             body.append(b"\0" * pad)
             end += pad
         off = end
-    total = off
-    hdr = FileHeader.build(dict(major=FORMAT_MAJOR, minor=minor, header_size=header_size,
+    total = off if n else header_size
+    if not n:
+        pad0 = 0
+    hdr = FileHeader.build(dict(major=major, minor=minor, header_size=header_size,
                                 total_size=total, section_count=n, flags=0,
                                 generation=generation, reserved=bytes(20), header_crc=0))
     tbl = b"".join(table_bytes)
@@ -209,8 +218,8 @@ def read_sections(blob, hdr: dict) -> list[dict]:
         out.append(dict(index=i, type=stype, version=version, flags=flags, offset=off,
                         length=length, count=count, record_size=rsize, crc=scrc, data=data))
         expect = nxt
-    if hdr["section_count"] == 0 and expect != total:
-        raise IntegrityError(f"trailing data at offset 0x{expect:x}: no sections declared")
+    if hdr["section_count"] == 0 and total != hdr["header_size"]:
+        raise IntegrityError(f"header at offset 0x10: total size {total} but no sections")
     return out
 
 

@@ -507,6 +507,30 @@ class PhaseResult:
     files: dict = dataclasses.field(default_factory=dict)   # relpath under $LAB_OUT -> bytes
     kexec_rc: int | None = None
     kexec_log: str = ""
+    tar: bytes = b""                     # the raw results tar of this phase (./files/... etc.)
+
+    def extract(self, dest: str | Path, subdir: str = "") -> Path:
+        """Extract ``$LAB_OUT/<subdir>`` of this phase to ``dest``, symlinks and empty dirs
+        included (``files`` only holds regular files)."""
+        dest = Path(dest)
+        dest.mkdir(parents=True, exist_ok=True)
+        pre = "./files/" + (subdir.strip("/") + "/" if subdir else "")
+        with tarfile.open(fileobj=io.BytesIO(self.tar), mode="r:") as t:
+            members = []
+            for m in t.getmembers():
+                name = m.name if m.name.startswith("./") else "./" + m.name
+                if not name.startswith(pre) or name == pre:
+                    continue
+                m.name = name[len(pre):]
+                m.uid = m.gid = 0
+                m.uname = m.gname = ""
+                members.append(m)
+            for m in members:
+                if m.name.startswith("/") or ".." in m.name.split("/"):
+                    raise LabError(f"unsafe path in results tar: {m.name}")
+            kw = {"filter": "fully_trusted"} if hasattr(tarfile, "data_filter") else {}
+            t.extractall(dest, members=members, **kw)
+        return dest
 
 
 @dataclasses.dataclass
@@ -575,7 +599,9 @@ def _read_results(res_img: Path, nphases: int) -> list[PhaseResult]:
             if blob[:512].strip(b"\0"):
                 try:
                     with tarfile.open(fileobj=io.BytesIO(blob), mode="r:") as tar:
-                        for m in tar.getmembers():
+                        members = tar.getmembers()
+                        pr.tar = blob[:tar.offset]
+                        for m in members:
                             if not m.isfile():
                                 continue
                             data = tar.extractfile(m).read()

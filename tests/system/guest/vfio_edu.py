@@ -1,0 +1,116 @@
+"""Guest-side helper: open QEMU's edu device through VFIO and leave it "live".
+
+Runs inside the lab guest (Debian python3.11, stdlib only).  Usage::
+
+    python3 vfio_edu.py 0000:00:03.0 READY_FILE STOP_FILE
+
+It binds nothing itself (the caller sets driver_override and probes vfio-pci first).  It:
+  1. opens the device's IOMMU group through a type1 container,
+  2. maps a 2 MiB buffer at IOVA 0x100000 (read/write) -> an IOMMU mapping exists,
+  3. enables bus mastering and MSI vector 0 with an eventfd trigger -> an IRTE exists,
+  4. makes edu DMA 64 bytes RAM -> edu -> RAM through the IOMMU and checks them,
+  5. makes edu raise its interrupt and waits for the eventfd (MSI through IR),
+then writes a report to READY_FILE and sleeps (holding everything) until STOP_FILE exists.
+"""
+
+import ctypes
+import fcntl
+import mmap
+import os
+import select
+import struct
+import sys
+import time
+
+_T = ord(";") << 8
+GET_API_VERSION, CHECK_EXTENSION, SET_IOMMU = _T | 100, _T | 101, _T | 102
+GROUP_GET_STATUS, GROUP_SET_CONTAINER, GROUP_GET_DEVICE_FD = _T | 103, _T | 104, _T | 106
+DEVICE_GET_REGION_INFO, DEVICE_SET_IRQS, IOMMU_MAP_DMA = _T | 108, _T | 110, _T | 113
+TYPE1v2 = 3
+MSI_INDEX, CONFIG_REGION = 1, 7
+IRQ_DATA_EVENTFD, IRQ_ACTION_TRIGGER = 4, 32
+IOVA, BUF = 0x100000, 2 << 20
+EDU_DMA_BUF = 0x40000
+
+
+def main(bdf: str, ready: str, stop: str) -> None:
+    report = []
+    group = os.path.basename(os.readlink(f"/sys/bus/pci/devices/{bdf}/iommu_group"))
+    cfd = os.open("/dev/vfio/vfio", os.O_RDWR)
+    report.append(f"api_version={fcntl.ioctl(cfd, GET_API_VERSION)}")
+    gfd = os.open(f"/dev/vfio/{group}", os.O_RDWR)
+    st = bytearray(struct.pack("II", 8, 0))
+    fcntl.ioctl(gfd, GROUP_GET_STATUS, st)
+    report.append(f"group={group} status_flags={struct.unpack('II', st)[1]:#x}")
+    fcntl.ioctl(gfd, GROUP_SET_CONTAINER, bytearray(struct.pack("i", cfd)))
+    fcntl.ioctl(cfd, SET_IOMMU, TYPE1v2)
+    dfd = fcntl.ioctl(gfd, GROUP_GET_DEVICE_FD, bytearray(bdf.encode() + b"\0"))
+    # DMA buffer
+    buf = mmap.mmap(-1, BUF, mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
+    vaddr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    fcntl.ioctl(cfd, IOMMU_MAP_DMA, bytearray(struct.pack("IIQQQ", 32, 3, vaddr, IOVA, BUF)))
+    report.append(f"dma_map iova={IOVA:#x} size={BUF:#x}")
+
+    def region(index):
+        ri = bytearray(struct.pack("IIIIQQ", 32, 0, index, 0, 0, 0))
+        fcntl.ioctl(dfd, DEVICE_GET_REGION_INFO, ri)
+        _, flags, _, _, size, offset = struct.unpack("IIIIQQ", ri)
+        return size, offset
+
+    _, cfg_off = region(CONFIG_REGION)
+    cmd = struct.unpack("<H", os.pread(dfd, 2, cfg_off + 4))[0]
+    os.pwrite(dfd, struct.pack("<H", cmd | 0x6), cfg_off + 4)  # memory space + bus master
+    # MSI vector 0 -> eventfd
+    efd = os.eventfd(0, os.EFD_NONBLOCK)
+    fcntl.ioctl(dfd, DEVICE_SET_IRQS,
+                bytearray(struct.pack("IIIIIi", 24, IRQ_DATA_EVENTFD | IRQ_ACTION_TRIGGER,
+                                      MSI_INDEX, 0, 1, efd)))
+    report.append("msi enabled (1 vector, eventfd)")
+    bar0_size, bar0_off = region(0)
+    bar = mmap.mmap(dfd, bar0_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
+                    offset=bar0_off)
+
+    def rd(off, fmt="<I"):
+        return struct.unpack_from(fmt, bar, off)[0]
+
+    def wr(off, val, fmt="<I"):
+        struct.pack_into(fmt, bar, off, val)
+
+    report.append(f"edu id={rd(0):#x}")
+    # DMA RAM -> edu -> RAM through the IOMMU
+    pattern = os.urandom(64)
+    buf[0:64] = pattern
+
+    def dma(src, dst, cmd):
+        wr(0x80, src, "<Q")
+        wr(0x88, dst, "<Q")
+        wr(0x90, 64, "<Q")
+        wr(0x98, cmd, "<Q")
+        t = time.monotonic()
+        while rd(0x98, "<Q") & 1:
+            if time.monotonic() - t > 5:
+                raise TimeoutError("edu DMA did not finish")
+            time.sleep(0.01)
+
+    dma(IOVA, EDU_DMA_BUF, 1)             # from PCI (RAM) to edu
+    dma(EDU_DMA_BUF, IOVA + 4096, 1 | 2)  # from edu to PCI (RAM)
+    ok = bytes(buf[4096:4096 + 64]) == pattern
+    report.append(f"dma_roundtrip={'ok' if ok else 'MISMATCH'}")
+    # interrupt: edu raises MSI when 0x60 is written; acknowledge via 0x64
+    wr(0x60, 0x1)
+    r, _, _ = select.select([efd], [], [], 5)
+    if r:
+        n = struct.unpack("Q", os.read(efd, 8))[0]
+        report.append(f"msi_eventfd=ok count={n}")
+    else:
+        report.append("msi_eventfd=TIMEOUT")
+    wr(0x64, rd(0x24))
+    with open(ready + ".tmp", "w") as f:
+        f.write("\n".join(report) + "\n")
+    os.rename(ready + ".tmp", ready)
+    while not os.path.exists(stop):
+        time.sleep(0.1)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:4])

@@ -65,8 +65,11 @@ class Table:
             raise IndexError(i)
         return self.spec.tuple_type._make(spec_struct(self.spec).unpack_from(self.buf, i * self.spec.size))
 
-    def words(self) -> array:
-        """The table as 64-bit words (records are 8-byte multiples)."""
+    def words(self):
+        """The table as 64-bit words (records are 8-byte multiples): a zero-copy view on
+        little-endian hosts, an array elsewhere."""
+        if sys.byteorder == "little":
+            return memoryview(self.buf).cast("Q")
         a = array("Q")
         a.frombytes(self.buf)
         if sys.byteorder != "little":

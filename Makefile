@@ -1,0 +1,44 @@
+# handover: the two quick-start commands, and helpers.
+#   make demo   - the main job on an emulated host (see README)
+#   make test   - every test: unit, property, and system tests in QEMU
+# Each does its own set-up: a virtualenv cached outside the repository
+# (HANDOVER_VENV, default ~/.cache/handover/venv) and, for system tests, the
+# apt packages and Debian kernel the QEMU lab needs (cached in ~/.cache/handover-lab).
+
+PYTHON ?= python3
+HANDOVER_VENV ?= $(HOME)/.cache/handover/venv
+VPY := $(HANDOVER_VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: venv test test-unit test-system demo bench vectors clean-venv
+
+$(VPY): pyproject.toml
+	@echo "handover: setting up $(HANDOVER_VENV)" >&2
+	@$(PYTHON) -m venv --help >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq python3-venv)
+	$(PYTHON) -m venv $(HANDOVER_VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q -e '.[test]'
+	@touch $(VPY)
+
+venv: $(VPY)
+
+test: $(VPY)
+	$(VPY) -m pytest -ra $(PYTEST_ARGS) tests
+
+test-unit: $(VPY)
+	$(VPY) -m pytest -ra -m 'not system' $(PYTEST_ARGS) tests
+
+test-system: $(VPY)
+	$(VPY) -m pytest -ra -m system $(PYTEST_ARGS) tests
+
+demo: $(VPY)
+	$(VPY) tools/demo.py
+
+bench: $(VPY)
+	$(VPY) benchmarks/bench_format.py
+
+vectors: $(VPY)
+	$(VPY) -m tests.vectors.make_vectors
+
+clean-venv:
+	rm -rf $(HANDOVER_VENV)

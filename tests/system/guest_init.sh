@@ -58,6 +58,11 @@ finish() {
         mark "RESULTS-END phase=$PHASE bytes=-1 no-results-disk"
     fi
     sync
+    if [ "$1" = crash ]; then
+        mark "KEXEC-EXEC phase=$PHASE crash"
+        echo 1 > /proc/sys/kernel/sysrq
+        echo c > /proc/sysrq-trigger
+    fi
     if [ "$1" = kexec ]; then
         mark "KEXEC-EXEC phase=$PHASE"
         kexec -e
@@ -127,7 +132,10 @@ fi
 if [ -f "/payload/lab/phase$NEXT.sh" ]; then
     MODE=$(cat /payload/lab/kexec.mode 2>/dev/null || echo l)
     mark "KEXEC-LOAD-BEGIN phase=$PHASE mode=$MODE"
-    if [ "$MODE" = s ]; then
+    if [ "$MODE" = p ]; then
+        kexec -p /payload/lab/vmlinuz --initrd=/payload/lab/initrd.img \
+            --command-line="$(cat /payload/lab/cmdline.$NEXT)" > /lab/out/kexec.log 2>&1
+    elif [ "$MODE" = s ]; then
         kexec -s -l /payload/lab/vmlinuz --initrd=/payload/lab/initrd.img \
             --command-line="$(cat /payload/lab/cmdline.$NEXT)" > /lab/out/kexec.log 2>&1
     else
@@ -137,7 +145,9 @@ if [ -f "/payload/lab/phase$NEXT.sh" ]; then
     KRC=$?
     echo $KRC > /lab/out/kexec.rc
     mark "KEXEC-LOAD-END phase=$PHASE rc=$KRC"
-    if [ $KRC = 0 ]; then
+    if [ $KRC = 0 ] && [ "$MODE" = p ]; then
+        finish crash
+    elif [ $KRC = 0 ]; then
         finish kexec
     fi
     cat /lab/out/kexec.log > /dev/console

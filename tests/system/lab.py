@@ -97,7 +97,7 @@ DEFAULT_TIMEOUT = 300.0
 RESULT_SLOT_MB = 32
 
 #: Bump when guest_init.sh or the initramfs layout changes (part of the cache key).
-BUILD_FORMAT = 1
+BUILD_FORMAT = 2
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
@@ -714,7 +714,9 @@ def run_guest(scripts, *, pmem: str | None = "legacy", append: str = "",
     """Boot the lab guest and run ``scripts`` (a str or a list of str, shell source).
 
     scripts[0] runs in the first kernel; for each further script the guest init kexecs
-    (``kexec -l`` or, with kexec_mode="s", ``kexec -s``) into the same kernel+initrd and runs it.
+    (``kexec -l``; kexec_mode="s": ``kexec -s -l``; kexec_mode="p": ``kexec -p`` then a
+    sysrq crash, i.e. a kdump boot, with crashkernel=256M added to the first command line)
+    into the same kernel+initrd and runs it.
     pmem: "legacy" (memmap=64M!0x30000000 on every kernel's cmdline), "nvdimm" (QEMU NVDIMM
     backed by ``nvdimm_file``, a fresh file in workdir by default), or None.
     append: extra kernel args for every phase.  kexec_append: extra args for the kexec'd
@@ -745,7 +747,11 @@ def run_guest(scripts, *, pmem: str | None = "legacy", append: str = "",
     def cmdline(n: int, extra: str) -> str:
         return " ".join(x for x in [BASE_CMDLINE, pm, extra, f"handover.lab.phase={n}",
                                     "handover.lab.shell=1" if shell and n == 1 else ""] if x)
+    if kexec_mode not in ("l", "s", "p"):
+        raise ValueError(f"kexec_mode={kexec_mode!r}")
     first = cmdline(1, append)
+    if kexec_mode == "p" and "crashkernel=" not in first:
+        first += " crashkernel=256M"
     cmdlines = {n: cmdline(n, append if kexec_append is None else kexec_append)
                 for n in range(2, len(scripts) + 1)}
     payload, results = wd / "payload.tar", wd / "results.img"
@@ -825,7 +831,7 @@ def _main(argv=None) -> int:
         r.add_argument("--pmem", choices=["legacy", "nvdimm", "none"], default="legacy")
         r.add_argument("--append", default="")
         r.add_argument("--kexec-append")
-        r.add_argument("--kexec-mode", choices=["l", "s"], default="l")
+        r.add_argument("--kexec-mode", choices=["l", "s", "p"], default="l")
         r.add_argument("--nvdimm-file")
         r.add_argument("--nvdimm-label-size", type=int)
         r.add_argument("--file", action="append", default=[], metavar="GUESTPATH=HOSTPATH")

@@ -51,9 +51,12 @@ dmesg | grep -c 'IRQ remapping was enabled on dmar0 but we are not in kdump mode
 """
 
 
-@pytest.mark.parametrize("kexec_mode", ["l", "s"])
+@pytest.mark.parametrize("kexec_mode", ["l", "s", "p"])
 def test_boot_python_iommu_pmem_and_kexec(lab_ready, kexec_mode):
-    res = lab.run_guest([PHASE1, PHASE2], pmem="legacy", kexec_mode=kexec_mode, timeout=240)
+    # "p": kdump (kexec -p, then a sysrq crash); the crash kernel copies the IR/DMA tables
+    kexec_append = "irqpoll nr_cpus=1 reset_devices" if kexec_mode == "p" else None
+    res = lab.run_guest([PHASE1, PHASE2], pmem="legacy", kexec_mode=kexec_mode,
+                        kexec_append=kexec_append, timeout=240)
     _report(res, f"kexec -{kexec_mode} cycle")
     res.check()
     p1, p2 = res.phases
@@ -65,6 +68,10 @@ def test_boot_python_iommu_pmem_and_kexec(lab_ready, kexec_mode):
     assert len(pattern) == 1 << 20
     assert hashlib.sha256(readback).digest() == hashlib.sha256(pattern).digest(), \
         "pmem content did not survive kexec"
+    if kexec_mode == "p":
+        assert "Copied IR table for dmar0 from previous kernel" in p2.dmesg
+    else:
+        assert "IRQ remapping was enabled on dmar0 but we are not in kdump mode" in p2.dmesg
     # timings exist for every step of the cycle
     for key in ("qemu start -> /init (phase 1)", "phase 1: kexec load", "kexec -e -> /init (phase 2)"):
         assert key in res.timings, res.timings

@@ -15,10 +15,17 @@ EXIT_FALLBACK = 7       # state read, but from an older generation: the newest i
 
 
 class HandoverError(Exception):
-    """Base class: a one-line, user-facing error with an exit code."""
+    """Base class: a one-line, user-facing error with an exit code.
+
+    ``code`` is a stable machine-readable name for format errors (the HO_E_* codes that the
+    C parser returns too, see handover/formats/enums.py ErrorCode)."""
 
     exit_code = EXIT_ERROR
     kind = "error"
+
+    def __init__(self, *args, code: str | None = None):
+        super().__init__(*args)
+        self.code = code
 
     def __str__(self) -> str:  # one line, always
         return " ".join(super().__str__().split())

@@ -139,42 +139,42 @@ def read_header(blob) -> dict:
     """Check and return the file header fields (bounded; no allocation)."""
     n = len(blob)
     if n == 0:
-        raise NoStateError("no handover state: source is empty")
+        raise NoStateError("no handover state: source is empty", code="NOSTATE")
     if n < 8 or bytes(blob[:8]) != MAGIC:
         head = bytes(blob[:min(n, 4096)])
         if not any(head):
-            raise NoStateError("no handover state: source is all zeroes at offset 0")
+            raise NoStateError("no handover state: source is all zeroes at offset 0", code="NOSTATE")
         if n < 8 and MAGIC.startswith(head):
-            raise IntegrityError(f"truncated: {n} bytes, the header needs {HEADER_SIZE}")
-        raise IntegrityError(f"bad magic at offset 0x0: {head[:8]!r} is not {MAGIC!r}")
+            raise IntegrityError(f"truncated: {n} bytes, the header needs {HEADER_SIZE}", code="TRUNCATED")
+        raise IntegrityError(f"bad magic at offset 0x0: {head[:8]!r} is not {MAGIC!r}", code="MAGIC")
     if n < HEADER_SIZE:
-        raise IntegrityError(f"truncated: {n} bytes, the header needs {HEADER_SIZE}")
+        raise IntegrityError(f"truncated: {n} bytes, the header needs {HEADER_SIZE}", code="TRUNCATED")
     (_m, major, minor, header_size, total, count, flags, generation, _r,
      hcrc) = _HDR.unpack_from(blob, 0)
     if major != READ_MAJOR:
         raise VersionError(f"format {major}.{minor} is not supported: this reader reads "
-                           f"{READ_MAJOR}.x (writes up to {FORMAT_MAJOR}.{FORMAT_MINOR})")
+                           f"{READ_MAJOR}.x (writes up to {FORMAT_MAJOR}.{FORMAT_MINOR})", code="VERSION")
     if count > MAX_SECTIONS:
         raise IntegrityError(f"header at offset 0x18: section count {count} exceeds the "
-                             f"limit of {MAX_SECTIONS}")
+                             f"limit of {MAX_SECTIONS}", code="SECTION_COUNT")
     if header_size != HEADER_SIZE + SECTION_ENTRY_SIZE * count:
         raise IntegrityError(f"header at offset 0xc: header size {header_size} does not match "
-                             f"{count} sections ({HEADER_SIZE + SECTION_ENTRY_SIZE * count})")
+                             f"{count} sections ({HEADER_SIZE + SECTION_ENTRY_SIZE * count})", code="HEADER_SIZE")
     if n < header_size:
         raise IntegrityError(f"truncated: {n} bytes, the header and section table need "
-                             f"{header_size}")
+                             f"{header_size}", code="TRUNCATED")
     calc = crc32c(bytes(blob[HEADER_SIZE:header_size]), crc32c(bytes(blob[:HEADER_CRC_OFFSET])))
     if calc != hcrc:
         raise IntegrityError(f"header at offset 0x0: checksum mismatch (stored 0x{hcrc:08x}, "
-                             f"computed 0x{calc:08x})")
+                             f"computed 0x{calc:08x})", code="HEADER_CRC")
     if total > MAX_BLOB_SIZE:
         raise IntegrityError(f"header at offset 0x10: total size {total} exceeds the limit "
-                             f"of {MAX_BLOB_SIZE}")
+                             f"of {MAX_BLOB_SIZE}", code="TOTAL_SIZE")
     if total > n:
-        raise IntegrityError(f"truncated: header says {total} bytes, source has {n}")
+        raise IntegrityError(f"truncated: header says {total} bytes, source has {n}", code="TRUNCATED")
     if total < n:
         raise IntegrityError(f"trailing data: {n - total} bytes after the end of the state "
-                             f"at offset 0x{total:x}")
+                             f"at offset 0x{total:x}", code="TRAILING")
     return dict(major=major, minor=minor, header_size=header_size, total_size=total,
                 section_count=count, flags=flags, generation=generation, header_crc=hcrc)
 
@@ -184,7 +184,7 @@ def read_sections(blob, hdr: dict) -> list[dict]:
     out, seen = [], set()
     expect = _align(hdr["header_size"])
     if bytes(blob[hdr["header_size"]:expect]).strip(b"\0"):
-        raise IntegrityError(f"padding at offset 0x{hdr['header_size']:x} is not zero")
+        raise IntegrityError(f"padding at offset 0x{hdr['header_size']:x} is not zero", code="PADDING")
     total = hdr["total_size"]
     mv = memoryview(blob)
     for i in range(hdr["section_count"]):
@@ -193,33 +193,33 @@ def read_sections(blob, hdr: dict) -> list[dict]:
         where = _where(i, stype, off)
         if off != expect:
             raise IntegrityError(f"{where}: expected at offset 0x{expect:x} (section table "
-                                 f"entry at 0x{ent_off:x})")
+                                 f"entry at 0x{ent_off:x})", code="SECTION_OFFSET")
         if length > total - off:
             raise IntegrityError(f"{where}: length {length} runs past the end of the state "
-                                 f"(0x{total:x})")
+                                 f"(0x{total:x})", code="SECTION_LENGTH")
         if stype in seen:
-            raise IntegrityError(f"{where}: duplicate section type")
+            raise IntegrityError(f"{where}: duplicate section type", code="SECTION_DUP")
         seen.add(stype)
         end = off + length
         last = i + 1 == hdr["section_count"]
         nxt = end if last else _align(end)
         if last and end != total:
             raise IntegrityError(f"{where}: the last section ends at 0x{end:x}, the state at "
-                                 f"0x{total:x}")
+                                 f"0x{total:x}", code="SECTION_END")
         if nxt > total:
-            raise IntegrityError(f"{where}: padding runs past the end of the state")
+            raise IntegrityError(f"{where}: padding runs past the end of the state", code="SECTION_END")
         if bytes(mv[end:nxt]).strip(b"\0"):
-            raise IntegrityError(f"padding at offset 0x{end:x} after {where} is not zero")
+            raise IntegrityError(f"padding at offset 0x{end:x} after {where} is not zero", code="PADDING")
         data = bytes(mv[off:end])  # the one copy: CRC'd here, kept by the table
         calc = crc32c(data)
         if calc != scrc:
             raise IntegrityError(f"{where}: checksum mismatch (stored 0x{scrc:08x}, computed "
-                                 f"0x{calc:08x})")
+                                 f"0x{calc:08x})", code="SECTION_CRC")
         out.append(dict(index=i, type=stype, version=version, flags=flags, offset=off,
                         length=length, count=count, record_size=rsize, crc=scrc, data=data))
         expect = nxt
     if hdr["section_count"] == 0 and total != hdr["header_size"]:
-        raise IntegrityError(f"header at offset 0x10: total size {total} but no sections")
+        raise IntegrityError(f"header at offset 0x10: total size {total} but no sections", code="SECTION_END")
     return out
 
 
@@ -239,7 +239,7 @@ def decode(blob, *, check_refs: bool = True) -> State:
             if e["flags"] & SEC_F_REQUIRED:
                 raise VersionError(f"{where}: section type {stype} is required but unknown to "
                                    f"this reader (blob {hdr['major']}.{hdr['minor']}, reader "
-                                   f"{FORMAT_MAJOR}.{FORMAT_MINOR})")
+                                   f"{FORMAT_MAJOR}.{FORMAT_MINOR})", code="REQUIRED")
             st.unknown_sections.append(UnknownSection(stype, e["version"], e["flags"], e["count"],
                                                       e["record_size"], data))
             continue
@@ -247,7 +247,7 @@ def decode(blob, *, check_refs: bool = True) -> State:
         if spec_name is None:
             if e["count"] or e["record_size"]:
                 raise IntegrityError(f"{where}: byte section with count {e['count']} and record "
-                                     f"size {e['record_size']} (both must be 0)")
+                                     f"size {e['record_size']} (both must be 0)", code="BYTE_SECTION")
             if attr == "config":
                 st.config = data
             else:
@@ -257,13 +257,13 @@ def decode(blob, *, check_refs: bool = True) -> State:
         count, rsize = e["count"], e["record_size"]
         if rsize < spec.min_size:
             raise IntegrityError(f"{where}: record size {rsize} is smaller than the "
-                                 f"{spec.min_size} bytes of a {spec.name} record")
+                                 f"{spec.min_size} bytes of a {spec.name} record", code="RECORD_SIZE")
         if count * rsize != length:
             raise IntegrityError(f"{where}: {count} records of {rsize} bytes do not fill the "
-                                 f"section length {length}")
+                                 f"section length {length}", code="RECORD_COUNT")
         if e["flags"] & SEC_F_ABSENT:
             if count:
-                raise IntegrityError(f"{where}: marked absent but holds {count} records")
+                raise IntegrityError(f"{where}: marked absent but holds {count} records", code="ABSENT")
             absent.add(attr)
         if rsize == spec.size:
             buf = data
@@ -279,21 +279,16 @@ def decode(blob, *, check_refs: bool = True) -> State:
     return st
 
 
-def _no_ext(code, data):
-    raise ValueError(f"msgpack extension type {code} is not used by handover")
-
-
 def _unpack_map(data, where: str) -> dict:
     import msgpack
 
-    try:
-        # the C unpacker bounds every length by the input size; ExtType is refused
-        obj = msgpack.unpackb(data, raw=False, strict_map_key=False, ext_hook=_no_ext)
-    except Exception as e:  # noqa: BLE001 - any malformed msgpack
-        raise IntegrityError(f"{where}: invalid msgpack ({type(e).__name__})") from None
-    if not isinstance(obj, dict):
-        raise IntegrityError(f"{where}: expected a msgpack map, found {type(obj).__name__}")
-    return obj
+    from .mpcheck import check
+
+    bad = check(data)
+    if bad is not None:
+        raise IntegrityError(f"{where}: invalid msgpack at byte {bad[0]}: {bad[1]}", code="MSGPACK")
+    # the strict check above admits only what unpackb takes, as a dict
+    return msgpack.unpackb(data, raw=False, strict_map_key=False)
 
 
 # ---------------------------------------------------------------------------------------
@@ -322,7 +317,7 @@ def check_state(st: State, entries: list[dict] | None = None) -> None:
         bad = next((j for j, ok in enumerate(map(operator.lt, keys, keys[1:])) if not ok), None)
         if bad is not None:
             raise IntegrityError(f"{where(stype, bad + 1, table)}: records are not in strictly "
-                                 f"increasing {'/'.join(table.spec.key)} order")
+                                 f"increasing {'/'.join(table.spec.key)} order", code="ORDER")
 
     units = {u.unit: u for u in st.units}
     # IRTEs: per unit, a contiguous run; index within the table size the IRTA declares
@@ -339,24 +334,24 @@ def check_state(st: State, entries: list[dict] | None = None) -> None:
                 if last >= entries_max:
                     raise IntegrityError(f"{where(SectionType.IRTE, hi - 1, st.irtes)}: IRTE "
                                          f"index {last} beyond the {entries_max} entries of "
-                                         f"unit {u}'s table")
+                                         f"unit {u}'s table", code="IRTE_INDEX")
         if found != len(keys):
             j = next(j for j, k in enumerate(keys) if (k >> 32) not in units)
             raise IntegrityError(f"{where(SectionType.IRTE, j, st.irtes)}: unit {keys[j] >> 32} "
-                                 f"is not in the UNIT section")
+                                 f"is not in the UNIT section", code="UNIT_REF")
     for attr, stype in (("domains", SectionType.DOMAIN), ("contexts", SectionType.CONTEXT)):
         for j, r in enumerate(getattr(st, attr)):
             if r.unit not in units:
                 raise IntegrityError(f"{where(stype, j, getattr(st, attr))}: unit {r.unit} is "
-                                     f"not in the UNIT section")
+                                     f"not in the UNIT section", code="UNIT_REF")
     for attr, stype in (("vectors", SectionType.VECTOR), ("devices", SectionType.DEVICE)):
         for j, r in enumerate(getattr(st, attr)):
             if r.unit != 0xFFFF and r.unit not in units:
                 raise IntegrityError(f"{where(stype, j, getattr(st, attr))}: unit {r.unit} is "
-                                     f"not in the UNIT section")
+                                     f"not in the UNIT section", code="UNIT_REF")
     clen = len(st.config)
     for j, d in enumerate(st.devices):
         if d.config_offset + d.config_len > clen:
             raise IntegrityError(f"{where(SectionType.DEVICE, j, st.devices)}: config snapshot "
                                  f"{d.config_offset}+{d.config_len} runs past the CONFIG section "
-                                 f"({clen} bytes)")
+                                 f"({clen} bytes)", code="CONFIG")

@@ -121,3 +121,33 @@ def flag_names(value: int, table: dict[int, str]) -> list[str]:
     if rest:
         out.append(f"0x{rest:x}")
     return out
+
+
+# --- decoder verdicts (shared with the C parser: kernel-patches/.../handover_format.h) ---
+class ErrorCode(IntEnum):
+    OK = 0
+    NOSTATE = 1          # empty, or the first 4 KiB are zero
+    MAGIC = 2
+    TRUNCATED = 3
+    VERSION = 4          # another major
+    SECTION_COUNT = 5
+    HEADER_SIZE = 6
+    HEADER_CRC = 7
+    TOTAL_SIZE = 8       # over the 1 GiB limit
+    TRAILING = 9
+    SECTION_OFFSET = 10
+    SECTION_LENGTH = 11
+    SECTION_DUP = 12
+    SECTION_END = 13
+    PADDING = 14
+    SECTION_CRC = 15
+    REQUIRED = 16        # unknown section flagged REQUIRED
+    BYTE_SECTION = 17
+    RECORD_SIZE = 18
+    RECORD_COUNT = 19
+    ABSENT = 20
+    MSGPACK = 21
+    ORDER = 22
+    UNIT_REF = 23
+    IRTE_INDEX = 24
+    CONFIG = 25

@@ -767,6 +767,30 @@ def run_guest(scripts, *, pmem: str | None = "legacy", append: str = "",
         cmd[cmd.index("-serial") + 1] = "mon:stdio"
         del cmd[cmd.index("-monitor"):cmd.index("-monitor") + 2]
         return subprocess.call(cmd)  # type: ignore[return-value]
+    with _guest_lock():
+        return _boot(cmd, wd, scripts, timeout, echo, timings, nv)
+
+
+class _guest_lock:
+    """One guest at a time per machine (TCG on 2 shared cores): an flock in the cache dir."""
+
+    def __enter__(self):
+        import fcntl
+        self.f = open(cache_dir() / "qemu.lock", "w")
+        try:
+            fcntl.flock(self.f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log("another lab guest is running; waiting for it")
+            t = time.monotonic()
+            fcntl.flock(self.f, fcntl.LOCK_EX)
+            log(f"waited {time.monotonic() - t:.1f} s for the other guest")
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+def _boot(cmd, wd: Path, scripts, timeout: float, echo: bool, timings: dict, nv) -> GuestResult:
     t0 = time.monotonic()
     with open(wd / "console.log", "w") as logf:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -787,7 +811,7 @@ def run_guest(scripts, *, pmem: str | None = "legacy", append: str = "",
         t_exit = time.monotonic() - t0
         reader.join(10)
     timings.update(_marker_timings(reader.markers, t_exit))
-    phases = _read_results(results, len(scripts))
+    phases = _read_results(wd / "results.img", len(scripts))
     res = GuestResult(phases, "\n".join(reader.lines), cmd, rc, timings, reader.markers, wd, nv)
     log("timings:\n" + res.format_timings())
     return res

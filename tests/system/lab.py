@@ -479,9 +479,11 @@ def build_initramfs(kernel: Kernel | None = None, force: bool = False,
                 f.write(part.read_bytes())
         tmp.replace(out)
         # keep the cache from growing without bound: drop older combined images
-        for old in [*out.parent.glob("initrd-*.img"), *out.parent.glob("overlay-*.cpio.gz")]:
-            if old not in (out, ov) and time.time() - old.stat().st_mtime > 3600:
-                old.unlink(missing_ok=True)
+        for pat in ("initrd-*.img", "overlay-*.cpio.gz", "base-*.cpio.zst"):
+            olds = sorted(out.parent.glob(pat), key=lambda p: p.stat().st_mtime, reverse=True)
+            for old in olds[4:]:
+                if old not in (out, ov, base):
+                    old.unlink(missing_ok=True)
     return out
 
 
@@ -817,7 +819,7 @@ def _boot(cmd, wd: Path, scripts, timeout: float, echo: bool, timings: dict, nv)
     return res
 
 
-def _prune_runs(keep: int = 10) -> None:
+def _prune_runs(keep: int = 6) -> None:
     """Keep only the newest ``keep`` automatic work dirs (each holds a ~40 MB payload)."""
     d = cache_dir() / "runs"
     d.mkdir(exist_ok=True)

@@ -487,10 +487,13 @@ def build_initramfs(kernel: Kernel | None = None, force: bool = False,
     return out
 
 
-def setup(timings: dict | None = None) -> tuple[Kernel, Path]:
-    """ensure_host_packages + fetch_kernel + build_initramfs.  Returns (kernel, initrd)."""
+def setup(timings: dict | None = None, kernel: Kernel | None = None) -> tuple[Kernel, Path]:
+    """ensure_host_packages + fetch_kernel + build_initramfs.  Returns (kernel, initrd).
+
+    ``kernel``: use this tree (e.g. a self-built one laid out as boot/vmlinuz-<v> and
+    lib/modules/<v> with modules.dep) instead of Debian's."""
     ensure_host_packages()
-    k = fetch_kernel()
+    k = kernel or fetch_kernel()
     return k, build_initramfs(k, timings=timings)
 
 
@@ -712,7 +715,8 @@ def run_guest(scripts, *, pmem: str | None = "legacy", append: str = "",
               nvdimm_size: int = 256 << 20, nvdimm_label_size: int | None = None,
               memory: str = "1G", cpu: str | None = None, qemu_args: list | None = None,
               timeout: float = DEFAULT_TIMEOUT, workdir: str | Path | None = None,
-              echo: bool = False, shell: bool = False) -> GuestResult:
+              echo: bool = False, shell: bool = False,
+              kernel: Kernel | None = None) -> GuestResult:
     """Boot the lab guest and run ``scripts`` (a str or a list of str, shell source).
 
     scripts[0] runs in the first kernel; for each further script the guest init kexecs
@@ -731,7 +735,7 @@ def run_guest(scripts, *, pmem: str | None = "legacy", append: str = "",
     if shell:
         scripts = scripts or [""]
     timings: dict[str, float] = {}
-    kernel, initrd = setup(timings)
+    kernel, initrd = setup(timings, kernel)
     if not workdir:
         _prune_runs()
     wd = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="run-", dir=cache_dir() / "runs"))

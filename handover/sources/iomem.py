@@ -1,0 +1,56 @@
+"""Physical memory map from /proc/iomem: reserved and persistent-memory ranges, the IOMMU
+register windows (``dmarN``) and PCI BAR claims. Addresses read as 0 for non-root users
+(kernel/resource.c hides them without CAP_SYS_ADMIN)."""
+
+from __future__ import annotations
+
+import re
+
+from .base import Host, Source, register
+
+PROC_IOMEM = "/proc/iomem"
+_LINE = re.compile(r"^( *)([0-9a-fA-F]+)-([0-9a-fA-F]+) : (.*)$")
+
+PMEM_NAMES = ("Persistent Memory", "Persistent Memory (legacy)")
+
+
+def parse_iomem(text: str) -> list[tuple[int, int, str, int]]:
+    """-> [(start, end, name, depth)] in file order (depth = indentation / 2)."""
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        m = _LINE.match(line)
+        if not m:
+            raise ValueError(f"{PROC_IOMEM}: line {n}: unexpected text {line[:80]!r}")
+        out.append((int(m.group(2), 16), int(m.group(3), 16), m.group(4), len(m.group(1)) // 2))
+    return out
+
+
+def pmem_ranges(iomem) -> list[tuple[int, int, str]]:
+    return [(s, e, n) for s, e, n, d in iomem if d == 0 and n in PMEM_NAMES]
+
+
+def ranges_named(iomem, name: str) -> list[tuple[int, int]]:
+    return [(s, e) for s, e, n, _d in iomem if n == name]
+
+
+@register
+class IomemSource(Source):
+    name = "iomem"
+    order = 50
+    items = ("iomem",)
+
+    def collect(self, host: Host) -> None:
+        text = host.sysroot.try_text(PROC_IOMEM)
+        if text is None:
+            host.note("iomem", "absent", self.name, f"{PROC_IOMEM} unreadable")
+            return
+        host.iomem = parse_iomem(text)
+        if host.iomem and all(s == 0 and e == 0 for s, e, _n, _d in host.iomem):
+            host.note("iomem", "absent", self.name,
+                      f"{PROC_IOMEM} shows zero addresses (needs CAP_SYS_ADMIN)")
+            host.iomem = []
+            return
+        host.note("iomem", "captured", self.name,
+                  f"{len(host.iomem)} ranges, {len(pmem_ranges(host.iomem))} persistent-memory")

@@ -1,0 +1,490 @@
+// SPDX-License-Identifier: GPL-2.0-only OR MIT
+/*
+ * parse.c - freestanding validator of a handover state blob (see handover_parse.h).
+ *
+ * Mirrors handover/formats/codec.py: read_header(), read_sections(), decode() and
+ * check_state(), check for check, in the same order, so that the verdicts agree.
+ */
+#ifdef __KERNEL__
+#include <linux/crc32.h>
+#include <linux/string.h>
+#include <linux/handover_parse.h>
+#else
+#include "handover_parse.h"
+#endif
+
+static const char *const ho_error_names[] = HO_ERROR_NAMES;
+
+const char *ho_strerror(int err)
+{
+	if (err < 0 || (unsigned int)err >= sizeof(ho_error_names) / sizeof(ho_error_names[0]) ||
+	    !ho_error_names[err])
+		return "UNKNOWN";
+	return ho_error_names[err];
+}
+
+/* ---- CRC32C ------------------------------------------------------------------------ */
+#ifdef __KERNEL__
+ho_u32 ho_crc32c(ho_u32 crc, const void *data, ho_u64 len)
+{
+	return ~__crc32c_le(~crc, data, len);
+}
+#else
+static const ho_u32 ho_crc_nibble[16] = {
+	0x00000000, 0x105ec76f, 0x20bd8ede, 0x30e349b1, 0x417b1dbc, 0x5125dad3,
+	0x61c69362, 0x7198540d, 0x82f63b78, 0x92a8fc17, 0xa24bb5a6, 0xb21572c9,
+	0xc38d26c4, 0xd3d3e1ab, 0xe330a81a, 0xf36e6f75,
+};
+
+ho_u32 ho_crc32c(ho_u32 crc, const void *data, ho_u64 len)
+{
+	const ho_u8 *p = data;
+
+	crc = ~crc;
+	while (len--) {
+		crc ^= *p++;
+		crc = (crc >> 4) ^ ho_crc_nibble[crc & 15];
+		crc = (crc >> 4) ^ ho_crc_nibble[crc & 15];
+	}
+	return ~crc;
+}
+#endif
+
+static int ho_memeq(const ho_u8 *a, const char *b, ho_u64 n)
+{
+	while (n--)
+		if (*a++ != (ho_u8)*b++)
+			return 0;
+	return 1;
+}
+
+static int ho_all_zero(const ho_u8 *p, ho_u64 n)
+{
+	while (n--)
+		if (*p++)
+			return 0;
+	return 1;
+}
+
+static ho_u64 ho_align(ho_u64 n)
+{
+	return (n + HO_SECTION_ALIGN - 1) & ~(ho_u64)(HO_SECTION_ALIGN - 1);
+}
+
+/* ---- strict msgpack (handover/formats/mpcheck.py) ----------------------------------- */
+static int ho_utf8_ok(const ho_u8 *s, ho_u64 n)
+{
+	ho_u64 i = 0;
+
+	while (i < n) {
+		ho_u8 c = s[i];
+		ho_u64 need;
+		ho_u8 lo = 0x80, hi = 0xbf;
+
+		if (c < 0x80) {
+			i++;
+			continue;
+		} else if (c >= 0xc2 && c <= 0xdf) {
+			need = 1;
+		} else if (c >= 0xe0 && c <= 0xef) {
+			need = 2;
+			if (c == 0xe0)
+				lo = 0xa0;
+			else if (c == 0xed)
+				hi = 0x9f;
+		} else if (c >= 0xf0 && c <= 0xf4) {
+			need = 3;
+			if (c == 0xf0)
+				lo = 0x90;
+			else if (c == 0xf4)
+				hi = 0x8f;
+		} else {
+			return 0;
+		}
+		if (need > n - i - 1)
+			return 0;
+		if (s[i + 1] < lo || s[i + 1] > hi)
+			return 0;
+		for (ho_u64 k = 2; k <= need; k++)
+			if (s[i + k] < 0x80 || s[i + k] > 0xbf)
+				return 0;
+		i += need + 1;
+	}
+	return 1;
+}
+
+static ho_u64 ho_be(const ho_u8 *p, int w)
+{
+	ho_u64 v = 0;
+
+	for (int i = 0; i < w; i++)
+		v = v << 8 | p[i];
+	return v;
+}
+
+ho_u64 ho_msgpack_check(const ho_u8 *d, ho_u64 n)
+{
+	struct { ho_u64 remaining; int is_map; ho_u64 seen; } st[HO_MSGPACK_MAX_DEPTH];
+	int depth = 0, first = 1;
+	ho_u64 pos = 0;
+
+	for (;;) {
+		ho_u64 start, count = 0, w, ln;
+		int container = 0, cmap = 0, is_key;
+		ho_u8 t;
+
+		if (!first && depth == 0)
+			break;
+		if (pos >= n)
+			return pos + 1;
+		t = d[pos];
+		start = pos;
+		is_key = depth && st[depth - 1].is_map && st[depth - 1].seen % 2 == 0;
+		pos++;
+		if (t <= 0x7f || t >= 0xe0) {
+			/* fixint */
+		} else if (t <= 0x8f) {
+			container = 1; cmap = 1; count = t & 0x0f;
+		} else if (t <= 0x9f) {
+			container = 1; count = t & 0x0f;
+		} else if (t <= 0xbf) {
+			ln = t & 0x1f;
+			if (ln > n - pos || !ho_utf8_ok(d + pos, ln))
+				return start + 1;
+			pos += ln;
+		} else if (t == 0xc0 || t == 0xc2 || t == 0xc3 || (t >= 0xca && t <= 0xd3)) {
+			static const ho_u8 width[] = { [0xca - 0xca] = 4, 8, 1, 2, 4, 8, 1, 2, 4, 8 };
+
+			w = (t < 0xca) ? 0 : width[t - 0xca];
+			if (w > n - pos)
+				return start + 1;
+			pos += w;
+		} else if ((t >= 0xc4 && t <= 0xc6) || (t >= 0xd9 && t <= 0xdb)) {
+			int is_str = t >= 0xd9;
+
+			w = is_str ? (t == 0xd9 ? 1 : t == 0xda ? 2 : 4) : (t == 0xc4 ? 1 : t == 0xc5 ? 2 : 4);
+			if (w > n - pos)
+				return start + 1;
+			ln = ho_be(d + pos, (int)w);
+			pos += w;
+			if (ln > n - pos)
+				return start + 1;
+			if (is_str && !ho_utf8_ok(d + pos, ln))
+				return start + 1;
+			pos += ln;
+		} else if (t >= 0xdc && t <= 0xdf) {
+			w = (t == 0xdc || t == 0xde) ? 2 : 4;
+			if (w > n - pos)
+				return start + 1;
+			count = ho_be(d + pos, (int)w);
+			pos += w;
+			container = 1;
+			cmap = t >= 0xde;
+		} else {
+			return start + 1;	/* 0xc1, ext, fixext */
+		}
+		if (first) {
+			if (!container || !cmap)
+				return start + 1;
+			first = 0;
+		} else if (is_key && container) {
+			return start + 1;
+		}
+		if (depth) {
+			st[depth - 1].remaining--;
+			st[depth - 1].seen++;
+		}
+		if (container) {
+			ho_u64 items = cmap ? count * 2 : count;
+
+			if (items > n - pos)
+				return start + 1;
+			if (depth >= HO_MSGPACK_MAX_DEPTH)
+				return start + 1;
+			if (items) {
+				st[depth].remaining = items;
+				st[depth].is_map = cmap;
+				st[depth].seen = 0;
+				depth++;
+			}
+		}
+		while (depth && st[depth - 1].remaining == 0)
+			depth--;
+	}
+	if (pos != n)
+		return pos + 1;
+	return 0;
+}
+
+/* ---- the blob ------------------------------------------------------------------------ */
+const struct ho_section *ho_find_section(const struct ho_view *v, unsigned int type)
+{
+	for (ho_u32 i = 0; i < v->nsections; i++)
+		if (v->sec[i].type == type)
+			return &v->sec[i];
+	return 0;
+}
+
+#define FAIL(code, off) do { *err_off = (off); return (code); } while (0)
+
+static int ho_key_cmp(unsigned int type, const ho_u8 *a, const ho_u8 *b)
+{
+	switch (type) {
+	case HO_SEC_UNIT: return ho_unit_key_cmp(a, b);
+	case HO_SEC_DOMAIN: return ho_domain_key_cmp(a, b);
+	case HO_SEC_CONTEXT: return ho_context_key_cmp(a, b);
+	case HO_SEC_IRTE: return ho_irte_key_cmp(a, b);
+	case HO_SEC_VECTOR: return ho_vector_key_cmp(a, b);
+	case HO_SEC_PI_DESC: return ho_pi_desc_key_cmp(a, b);
+	case HO_SEC_BAR: return ho_bar_key_cmp(a, b);
+	case HO_SEC_DEVICE: return ho_device_key_cmp(a, b);
+	case HO_SEC_BRIDGE: return ho_bridge_key_cmp(a, b);
+	case HO_SEC_RESERVED: return ho_reserved_key_cmp(a, b);
+	}
+	return 0;
+}
+
+/* index of the UNIT record whose unit == u (units are strictly increasing), or -1 */
+static long ho_unit_find(const struct ho_view *v, const struct ho_section *us, ho_u64 u)
+{
+	ho_u64 lo = 0, hi = us ? us->count : 0;
+
+	while (lo < hi) {
+		ho_u64 mid = lo + (hi - lo) / 2;
+		ho_u64 m = ho_get_le16(ho_record(v, us, (ho_u32)mid) + HO_UNIT_OFF_UNIT);
+
+		if (m == u)
+			return (long)mid;
+		if (m < u)
+			lo = mid + 1;
+		else
+			hi = mid;
+	}
+	return -1;
+}
+
+/* first IRTE record whose word 0 >= key */
+static ho_u64 ho_irte_lower(const struct ho_view *v, const struct ho_section *s, ho_u64 key)
+{
+	ho_u64 lo = 0, hi = s->count;
+
+	while (lo < hi) {
+		ho_u64 mid = lo + (hi - lo) / 2;
+
+		if (ho_get_le64(ho_record(v, s, (ho_u32)mid)) < key)
+			lo = mid + 1;
+		else
+			hi = mid;
+	}
+	return lo;
+}
+
+static int ho_check_state(const struct ho_view *v, ho_u64 *err_off)
+{
+	const struct ho_section *us = ho_find_section(v, HO_SEC_UNIT);
+	const struct ho_section *s;
+	static const unsigned int order[] = {
+		HO_SEC_UNIT, HO_SEC_DOMAIN, HO_SEC_CONTEXT, HO_SEC_IRTE, HO_SEC_VECTOR,
+		HO_SEC_PI_DESC, HO_SEC_BAR, HO_SEC_DEVICE, HO_SEC_BRIDGE, HO_SEC_RESERVED,
+	};
+
+	/* every record table strictly increasing by key */
+	for (unsigned int k = 0; k < sizeof(order) / sizeof(order[0]); k++) {
+		s = ho_find_section(v, order[k]);
+		if (!s || s->count < 2)
+			continue;
+		for (ho_u32 i = 1; i < s->count; i++)
+			if (ho_key_cmp(s->type, ho_record(v, s, i - 1), ho_record(v, s, i)) >= 0)
+				FAIL(HO_E_ORDER, s->offset + (ho_u64)i * s->record_size);
+	}
+
+	/* IRTEs: a run per unit, indices inside the unit's table, no unknown unit */
+	s = ho_find_section(v, HO_SEC_IRTE);
+	if (s && s->count) {
+		ho_u64 found = 0;
+
+		for (ho_u32 j = 0; us && j < us->count; j++) {
+			const ho_u8 *ur = ho_record(v, us, j);
+			ho_u64 u = ho_get_le16(ur + HO_UNIT_OFF_UNIT);
+			ho_u64 irta = ho_get_le64(ur + HO_UNIT_OFF_IRTA);
+			ho_u64 lo = ho_irte_lower(v, s, u << 32);
+			ho_u64 hi = ho_irte_lower(v, s, (u + 1) << 32);
+
+			found += hi - lo;
+			if (hi > lo && irta) {
+				ho_u64 max = 1ULL << ((irta & 0xf) + 1);
+				ho_u64 last = ho_get_le64(ho_record(v, s, (ho_u32)(hi - 1))) & 0xffffffffULL;
+
+				if (last >= max)
+					FAIL(HO_E_IRTE_INDEX, s->offset + (hi - 1) * s->record_size);
+			}
+		}
+		if (found != s->count) {
+			for (ho_u32 j = 0; j < s->count; j++)
+				if (ho_unit_find(v, us, ho_get_le64(ho_record(v, s, j)) >> 32) < 0)
+					FAIL(HO_E_UNIT_REF, s->offset + (ho_u64)j * s->record_size);
+		}
+	}
+
+	/* unit references */
+	{
+		static const struct { unsigned int type; unsigned int off; int none_ok; } refs[] = {
+			{ HO_SEC_DOMAIN, HO_DOMAIN_OFF_UNIT, 0 },
+			{ HO_SEC_CONTEXT, HO_CONTEXT_OFF_UNIT, 0 },
+			{ HO_SEC_VECTOR, HO_VECTOR_OFF_UNIT, 1 },
+			{ HO_SEC_DEVICE, HO_DEVICE_OFF_UNIT, 1 },
+		};
+
+		for (unsigned int k = 0; k < sizeof(refs) / sizeof(refs[0]); k++) {
+			s = ho_find_section(v, refs[k].type);
+			for (ho_u32 j = 0; s && j < s->count; j++) {
+				ho_u64 u = ho_get_le16(ho_record(v, s, j) + refs[k].off);
+
+				if (refs[k].none_ok && u == HO_NONE16)
+					continue;
+				if (ho_unit_find(v, us, u) < 0)
+					FAIL(HO_E_UNIT_REF, s->offset + (ho_u64)j * s->record_size);
+			}
+		}
+	}
+
+	/* config snapshots inside CONFIG */
+	s = ho_find_section(v, HO_SEC_DEVICE);
+	if (s && s->count) {
+		const struct ho_section *cs = ho_find_section(v, HO_SEC_CONFIG);
+		ho_u64 clen = cs ? cs->length : 0;
+
+		for (ho_u32 j = 0; j < s->count; j++) {
+			const ho_u8 *r = ho_record(v, s, j);
+			ho_u64 off = ho_get_le32(r + HO_DEVICE_OFF_CONFIG_OFFSET);
+			ho_u64 len = ho_get_le32(r + HO_DEVICE_OFF_CONFIG_LEN);
+
+			if (off + len > clen)
+				FAIL(HO_E_CONFIG, s->offset + (ho_u64)j * s->record_size);
+		}
+	}
+	return HO_OK;
+}
+
+int ho_parse(const void *blob, ho_u64 n, struct ho_view *v, ho_u64 *err_off)
+{
+	const ho_u8 *b = blob;
+	ho_u64 header_size, total, expect;
+	ho_u32 count, stored, calc;
+	int rc;
+
+	*err_off = 0;
+	v->blob = b;
+	v->size = n;
+	v->nsections = 0;
+	/* header (read_header) */
+	if (n == 0)
+		FAIL(HO_E_NOSTATE, 0);
+	if (n < HO_MAGIC_LEN || !ho_memeq(b, HO_MAGIC, HO_MAGIC_LEN)) {
+		ho_u64 head = n < HO_NOSTATE_PROBE ? n : HO_NOSTATE_PROBE;
+
+		if (ho_all_zero(b, head))
+			FAIL(HO_E_NOSTATE, 0);
+		if (n < HO_MAGIC_LEN && ho_memeq(b, HO_MAGIC, n))
+			FAIL(HO_E_TRUNCATED, n);
+		FAIL(HO_E_MAGIC, 0);
+	}
+	if (n < HO_HEADER_SIZE)
+		FAIL(HO_E_TRUNCATED, n);
+	v->major = ho_get_le16(b + HO_HDR_OFF_MAJOR);
+	v->minor = ho_get_le16(b + HO_HDR_OFF_MINOR);
+	header_size = ho_get_le32(b + HO_HDR_OFF_HEADER_SIZE);
+	total = ho_get_le64(b + HO_HDR_OFF_TOTAL_SIZE);
+	count = ho_get_le32(b + HO_HDR_OFF_SECTION_COUNT);
+	v->generation = ho_get_le64(b + HO_HDR_OFF_GENERATION);
+	stored = ho_get_le32(b + HO_HDR_OFF_HEADER_CRC);
+	if (v->major != HO_READ_MAJOR)
+		FAIL(HO_E_VERSION, HO_HDR_OFF_MAJOR);
+	if (count > HO_MAX_SECTIONS)
+		FAIL(HO_E_SECTION_COUNT, HO_HDR_OFF_SECTION_COUNT);
+	if (header_size != HO_HEADER_SIZE + (ho_u64)HO_SECTION_ENTRY_SIZE * count)
+		FAIL(HO_E_HEADER_SIZE, HO_HDR_OFF_HEADER_SIZE);
+	if (n < header_size)
+		FAIL(HO_E_TRUNCATED, n);
+	calc = ho_crc32c(ho_crc32c(0, b, HO_HEADER_CRC_OFFSET), b + HO_HEADER_SIZE,
+			 header_size - HO_HEADER_SIZE);
+	if (calc != stored)
+		FAIL(HO_E_HEADER_CRC, HO_HDR_OFF_HEADER_CRC);
+	if (total > HO_MAX_BLOB_SIZE)
+		FAIL(HO_E_TOTAL_SIZE, HO_HDR_OFF_TOTAL_SIZE);
+	if (total > n)
+		FAIL(HO_E_TRUNCATED, n);
+	if (total < n)
+		FAIL(HO_E_TRAILING, total);
+
+	/* section table and section CRCs (read_sections) */
+	expect = ho_align(header_size);
+	if (!ho_all_zero(b + header_size, expect - header_size))
+		FAIL(HO_E_PADDING, header_size);
+	for (ho_u32 i = 0; i < count; i++) {
+		const ho_u8 *e = b + HO_HEADER_SIZE + (ho_u64)i * HO_SECTION_ENTRY_SIZE;
+		struct ho_section *s = &v->sec[i];
+		ho_u64 end, nxt;
+		int last = i + 1 == count;
+
+		s->type = ho_get_le16(e + HO_SEC_OFF_TYPE);
+		s->version = ho_get_le16(e + HO_SEC_OFF_VERSION);
+		s->flags = ho_get_le32(e + HO_SEC_OFF_FLAGS);
+		s->offset = ho_get_le64(e + HO_SEC_OFF_OFFSET);
+		s->length = ho_get_le64(e + HO_SEC_OFF_LENGTH);
+		s->count = ho_get_le32(e + HO_SEC_OFF_COUNT);
+		s->record_size = ho_get_le32(e + HO_SEC_OFF_RECORD_SIZE);
+		if (s->offset != expect)
+			FAIL(HO_E_SECTION_OFFSET, (ho_u64)(e - b) + HO_SEC_OFF_OFFSET);
+		if (s->length > total - s->offset)
+			FAIL(HO_E_SECTION_LENGTH, (ho_u64)(e - b) + HO_SEC_OFF_LENGTH);
+		for (ho_u32 k = 0; k < i; k++)
+			if (v->sec[k].type == s->type)
+				FAIL(HO_E_SECTION_DUP, (ho_u64)(e - b));
+		end = s->offset + s->length;
+		nxt = last ? end : ho_align(end);
+		if (last && end != total)
+			FAIL(HO_E_SECTION_END, end);
+		if (nxt > total)
+			FAIL(HO_E_SECTION_END, end);
+		if (!ho_all_zero(b + end, nxt - end))
+			FAIL(HO_E_PADDING, end);
+		if (ho_crc32c(0, b + s->offset, s->length) != ho_get_le32(e + HO_SEC_OFF_CRC))
+			FAIL(HO_E_SECTION_CRC, s->offset);
+		v->nsections = i + 1;
+		expect = nxt;
+	}
+	if (count == 0 && total != header_size)
+		FAIL(HO_E_SECTION_END, header_size);
+
+	/* per-section structure (decode) */
+	for (ho_u32 i = 0; i < count; i++) {
+		const struct ho_section *s = &v->sec[i];
+		int rsize = ho_record_size(s->type, 0), min = ho_record_size(s->type, 1);
+
+		if (rsize < 0) {	/* unknown type */
+			if (s->flags & HO_SEC_F_REQUIRED)
+				FAIL(HO_E_REQUIRED, s->offset);
+			continue;
+		}
+		if (rsize == 0) {	/* byte section */
+			if (s->count || s->record_size)
+				FAIL(HO_E_BYTE_SECTION, s->offset);
+			if (s->type == HO_SEC_META || s->type == HO_SEC_PROVENANCE) {
+				ho_u64 bad = ho_msgpack_check(b + s->offset, s->length);
+
+				if (bad)
+					FAIL(HO_E_MSGPACK, s->offset + bad - 1);
+			}
+			continue;
+		}
+		if (s->record_size < (ho_u32)min)
+			FAIL(HO_E_RECORD_SIZE, s->offset);
+		if ((ho_u64)s->count * s->record_size != s->length)
+			FAIL(HO_E_RECORD_COUNT, s->offset);
+		if ((s->flags & HO_SEC_F_ABSENT) && s->count)
+			FAIL(HO_E_ABSENT, s->offset);
+	}
+	rc = ho_check_state(v, err_off);
+	return rc;
+}

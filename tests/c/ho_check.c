@@ -1,0 +1,83 @@
+// SPDX-License-Identifier: GPL-2.0-only OR MIT
+/*
+ * ho_check: run the freestanding C parser on blobs, for the differential tests.
+ *
+ *   ho_check FILE...        one verdict line per file
+ *   ho_check --stream       stdin holds records of (u64 little-endian length, bytes);
+ *                           one verdict line per record on stdout
+ *
+ * A verdict line is "OK <major>.<minor> <nsections>" or "<ERROR_NAME> <offset>".
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "handover_parse.h"
+
+static void verdict(const unsigned char *buf, unsigned long long n)
+{
+	static struct ho_view v;
+	ho_u64 off = 0;
+	int rc = ho_parse(buf, n, &v, &off);
+
+	if (rc == HO_OK)
+		printf("OK %u.%u %u\n", v.major, v.minor, v.nsections);
+	else
+		printf("%s %llu\n", ho_strerror(rc), (unsigned long long)off);
+}
+
+static unsigned char *read_all(FILE *f, size_t n)
+{
+	unsigned char *buf = malloc(n ? n : 1);
+
+	if (!buf || fread(buf, 1, n, f) != n) {
+		free(buf);
+		return NULL;
+	}
+	return buf;
+}
+
+int main(int argc, char **argv)
+{
+	if (ho_crc32c(0, "123456789", 9) != HO_CRC32C_CHECK) {
+		fprintf(stderr, "ho_check: CRC32C self-test failed\n");
+		return 2;
+	}
+	if (argc == 2 && !strcmp(argv[1], "--stream")) {
+		unsigned char len[8];
+
+		while (fread(len, 1, 8, stdin) == 8) {
+			unsigned long long n = 0;
+			unsigned char *buf;
+
+			for (int i = 7; i >= 0; i--)
+				n = n << 8 | len[i];
+			buf = read_all(stdin, n);
+			if (!buf) {
+				fprintf(stderr, "ho_check: short record\n");
+				return 2;
+			}
+			verdict(buf, n);
+			free(buf);
+		}
+		fflush(stdout);
+		return 0;
+	}
+	for (int i = 1; i < argc; i++) {
+		FILE *f = fopen(argv[i], "rb");
+		long n;
+		unsigned char *buf;
+
+		if (!f || fseek(f, 0, SEEK_END) || (n = ftell(f)) < 0 || fseek(f, 0, SEEK_SET)) {
+			perror(argv[i]);
+			return 2;
+		}
+		buf = read_all(f, (size_t)n);
+		fclose(f);
+		if (!buf)
+			return 2;
+		verdict(buf, (unsigned long long)n);
+		free(buf);
+	}
+	return 0;
+}

@@ -230,7 +230,8 @@ def _register_optional() -> None:
     """Subcommand groups that live in their own modules."""
     import importlib
 
-    for mod, name in (("handover.cli_region", "region"),):
+    for mod, name in (("handover.cli_region", "region"), ("handover.cli_host", "save"),
+                      ("handover.cli_host", "load"), ("handover.cli_host", "capture_sysroot")):
         try:
             m = importlib.import_module(mod)
         except ImportError as e:

@@ -362,8 +362,16 @@ def build_state(host: Host, devices: list, opts: SaveOptions) -> tuple[State, di
     if not any(u.irtes is not None for u in kept_units.values()):
         absent("irtes", "IR table not readable")
     b.mark_absent("pi_descs", PI_DESC_REASON, "none")
+    unknown = [f"{r} of {u.name}" for u in kept_units.values() for r in ("rtaddr", "irta", "iqa")
+               if r not in u.regs]
+    if not reserved:
+        b.mark_absent("reserved", "no table address readable (" + ", ".join(unknown or ["none"])
+                      + "); region address unknown", "collect")
+    elif unknown:
+        notes["reserved"] = {"status": "partial", "source": "collect",
+                             "reason": "not readable: " + ", ".join(unknown)}
     for item in ITEMS:
-        if item not in b.absent and item not in ("pi_descs",):
+        if item not in b.absent:
             n = notes.get(item) or {}
             b.provenance[item] = {"status": n.get("status", "captured"),
                                   "source": n.get("source", "collect"),

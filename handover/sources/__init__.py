@@ -37,13 +37,13 @@ def all_sources() -> list[Source]:
 
 
 def read_host(sysroot: Sysroot | str = "/", *, only: list[str] | None = None,
-              progress=None) -> Host:
+              progress=None, wanted: set | None = None) -> Host:
     """Run every source (or those named in ``only``) against ``sysroot``.
 
     A source that fails unexpectedly does not stop the others: its items are noted absent
     with the error (collect/--require full decides whether that is fatal)."""
     sr = sysroot if isinstance(sysroot, Sysroot) else Sysroot(sysroot)
-    host = Host(sysroot=sr)
+    host = Host(sysroot=sr, wanted=wanted)
     for src in all_sources():
         if only is not None and src.name not in only:
             continue

@@ -1,0 +1,238 @@
+"""save -> load through the CLI against captured trees, including deliberate mismatches."""
+
+import json
+import tarfile
+
+import pytest
+from click.testing import CliRunner
+
+from handover import source as src
+from handover.cli import main
+from handover.formats import enums as E
+from handover.render import diff_states
+
+from hosttree import E1000E, EDU, TOKEN, copy_host, patch_config, remove_device, set_resource
+
+
+def run(*args):
+    r = CliRunner().invoke(main, [str(a) for a in args])
+    return r.exit_code, r.stdout, r.stderr
+
+
+def save(root, blob, *extra):
+    code, out, err = run("save", "--sysroot", root, "--output", blob, "--json", *extra)
+    assert code == 0, err
+    return json.loads(out)
+
+
+def load(root, blob, tmp_path, *extra):
+    res = tmp_path / "res"
+    code, out, err = run("load", "--sysroot", root, "--region", blob, "--result-dir", res,
+                         "--json", *extra)
+    doc = json.loads(out)
+    on_disk = json.loads((res / "result.json").read_text())
+    assert on_disk["verdicts"] == doc["verdicts"]
+    assert doc["exit_code"] == code
+    return code, doc, err
+
+
+def failing(doc):
+    return {v["item"]: v for v in doc["verdicts"] if v["status"] in ("mismatch", "missing")}
+
+
+@pytest.fixture
+def saved(tmp_path):
+    root = copy_host(tmp_path / "host")
+    blob = tmp_path / "state.bin"
+    rep = save(root, blob, "--token", TOKEN)
+    return root, blob, rep
+
+
+def test_save_reports_sources_and_absent(saved):
+    _root, blob, rep = saved
+    assert rep["devices"] == [EDU]
+    assert rep["captured"]["devices"] == "pci-sysfs" and rep["captured"]["units"] == "intel-iommu-sysfs"
+    assert set(rep["absent"]) >= {"irtes", "contexts", "domains", "pi_descs"}
+    assert "CONFIG_INTEL_IOMMU_DEBUGFS" in rep["not_captured"]["irtes"]
+    st = src.load(str(blob)).state
+    assert "irtes" in st.absent and st.provenance["irtes"]["status"] == "absent"
+    assert st.provenance["devices"]["source"] == "pci-sysfs"
+    d = st.devices[0]
+    assert (d.vendor, d.device) == (0x1234, 0x11E8) and d.flags & E.DEV_F_TOKEN
+    assert [(b.index, b.start, b.size) for b in st.bars] == [(0, 0xFEA00000, 0x100000)]
+    assert [(v.kind, v.irte_index, v.irq) for v in st.vectors] == [(E.VEC_MSI, 26, 32)]
+    assert st.units[0].reg_base == 0xFED90000 and st.units[0].flags & E.UNIT_F_IRE
+
+
+def test_load_matches_same_host(saved, tmp_path):
+    root, blob, _ = saved
+    code, doc, _ = load(root, blob, tmp_path, "--token", TOKEN)
+    assert code == 0 and doc["ok"] and doc["summary"]["mismatch"] == 0
+    items = {v["item"]: v["status"] for v in doc["verdicts"]}
+    assert items["device 0000:00:03.0 BAR0"] == "match"
+    assert items["device 0000:00:03.0 token"] == "match"
+    assert items["unit dmar0 IRTA"] == "unverified"
+    assert doc["kernel_interface"]["present"] is False
+
+
+def test_load_text_output_and_exit(saved, tmp_path):
+    root, blob, _ = saved
+    code, out, err = run("load", "--sysroot", root, "--region", blob, "--result-dir", tmp_path / "r")
+    assert code == 0 and "MATCH:" in out and "result written" in err
+
+
+@pytest.mark.parametrize("case", ["device-gone", "bar-moved", "iommu-base", "vendor", "token"])
+def test_mismatches_are_named(saved, tmp_path, case):
+    root, blob, _ = saved
+    extra = []
+    if case == "device-gone":
+        remove_device(root, EDU)
+        want = "device 0000:00:03.0 present"
+    elif case == "bar-moved":
+        set_resource(root, EDU, 0, 0xFE800000, 0xFE8FFFFF, 0x40200)
+        want = "device 0000:00:03.0 BAR0"
+    elif case == "iommu-base":
+        (root / "sys/devices/virtual/iommu/dmar0/intel-iommu/address").write_text("fed91000\n")
+        want = "unit dmar0 register base"
+    elif case == "vendor":
+        (root / "sys/devices/pci0000:00" / EDU / "device").write_text("0x11e9\n")
+        want = "device 0000:00:03.0 vendor:device"
+    else:
+        extra = ["--token", "00000000-0000-4000-8000-000000000000"]
+        want = "device 0000:00:03.0 token"
+    code, doc, err = load(root, blob, tmp_path, *extra)
+    assert code == 6 and not doc["ok"]
+    assert want in failing(doc), sorted(failing(doc))
+    assert any(f.startswith(want) for f in doc["failures"])
+    assert "handover: mismatch:" in err and want in err
+
+
+def test_bar_moved_verdict_values(saved, tmp_path):
+    root, blob, _ = saved
+    set_resource(root, EDU, 0, 0xFE800000, 0xFE8FFFFF, 0x40200)
+    _code, doc, _ = load(root, blob, tmp_path)
+    v = failing(doc)["device 0000:00:03.0 BAR0"]
+    assert v["saved"] == "0xfea00000 size 0x100000" and v["host"] == "0xfe800000 size 0x100000"
+
+
+def test_dsn_changed(tmp_path):
+    root = copy_host(tmp_path / "host")
+    blob = tmp_path / "s.bin"
+    rep = save(root, blob, "--device", E1000E, "--force")
+    assert any("not vfio-pci" in w for w in rep["warnings"])
+    st = src.load(str(blob)).state
+    assert st.devices[0].flags & E.DEV_F_DSN
+    off = 0x140 + 4   # DSN capability of this e1000e (captured config)
+    patch_config(root, E1000E, off, b"\x99\x88\x77\x66")
+    code, doc, _ = load(root, blob, tmp_path)
+    assert code == 6
+    v = failing(doc)["device 0000:00:04.0 DSN"]
+    assert v["saved"] != v["host"]
+
+
+def test_refuses_non_vfio_and_shared_group(tmp_path):
+    root = copy_host(tmp_path / "host")
+    code, _out, err = run("save", "--sysroot", root, "--dry-run", "--device", E1000E)
+    assert code == 1 and "bound to e1000e, not vfio-pci" in err
+    code, _out, err = run("save", "--sysroot", root, "--dry-run", "--device", "0000:00:1f.2")
+    assert code == 1 and "shares IOMMU group 6 with 0000:00:1f.0, 0000:00:1f.3" in err
+    code, _out, err = run("save", "--sysroot", root, "--dry-run", "--device", "0000:00:09.0")
+    assert code == 1 and "no such PCI device" in err
+
+
+def test_require_full_fails_on_stock_kernel(tmp_path):
+    root = copy_host(tmp_path / "host")
+    code, _out, err = run("save", "--sysroot", root, "--dry-run", "--require", "full")
+    assert code == 1 and "--require full: not captured:" in err and "irtes" in err
+
+
+def test_stale_state_via_test_option(tmp_path):
+    root = copy_host(tmp_path / "host")
+    blob = tmp_path / "s.bin"
+    save(root, blob, "--test-alter-bar", f"{EDU}:0:0xfe000000")
+    code, doc, _ = load(root, blob, tmp_path)
+    assert code == 6 and "device 0000:00:03.0 BAR0" in failing(doc)
+
+
+def test_debugfs_host_saves_tables_and_checks_irtes(tmp_path):
+    root = copy_host(tmp_path / "host", debugfs=True)
+    blob = tmp_path / "s.bin"
+    rep = save(root, blob)
+    assert rep["absent"] == ["pi_descs"]
+    st = src.load(str(blob)).state
+    u = st.units[0]
+    assert u.gsts == 0xC7000000 and u.irta == 0x2E0000F and u.flags & E.UNIT_F_TE
+    assert [(r.index, r.hi & 0xFFFF) for r in st.irtes] == [(26, 0x18)]
+    assert [(c.sbdf, c.did) for c in st.contexts] == [(0x18, 6)]
+    assert [(d.did, d.agaw, d.gaw, d.pgd) for d in st.domains] == [(6, 1, 39, 0x3A5C000)]
+    kinds = {(E.RESERVED_KIND[r.kind], r.start, r.size) for r in st.reserved}
+    assert ("root-table", 0x2F0E000, 0x1000) in kinds
+    assert ("ir-table", 0x2E00000, 1 << 20) in kinds
+    assert ("context-table", 0x2F10000, 0x1000) in kinds
+    assert {("page-table", a, 0x1000) for a in (0x3A5C000, 0x3A5D000, 0x3A5E000)} <= kinds
+    assert ("dma-buffer", 0x5000000, 0x8000) in kinds and ("dma-buffer", 0x5200000, 0x200000) in kinds
+    code, doc, _ = load(root, blob, tmp_path)
+    assert code == 0, doc["failures"]
+    items = {v["item"]: v["status"] for v in doc["verdicts"]}
+    assert items["unit dmar0 IRTE 26"] == "match" and items["unit dmar0 IRTA"] == "match"
+    # the new kernel put a different IR table in place: named
+    p = root / "sys/kernel/debug/iommu/intel/iommu_regset"
+    p.write_text(p.read_text().replace("0x0000000002e0000f", "0x0000000003e0000f"))
+    code, doc, _ = load(root, blob, tmp_path)
+    assert code == 6 and "unit dmar0 IRTA" in failing(doc)
+
+
+def test_capture_sysroot_roundtrip(tmp_path):
+    root = copy_host(tmp_path / "host", debugfs=True)
+    tar = tmp_path / "cap.tar"
+    code, _out, err = run("capture-sysroot", "--sysroot", root, tar)
+    assert code == 0, err
+    out = tmp_path / "x"
+    with tarfile.open(tar) as t:
+        names = t.getnames()
+        t.extractall(out)
+    assert "HANDOVER-CAPTURE.json" in names
+    assert "sys/kernel/debug/iommu/intel/ir_translation_struct" in names
+    assert not any(n.startswith("sys/bus/nd") for n in names)   # only what the sources read
+    a, b = tmp_path / "a.bin", tmp_path / "b.bin"
+    save(root, a)
+    save(out, b)
+    changes = [c for c in diff_states(src.load(str(a)).state, src.load(str(b)).state)
+               if not (c["section"] == "meta" and c["key"] in ("sysroot", "created"))]
+    assert changes == [], changes
+    code, _out, err = run("capture-sysroot", "--sysroot", root, tar)
+    assert code == 1 and "exists" in err
+
+
+def test_region_commit_and_load(tmp_path):
+    from handover import pmem
+
+    root = copy_host(tmp_path / "host")
+    region = tmp_path / "region.img"
+    pmem.init(str(region), size=1 << 20)
+    code, out, err = run("save", "--sysroot", root, "--region", region, "--json")
+    assert code == 0, err
+    rep = json.loads(out)
+    assert rep["commit"]["generation"] == 1
+    code, out, err = run("save", "--sysroot", root, "--region", region, "--json")
+    assert json.loads(out)["commit"]["generation"] == 2
+    assert src.load(str(region)).state.generation == 2
+    code, doc, _ = load(root, region, tmp_path)
+    assert code == 0 and doc["generation"] == 2
+
+
+def test_kernel_interface_is_fed(saved, tmp_path):
+    root, blob, _ = saved
+    k = root / "sys/kernel/handover"
+    (k / "units/dmar0").mkdir(parents=True)
+    (k / "version").write_text("1\n")
+    (k / "state").write_text("pending\n")
+    (k / "units/dmar0/gsts").write_text("0x42000000\n")
+    code, doc, _ = load(root, blob, tmp_path, "--check-only")
+    assert code == 0 and doc["kernel_interface"]["action"].startswith("none")
+    assert not (k / "verdict").exists()
+    code, doc, _ = load(root, blob, tmp_path)
+    assert code == 0 and (k / "verdict").read_text() == "accept\n"
+    set_resource(root, EDU, 0, 0xFE800000, 0xFE8FFFFF, 0x40200)
+    code, doc, _ = load(root, blob, tmp_path)
+    assert code == 6 and (k / "verdict").read_text().startswith("abort mismatch: device 0000:00:03.0 BAR0")

@@ -20,7 +20,7 @@ import os
 
 from handover.errors import HandoverError, NoStateError
 
-from .commit import CommitResult, Region, RegionRead, create_file, open_region
+from .protocol import CommitResult, Region, RegionRead, create_file, open_region
 from .kinds import RegionError, RegionLockedError
 from .layout import HEADER_OFFSETS, HEADER_SIZE, has_magic
 

@@ -69,7 +69,7 @@ def _namespace_of(devdir: str) -> str | None:
 
 def _state(path: str) -> dict:
     """Whether PATH holds handover state; header-only (no blob CRC) so listing stays cheap."""
-    from .commit import open_region
+    from .protocol import open_region
     from handover.errors import HandoverError
     try:
         with open_region(path, write=False) as r:

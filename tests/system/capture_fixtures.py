@@ -54,24 +54,63 @@ cat "$X/vfio-edu.log"
 find "$LAB_OUT/fixture" | wc -l
 """
 
+# Phase 1 of the *-after-kexec profiles: the same set-up (devdax, e1000e up, edu live under
+# VFIO with a DMA mapping and MSI), then the lab's /init kexecs; phase 2 captures the new
+# kernel's state as it boots, before anything rebinds or reopens a device.
+SETUP_THEN_KEXEC = r"""
+set -u
+ndctl create-namespace -f -e namespace0.0 -m devdax -a 2M
+ip link set eth0 up
+echo vfio-pci > /sys/bus/pci/devices/0000:00:03.0/driver_override
+echo 0000:00:03.0 > /sys/bus/pci/drivers_probe
+python3 vfio_edu.py 0000:00:03.0 /tmp/vfio-ready /tmp/vfio-stop > /tmp/vfio-holder.log 2>&1 &
+i=0; while [ ! -f /tmp/vfio-ready ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done
+cat /tmp/vfio-ready
+grep -E 'IR-|DMAR' /proc/interrupts
+# the holder keeps the VFIO fds open (device live) while /init runs kexec
+"""
+
+CAPTURE_ONLY = r"""
+set -u
+X="$LAB_OUT/fixture/_capture"
+mkdir -p "$X"
+exec 2>>"$X/capture-stderr.txt"
+python3 capture_sysfs.py "$LAB_OUT/fixture"
+ndctl list -RNDu > "$X/ndctl-list.json" 2>&1
+daxctl list -RDu > "$X/daxctl-list.json" 2>&1
+ls -l /dev/pmem* /dev/dax* /dev/vfio/ > "$X/dev.txt" 2>&1
+dmesg > "$X/dmesg.txt"
+find "$LAB_OUT/fixture" | wc -l
+"""
+
 PROFILES = {
     "debian-6.12-legacy-pmem": dict(pmem="legacy"),
     "debian-6.12-nvdimm": dict(pmem="nvdimm", nvdimm_size=256 << 20),
+    "debian-6.12-legacy-pmem-after-kexec": dict(pmem="legacy", scripts=[SETUP_THEN_KEXEC, CAPTURE_ONLY],
+                                                kexec_mode="l"),
+    "debian-6.12-legacy-pmem-kdump": dict(pmem="legacy", scripts=[SETUP_THEN_KEXEC, CAPTURE_ONLY],
+                                          kexec_mode="p",
+                                          kexec_append="irqpoll nr_cpus=1 reset_devices"),
 }
 
 
-def capture(name: str, out_root: Path, timeout: float = 300) -> Path:
-    kw = PROFILES[name]
+def capture(name: str, out_root: Path, timeout: float = 180) -> Path:
+    kw = dict(PROFILES[name])
+    scripts = kw.pop("scripts", [SCRIPT])
     files = {"vfio_edu.py": GUEST / "vfio_edu.py", "capture_sysfs.py": GUEST / "capture_sysfs.py"}
-    res = lab.run_guest(SCRIPT, files=files, timeout=timeout, **kw)
+    res = lab.run_guest(scripts, files=files, timeout=timeout, **kw)
     res.check()
-    ph = res.phases[0]
+    ph = res.phases[-1]
     dest = out_root / name
     if dest.exists():
         shutil.rmtree(dest)
     ph.extract(dest, "fixture")
     osrelease = (dest / "proc/sys/kernel/osrelease").read_text().strip()
     vfio = (dest / "_capture/vfio-edu.txt")
+    if len(scripts) > 1:
+        (dest / "_capture/phase1-stdout.txt").write_text(res.phases[0].stdout)
+        (dest / "_capture/phase1-dmesg.txt").write_text(res.phases[0].dmesg)
+        vfio = dest / "_capture/phase1-stdout.txt"
     (dest / "CAPTURED.md").write_text(f"""# Captured fixture `{name}`
 
 Real sysfs/procfs state of a QEMU guest, copied by `tests/system/capture_fixtures.py`
@@ -85,14 +124,13 @@ Real sysfs/procfs state of a QEMU guest, copied by `tests/system/capture_fixture
   {shlex.join(res.qemu_cmd)}
   ```
   (paths under the lab cache; payload/results are the lab's virtio disks at 00:05.0 and 00:06.0)
-- Guest script (run by the lab's /init as phase 1, cwd = payload holding the two helpers):
-  ```sh{SCRIPT}  ```
+{_scripts_md(scripts, kw)}
 - Helpers: `tests/system/guest/vfio_edu.py` (opens edu 0000:00:03.0 via VFIO type1v2: DMA map
   IOVA 0x100000 size 2 MiB, bus master on, MSI vector 0 -> eventfd, one DMA round trip and one
   MSI, then holds all of it while the capture runs) and `tests/system/guest/capture_sysfs.py`
   (shallow copy of the directories below; symlinks kept with their relative targets; devices
   copied at their real /sys/devices/... location so bus/class links resolve inside the tree).
-- VFIO holder report at capture time:
+- VFIO holder report (phase 1 for the after-kexec/kdump profiles):
   ```
 {_indent(vfio.read_text() if vfio.exists() else 'missing')}  ```
 
@@ -108,12 +146,25 @@ Real sysfs/procfs state of a QEMU guest, copied by `tests/system/capture_fixture
   namespaces, dax devices, `dax_region/`, `nfit/` for NVDIMMs)
 - `sys/firmware/memmap/*`, `sys/module/<vfio/nvdimm/dax modules>/parameters`
 - `proc/{{interrupts,iomem,ioports,cmdline,version,cpuinfo,modules}}`, `proc/sys/kernel/{{osrelease,kexec_load_disabled}}`
-- `_capture/`: not part of the mirrored root: `dmesg.txt`, `ndctl-list.json`,
+- `_capture/`: not part of the mirrored root: `dmesg.txt`, `phase1-*.txt` (first kernel, two-phase profiles), `ndctl-list.json`,
   `daxctl-list.json`, `ndctl-create-namespace.json`, `dev.txt` (`ls -l` of /dev nodes),
   `vfio-edu.txt`, `errors.txt` (attributes that could not be read).
 """)
     lab.log(f"captured {name} into {dest}")
     return dest
+
+
+def _scripts_md(scripts, kw) -> str:
+    if len(scripts) == 1:
+        return ("- Guest script (run by the lab's /init as phase 1, cwd = payload holding the two "
+                f"helpers):\n  ```sh{scripts[0]}  ```")
+    how = {"l": "`kexec -l` + `kexec -e`", "s": "`kexec -s -l` + `kexec -e`",
+           "p": "`kexec -p` + `echo c > /proc/sysrq-trigger` (a kdump boot)"}[kw.get("kexec_mode", "l")]
+    return ("- Phase 1 script (first kernel; cwd = payload holding the two helpers). The VFIO "
+            "holder is still running with the device open when the lab's /init then does "
+            f"{how} into the same kernel and initrd:\n  ```sh{scripts[0]}  ```\n"
+            "- Phase 2 script (the new kernel, right after boot + module loading; this is the "
+            f"captured state; command line in proc/cmdline):\n  ```sh{scripts[1]}  ```")
 
 
 def _indent(t: str) -> str:

@@ -361,7 +361,12 @@ def build_state(host: Host, devices: list, opts: SaveOptions) -> tuple[State, di
         absent("domains", "domains not readable (no context entries)")
     if not any(u.irtes is not None for u in kept_units.values()):
         absent("irtes", "IR table not readable")
-    b.mark_absent("pi_descs", PI_DESC_REASON, "none")
+    if kept_units and all("cap" in u.regs and not u.regs["cap"] >> 59 & 1
+                          for u in kept_units.values()):
+        notes["pi_descs"] = {"status": "captured", "source": "intel-iommu-sysfs",
+                             "detail": "none: no unit supports posted interrupts (CAP.PI clear)"}
+    else:
+        b.mark_absent("pi_descs", PI_DESC_REASON, "none")
     unknown = [f"{r} of {u.name}" for u in kept_units.values() for r in ("rtaddr", "irta", "iqa")
                if r not in u.regs]
     if not reserved:

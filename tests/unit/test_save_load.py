@@ -52,7 +52,8 @@ def test_save_reports_sources_and_absent(saved):
     _root, blob, rep = saved
     assert rep["devices"] == [EDU]
     assert rep["captured"]["devices"] == "pci-sysfs" and rep["captured"]["units"] == "intel-iommu-sysfs"
-    assert set(rep["absent"]) >= {"irtes", "contexts", "domains", "pi_descs"}
+    assert set(rep["absent"]) == {"irtes", "contexts", "domains", "reserved"}
+    assert rep["captured"]["pi_descs"] == "intel-iommu-sysfs"
     assert "CONFIG_INTEL_IOMMU_DEBUGFS" in rep["not_captured"]["irtes"]
     st = src.load(str(blob)).state
     assert "irtes" in st.absent and st.provenance["irtes"]["status"] == "absent"
@@ -158,7 +159,7 @@ def test_debugfs_host_saves_tables_and_checks_irtes(tmp_path):
     root = copy_host(tmp_path / "host", debugfs=True)
     blob = tmp_path / "s.bin"
     rep = save(root, blob)
-    assert rep["absent"] == ["pi_descs"]
+    assert rep["absent"] == []
     st = src.load(str(blob)).state
     u = st.units[0]
     assert u.gsts == 0xC7000000 and u.irta == 0x2E0000F and u.flags & E.UNIT_F_TE

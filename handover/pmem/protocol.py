@@ -238,6 +238,16 @@ class Region:
             out["problems"] += r.warnings
             if r.reason:
                 out["problems"].append(r.reason)
+            # verify every generation the headers describe, so a missing fallback shows
+            _, valid, _ = self._valid_headers()
+            gens = []
+            for c in self._candidates(valid):
+                ok = c.desc.generation == r.generation and c.slot == r.slot or self._verify(c) is not None
+                gens.append({"generation": c.desc.generation, "slot": c.slot,
+                             "length": c.desc.length, "ok": bool(ok)})
+                if not ok and c.desc.generation < r.generation:
+                    out["problems"].append(f"older {c.problem} (no fallback available)")
+            out["generations"] = gens
         except (NoStateError, IntegrityError, VersionError) as e:
             out["problems"].append(str(e))
             out["error"] = {"kind": e.kind, "exit_code": e.exit_code, "message": str(e)}

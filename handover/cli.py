@@ -90,19 +90,27 @@ def _generation_option(f):
 
 
 @main.command()
-@click.argument("source", type=click.Path(dir_okay=False))
+@click.argument("source", type=click.Path(dir_okay=False), required=False)
 @_generation_option
+@click.option("--vmcore", "vmcore", type=click.Path(dir_okay=False), default=None, metavar="VMCORE",
+              help="Find the state in an ELF crash dump (VMCOREINFO HANDOVER_STATE line).")
 @click.option("--json", "as_json", is_flag=True, help="Full decoded state as JSON on stdout.")
 @click.option("--msgpack", "as_msgpack", is_flag=True,
               help="The same as --json, as compact msgpack (binary) on stdout.")
 @click.option("--limit", type=int, default=16, show_default=True,
               help="Records shown per list in the tree (0: all).")
 @handle_errors
-def inspect(source: str, generation: int | None, as_json: bool, as_msgpack: bool, limit: int) -> None:
-    """Show a saved state: units, decoded IRTEs, devices with BARs and vectors, ..."""
+def inspect(source: str | None, generation: int | None, vmcore: str | None, as_json: bool,
+            as_msgpack: bool, limit: int) -> None:
+    """Show a saved state: units, decoded IRTEs, devices with BARs and vectors, ...
+
+    SOURCE is a blob file or a region; with --vmcore, an ELF crash dump instead."""
     from . import render, source as src
 
-    loaded = src.load(source, generation)
+    if (source is None) == (vmcore is None):
+        raise click.UsageError("give SOURCE or --vmcore VMCORE (one of them)")
+    loaded = src.load(vmcore, vmcore=True) if vmcore else src.load(source, generation)
+    source = source or vmcore
     _source_note(loaded.info)
     if as_json or as_msgpack:
         d = render.state_dict(loaded.state, source=loaded.info)
@@ -207,6 +215,36 @@ def convert(source: str, output: str, generation: int | None, fmt: str | None, f
     with os.fdopen(fd, "wb") as f:
         f.write(blob)
     click.echo(f"wrote {output}: {len(blob)} bytes", err=True)
+
+
+@main.command("check-kernel")
+@click.argument("image", type=click.Path(dir_okay=False), required=False)
+@click.option("--json", "as_json", is_flag=True, help="The declaration as JSON.")
+@handle_errors
+def check_kernel(image: str | None, as_json: bool) -> None:
+    """Which handover format versions a kernel reads (its "Handover" ELF note).
+
+    IMAGE is a vmlinux or a bzImage; without it, the running kernel (/sys/kernel/notes).
+    Exit 0 if it reads a format this tool writes, 5 if it declares none."""
+    from .errors import VersionError
+    from .formats.structs import FORMAT_MAJOR, WRITABLE_MINORS
+    from .kernelimage import read_declaration
+
+    d = read_declaration(image)
+    best = d.best_minor(FORMAT_MAJOR, WRITABLE_MINORS) if d else None
+    if as_json:
+        _emit_json({"image": image or "running", "declares": d.text() if d else None,
+                    "source": d.source if d else None,
+                    "write": f"{FORMAT_MAJOR}.{best}" if best is not None else None})
+    elif d:
+        click.echo(f"{image or 'running kernel'}: reads handover format {d.text()}"
+                   + (f"; handover will write {FORMAT_MAJOR}.{best}" if best is not None else ""))
+    if d is None:
+        raise VersionError(f"{image or 'the running kernel'} declares no handover format support "
+                           f"(no Handover ELF note: a kernel without the handover patches)")
+    if best is None:
+        raise VersionError(f"{image or 'the running kernel'} reads {d.text()}, this tool writes "
+                           + ", ".join(f"{FORMAT_MAJOR}.{m}" for m in WRITABLE_MINORS))
 
 
 def parse_format_version(text: str | None) -> int | None:

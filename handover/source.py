@@ -56,10 +56,16 @@ def read_blob(path: str, generation: int | None = None) -> tuple[bytes, dict]:
     return blob, {"kind": "file", "path": path, "fallback": False}
 
 
-def load(path: str, generation: int | None = None, *, check_refs: bool = True) -> Loaded:
+def load(path: str, generation: int | None = None, *, check_refs: bool = True,
+         vmcore: bool = False) -> Loaded:
     from .formats.codec import decode
 
-    blob, info = read_blob(path, generation)
+    if vmcore:
+        from .kernelimage import state_from_vmcore
+
+        blob, info = state_from_vmcore(path)
+    else:
+        blob, info = read_blob(path, generation)
     try:
         st = decode(blob, check_refs=check_refs)
     except HandoverError as e:

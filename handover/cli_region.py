@@ -65,7 +65,7 @@ def region():
 @_guard
 def list_cmd(as_json):
     """What persistent memory this host has, and which of it holds handover state."""
-    entries = pmem.discover()
+    entries = pmem.list_regions()
     if as_json:
         _json_out({"schema": SCHEMA_LIST, "regions": entries})
         return

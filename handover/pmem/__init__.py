@@ -9,7 +9,7 @@ Public API (other modules call exactly these):
 - :func:`status` (path) -> dict, :func:`wipe` (path, *, force=False) -> int
 - :func:`open_region` (path, write=..., wait=..., force=...): context manager; hold the lock
   across a whole save with ``with open_region(p, write=True) as r: ... r.commit(blob)``
-- :func:`discover` () -> list of dict (``region list``)
+- :func:`list_regions` () -> list of dict (``region list``; module ``discover``)
 
 The blob is opaque here; the region layer has its own magic and CRC (see layout.py).
 """
@@ -25,7 +25,7 @@ from .kinds import RegionError, RegionLockedError
 from .layout import HEADER_OFFSETS, HEADER_SIZE, has_magic
 
 __all__ = [
-    "probe", "read_latest", "commit", "init", "status", "wipe", "open_region", "discover",
+    "probe", "read_latest", "commit", "init", "status", "wipe", "open_region", "list_regions",
     "RegionRead", "CommitResult", "RegionError", "RegionLockedError", "Region",
 ]
 
@@ -107,6 +107,7 @@ def wipe(path, *, force: bool = False, wait: bool = False) -> int:
         return r.wipe()
 
 
-def discover(**kw):
-    from .discover import discover as _d
-    return _d(**kw)
+def list_regions(**kw) -> list[dict]:
+    """``region list``: the host's pmem devices and legacy ranges (see discover.py)."""
+    from . import discover as _discover
+    return _discover.discover(**kw)

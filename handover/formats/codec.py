@@ -240,6 +240,9 @@ def decode(blob, *, check_refs: bool = True) -> State:
                 raise VersionError(f"{where}: section type {stype} is required but unknown to "
                                    f"this reader (blob {hdr['major']}.{hdr['minor']}, reader "
                                    f"{FORMAT_MAJOR}.{FORMAT_MINOR})", code="REQUIRED")
+            if (e["count"] or e["record_size"]) and e["count"] * e["record_size"] != length:
+                raise IntegrityError(f"{where}: {e['count']} records of {e['record_size']} bytes do "
+                                     f"not fill the section length {length}", code="RECORD_COUNT")
             st.unknown_sections.append(UnknownSection(stype, e["version"], e["flags"], e["count"],
                                                       e["record_size"], data))
             continue

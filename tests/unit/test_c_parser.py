@@ -109,7 +109,8 @@ def _crafted():
         return assemble(s2, 1, 1, 1)
 
     for st in SectionType:
-        out += [change(st, count=0xFFFFFFFF), change(st, record_size=0), change(st, record_size=8),
+        out += [change(st, type=202, count=0xFFFF, record_size=16), change(st, type=203, count=1),
+                change(st, count=0xFFFFFFFF), change(st, record_size=0), change(st, record_size=8),
                 change(st, flags=2), change(st, type=200), change(st, type=201, flags=1),
                 change(st, data=b""), change(st, data=b"\x80"), change(st, count=1, record_size=1)]
     # reorder records, wrong units, trailing fields of a newer minor

@@ -473,6 +473,10 @@ int ho_parse(const void *blob, ho_u64 n, struct ho_view *v, ho_u64 *err_off)
 		if (rsize < 0) {	/* unknown type */
 			if (s->flags & HO_SEC_F_REQUIRED)
 				FAIL(HO_E_REQUIRED, s->offset);
+			/* records of a newer minor must still tile the section: ho_record() stays in bounds */
+			if ((s->count || s->record_size) &&
+			    (ho_u64)s->count * s->record_size != s->length)
+				FAIL(HO_E_RECORD_COUNT, s->offset);
 			continue;
 		}
 		if (rsize == 0) {	/* byte section */

@@ -82,6 +82,45 @@ versions read in an ELF note, and put the RAM copy in VMCOREINFO.""",
 ]
 
 
+REG_ATTRS = r"""
+/*
+ * Live register values that handover save/load compare across a kexec (GSTS, RTADDR,
+ * IRTA, IQA, IQH, IQT): without them user space needs debugfs or /dev/mem.
+ */
+#define HANDOVER_REG_ATTR(_name, _reg, _read)				\
+static ssize_t _name##_show(struct device *dev,				\
+			    struct device_attribute *attr, char *buf)	\
+{									\
+	struct intel_iommu *iommu = dev_to_intel_iommu(dev);		\
+	return sysfs_emit(buf, "%llx\n", (u64)_read(iommu->reg + _reg));	\
+}									\
+static DEVICE_ATTR_ADMIN_RO(_name)
+
+HANDOVER_REG_ATTR(gsts, DMAR_GSTS_REG, readl);
+HANDOVER_REG_ATTR(rtaddr, DMAR_RTADDR_REG, dmar_readq);
+HANDOVER_REG_ATTR(irta, DMAR_IRTA_REG, dmar_readq);
+HANDOVER_REG_ATTR(iqa, DMAR_IQA_REG, dmar_readq);
+HANDOVER_REG_ATTR(iqh, DMAR_IQH_REG, dmar_readq);
+HANDOVER_REG_ATTR(iqt, DMAR_IQT_REG, dmar_readq);
+
+static struct attribute *intel_iommu_attrs[] = {"""
+
+PATCHES_EXTRA = [
+    ("0003-iommu-vt-d-show-the-translation-and-remapping-registers-in-sysfs.patch",
+     "iommu/vt-d: show the translation and remapping registers in sysfs",
+     """User space that carries IOMMU state across a kexec (handover save / load) needs
+GSTS, RTADDR, IRTA and the invalidation queue registers of each unit; sysfs
+shows only VER, CAP and ECAP, and debugfs is not built on distribution
+kernels. Add read-only (root) attributes with the live values.""",
+     [edit("drivers/iommu/intel/iommu.c", "static struct attribute *intel_iommu_attrs[] = {", REG_ATTRS),
+      edit("drivers/iommu/intel/iommu.c", "\t&dev_attr_domains_used.attr,\n\tNULL,\n",
+           "\t&dev_attr_domains_used.attr,\n\t&dev_attr_gsts.attr,\n\t&dev_attr_rtaddr.attr,\n"
+           "\t&dev_attr_irta.attr,\n\t&dev_attr_iqa.attr,\n\t&dev_attr_iqh.attr,\n"
+           "\t&dev_attr_iqt.attr,\n\tNULL,\n")]),
+]
+PATCHES += PATCHES_EXTRA
+
+
 def git(tree: str, *args: str, **kw) -> str:
     return subprocess.run(["git", "-C", tree, *args], check=True, capture_output=True, text=True,
                           **kw).stdout
@@ -96,7 +135,7 @@ def build(tree: str, out: str) -> list[str]:
     for fname, subject, body, steps in PATCHES:
         for step in steps:
             step(tree)
-        git(tree, "add", "-f", "-A", "lib", "include", "arch")
+        git(tree, "add", "-f", "-A", "lib", "include", "arch", "drivers")
         subprocess.run(["git", "-C", tree, "-c", f"user.name={name}", "-c", f"user.email={email[:-1]}",
                         "commit", "-q", "-m", f"{subject}\n\n{body}"], check=True, env=env)
     os.makedirs(out, exist_ok=True)

@@ -2,8 +2,8 @@
 
 /sys/class/iommu/dmarN/intel-iommu/: ``version`` ("%d:%d"), ``address``, ``cap``, ``ecap``
 ("%llx"); dmarN/devices/<bdf> links name the devices a unit covers. The other registers
-(GSTS, RTADDR, IRTA, IQA, ...) are not in sysfs: the debugfs source or the patched kernel's
-interface fills them when they exist.
+(GSTS, RTADDR, IRTA, IQA, IQH, IQT) are in sysfs only with the handover kernel patches
+(kernel-patches/ 0003); otherwise the debugfs source fills them when it exists.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from .base import Host, Source, Unit, register
 
 CLASS_IOMMU = "/sys/class/iommu"
 DMAR_RE = re.compile(r"^dmar(\d+)$")
+PATCHED_REGS = ("gsts", "rtaddr", "irta", "iqa", "iqh", "iqt")
 
 
 def parse_version(text: str) -> int:
@@ -44,6 +45,17 @@ class IntelIommuSysfs(Source):
                 if v is not None:
                     u.regs[reg] = v
                     u.reg_source[reg] = self.name
+            # the handover kernel patches (0003) add the live GSTS, RTADDR, IRTA and queue
+            # registers; detect the files, not the kernel version
+            for reg in PATCHED_REGS:
+                v = sr.try_int(f"{d}/{reg}", 16)
+                if v is not None:
+                    u.regs[reg] = v
+                    u.reg_source[reg] = self.name
+            if "gsts" in u.regs:
+                u.dma_enabled = bool(u.regs["gsts"] >> 31 & 1)
+                u.ir_enabled = bool(u.regs["gsts"] >> 25 & 1)
+                u.ir_enabled_source = f"{self.name} GSTS.IRES"
             ver = sr.try_text(f"{d}/version")
             if ver:
                 try:
@@ -55,6 +67,10 @@ class IntelIommuSysfs(Source):
             host.units[name] = u
         host.note("units", "captured", self.name, f"{', '.join(sorted(host.units))} from "
                   f"{CLASS_IOMMU}/dmar*/intel-iommu")
+        for reg in PATCHED_REGS:
+            if all(u.reg_source.get(reg) == self.name for u in host.units.values()):
+                host.note(f"units.{reg}", "captured", self.name,
+                          f"{CLASS_IOMMU}/dmar*/intel-iommu/{reg} (handover kernel patch)")
         for reg in ("reg_base", "cap", "ecap", "ver"):
             missing = [u.name for u in host.units.values()
                        if (u.reg_base if reg == "reg_base" else u.regs.get(reg)) is None]

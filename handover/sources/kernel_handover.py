@@ -1,26 +1,25 @@
-"""The patched kernel's own interface, /sys/kernel/handover/ (design; the kernel side is its
-own issue). Absent on stock kernels: this source then notes nothing and changes nothing.
+"""The patched kernel's own interface, /sys/kernel/handover/ (kernel-patches/ 0002).
 
-Contract (interface version 1), all text unless noted:
+Absent on stock kernels: this source then notes that and changes nothing. The files, as
+lib/handover/core.c writes them:
 
-``version``
-    ``1``.
-``state``
-    What the kernel did with a handed-over state at boot: ``none`` (no valid state found),
-    ``pending`` (found, its DMA/IR structures reserved and kept live, awaiting userspace's
-    verdict), ``accepted``, ``aborted``.
-``generation``
-    Generation of the state blob the kernel picked (decimal).
-``units/dmarN/{ver,cap,ecap,gsts,rtaddr,irta,iqa,iqh,iqt}``
-    The unit's registers as the kernel reads them now (``0x%llx``): the registers that
-    sysfs does not show, readable without debugfs.
-``units/dmarN/boot/{gsts,rtaddr,irta}``
-    The same registers as the kernel found them at boot, before it touched the unit.
-``verdict`` (write-only)
-    ``accept`` or ``abort <reason>``: userspace's verdict after ``handover load``
-    compared the state with the machine. ``abort`` makes the kernel release what it kept.
+``status``
+    ``key: value`` lines: ``state`` (none, no-state, rejected, valid, accepted, aborted),
+    ``region`` (``<size>@<phys>``), ``reason``, ``error`` (``<HO_E name> at offset N`` when
+    the kernel's parser refused the state), ``generation``, ``blob`` (``<len>@<phys>``),
+    ``copy`` (physical address of the kernel's RAM copy), ``format``, per-section counts
+    (``units``, ``irtes``, ...), ``reserved_ranges``, ``reserved_bytes``.
+``formats``
+    The format versions the kernel reads, ``1.0-1.1``.
+``blob`` (0400)
+    The RAM copy of the state the kernel validated.
+``decision`` (0644)
+    Reads ``pending``, ``accept`` or ``abort``; ``handover load`` writes ``accept`` or
+    ``abort`` after comparing the state with the machine.
 
-A newer interface version adds files only; this reader ignores what it does not know.
+The registers the stock sysfs lacks (GSTS, RTADDR, IRTA, IQA, IQH, IQT) come from the same
+patch series through /sys/class/iommu/dmarN/intel-iommu/ (see intel_iommu.py).
+Newer kernels may add keys and files; this reader ignores what it does not know.
 """
 
 from __future__ import annotations
@@ -31,13 +30,21 @@ from ..errors import HandoverError
 from .base import Host, Source, Sysroot, register
 
 ROOT = "/sys/kernel/handover"
-REGS = ("ver", "cap", "ecap", "gsts", "rtaddr", "irta", "iqa", "iqh", "iqt")
+
+
+def parse_status(text: str) -> dict:
+    out = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            out[key.strip()] = value.strip()
+    return out
 
 
 @register
 class KernelHandover(Source):
     name = "kernel-handover"
-    order = 25  # after sysfs units, before debugfs: its registers are authoritative
+    order = 25
     items = ("kernel-handover",)
 
     def collect(self, host: Host) -> None:
@@ -46,40 +53,28 @@ class KernelHandover(Source):
             host.note("kernel-handover", "absent", self.name,
                       f"{ROOT} missing: kernel without handover patches")
             return
-        info = {"path": ROOT, "version": sr.try_int(f"{ROOT}/version", 10),
-                "state": sr.try_text(f"{ROOT}/state"),
-                "generation": sr.try_int(f"{ROOT}/generation", 10), "boot": {}}
-        for name, u in host.units.items():
-            d = f"{ROOT}/units/{name}"
-            for reg in REGS:
-                v = sr.try_int(f"{d}/{reg}", 16)
-                if v is not None:
-                    u.regs[reg] = v
-                    u.reg_source[reg] = self.name
-            boot = {reg: sr.try_int(f"{d}/boot/{reg}", 16) for reg in ("gsts", "rtaddr", "irta")}
-            info["boot"][name] = {k: v for k, v in boot.items() if v is not None}
-            if "gsts" in u.regs:
-                u.dma_enabled = bool(u.regs["gsts"] >> 31 & 1)
-                u.ir_enabled = bool(u.regs["gsts"] >> 25 & 1)
-                u.ir_enabled_source = f"{self.name} GSTS.IRES"
+        status = parse_status(sr.try_text(f"{ROOT}/status") or "")
+        info = {"path": ROOT, "formats": sr.try_text(f"{ROOT}/formats"),
+                "state": status.get("state"), "decision": sr.try_text(f"{ROOT}/decision"),
+                "status": status}
+        gen = status.get("generation")
+        info["generation"] = int(gen) if gen and gen.isdigit() else None
         host.interfaces["kernel-handover"] = info
         host.note("kernel-handover", "captured", self.name,
-                  f"{ROOT} version {info['version']}, state {info['state']}")
-        for reg in REGS:
-            if host.units and all(u.reg_source.get(reg) == self.name for u in host.units.values()):
-                host.note(f"units.{reg}", "captured", self.name, f"{ROOT}/units/dmar*/{reg}")
+                  f"{ROOT}: state {info['state']}, formats {info['formats']}")
 
 
 def feed(sysroot: Sysroot, verdict: str, reason: str = "") -> str:
-    """Tell the kernel userspace's verdict ("accept" / "abort"). Returns what was written."""
+    """Tell the kernel userspace's verdict ("accept" / "abort"). Returns what was written.
+
+    The reason of an abort goes to the log (stderr, result.json); the kernel takes the word."""
     if verdict not in ("accept", "abort"):
         raise ValueError(verdict)
-    line = verdict if verdict == "accept" else f"abort {' '.join(reason.split()) or 'mismatch'}"
-    path = sysroot.host(f"{ROOT}/verdict")
+    path = sysroot.host(f"{ROOT}/decision")
     try:
         with open(path, "w") as f:
-            f.write(line + "\n")
+            f.write(verdict + "\n")
     except OSError as e:
-        raise HandoverError(f"{ROOT}/verdict: cannot write {verdict!r}: "
+        raise HandoverError(f"{ROOT}/decision: cannot write {verdict!r}: "
                             f"{errno.errorcode.get(e.errno or 0, e)}: {e.strerror}") from None
-    return line
+    return verdict

@@ -223,17 +223,43 @@ def test_region_commit_and_load(tmp_path):
 
 
 def test_kernel_interface_is_fed(saved, tmp_path):
+    """/sys/kernel/handover/ as lib/handover/core.c (kernel-patches 0002) lays it out."""
     root, blob, _ = saved
     k = root / "sys/kernel/handover"
-    (k / "units/dmar0").mkdir(parents=True)
-    (k / "version").write_text("1\n")
-    (k / "state").write_text("pending\n")
-    (k / "units/dmar0/gsts").write_text("0x42000000\n")
+    k.mkdir(parents=True)
+    (k / "status").write_text("state: valid\nregion: 0x4000000@0x30000000\ngeneration: 1\n"
+                              "blob: 4096@0x30200000\ncopy: 0x3ff00000\nformat: 1.1\n")
+    (k / "formats").write_text("1.0-1.1\n")
+    (k / "decision").write_text("pending\n")
     code, doc, _ = load(root, blob, tmp_path, "--check-only")
     assert code == 0 and doc["kernel_interface"]["action"].startswith("none")
-    assert not (k / "verdict").exists()
+    assert doc["kernel_interface"]["state"] == "valid"
+    assert (k / "decision").read_text() == "pending\n"
     code, doc, _ = load(root, blob, tmp_path)
-    assert code == 0 and (k / "verdict").read_text() == "accept\n"
+    assert code == 0 and (k / "decision").read_text() == "accept\n"
     set_resource(root, EDU, 0, 0xFE800000, 0xFE8FFFFF, 0x40200)
     code, doc, _ = load(root, blob, tmp_path)
-    assert code == 6 and (k / "verdict").read_text().startswith("abort mismatch: device 0000:00:03.0 BAR0")
+    assert code == 6 and (k / "decision").read_text() == "abort\n"
+    assert "device 0000:00:03.0 BAR0" in doc["kernel_interface"].get("reason", "") or any(
+        "BAR0" in f for f in doc["failures"])
+
+
+def test_patched_sysfs_registers_are_read(saved, tmp_path):
+    """With kernel-patches 0003 the unit registers come from sysfs (feature detected)."""
+    root, blob, _ = saved
+    d = root / "sys/devices/virtual/iommu/dmar0/intel-iommu"
+    if not d.exists():
+        d = next((root / "sys/class/iommu").glob("dmar0")).resolve() / "intel-iommu"
+    (d / "gsts").write_text("c7000000\n")
+    (d / "irta").write_text("3fd0000f\n")
+    (d / "rtaddr").write_text("3fc00000\n")
+    blob2 = tmp_path / "with-regs.bin"
+    rep = save(root, blob2)
+    assert rep
+    code, doc, _ = load(root, blob2, tmp_path, "--check-only")
+    irta = [v for v in doc["verdicts"] if v["check"] == "IRTA"]
+    assert code == 0 and irta and irta[0]["status"] == "match", irta
+    (d / "irta").write_text("3fe0000f\n")  # the new kernel put its IR table elsewhere
+    code, doc, _ = load(root, blob2, tmp_path, "--check-only")
+    irta = [v for v in doc["verdicts"] if v["check"] == "IRTA"]
+    assert code == 6 and irta[0]["status"] == "mismatch"

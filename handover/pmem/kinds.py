@@ -27,10 +27,12 @@ import stat
 import struct
 
 from handover.errors import HandoverError
+from handover.formats.crc import crc32c
 
 BLKGETSIZE64 = 0x80081272
 STATX_ATTR_DAX = 0x00200000
 SYSFS = "/sys"
+CHUNK = 1 << 20            # piece size for CRC and writes: stays in L2/L3 between the passes
 
 
 class RegionError(HandoverError):
@@ -190,6 +192,28 @@ class Access:
 
     def close(self) -> None:
         pass
+
+    def crc(self, off: int, n: int) -> tuple[int, int]:
+        """(crc32c, bytes read) of [off, off+n), in cache-sized pieces (no full copy)."""
+        c, got = 0, 0
+        while got < n:
+            piece = self.read(off + got, min(CHUNK, n - got))
+            if not piece:
+                break
+            c = crc32c(piece, c)
+            got += len(piece)
+        return c, got
+
+    def write_crc(self, off: int, data) -> int:
+        """Write DATA at OFF and return its crc32c, computed piecewise while the piece is
+        still in the CPU cache."""
+        mv = memoryview(data)
+        c = 0
+        for p in range(0, len(mv), CHUNK):
+            piece = mv[p:p + CHUNK]
+            c = crc32c(data[p:p + CHUNK] if isinstance(data, bytes) else piece.tobytes(), c)
+            self.write(off + p, piece)
+        return c
 
 
 class PioAccess(Access):

@@ -1,21 +1,21 @@
 """The crash-consistent A/B commit protocol, and reading the newest valid generation.
 
-Invariant: a valid header copy never describes a slot whose bytes are being changed.
-
 commit(blob), with the region flock'ed exclusively for the whole save:
 
-1. read both header copies; find the newest generation whose slot CRC verifies (slot K);
-   the target is the other slot T.  Check len(blob) <= capacity before writing anything.
-2. retire: write header copy A with slot[T] marked empty (generation 0), persist; then copy B,
-   persist.  (Skipped when both valid copies already show T empty.)
-3. write the blob into slot T, persist.
-4. publish: write copy A with slot[T] = {generation G+1, length, crc}, generation = G+1,
-   active_slot = T, persist; then copy B, persist.
+1. read both header copies; find the newest generation whose slot CRC verifies (slot K, read
+   and checked piecewise); the target is the other slot T.  Check len(blob) <= capacity
+   before writing anything.
+2. write the blob into slot T (CRC computed piecewise on the way), persist it.
+3. publish: write header copy A with slot[T] = {generation G+1, length, crc}, generation =
+   G+1, active_slot = T, slot[K] unchanged; persist; then the same as copy B; persist.
 
-At every instant at most one header copy is being written, and the other one is a complete,
-valid description of slots that are not being modified.  A reader gathers the slot
-descriptors of all valid copies and returns the newest one whose blob CRC verifies: the old
-state until copy A of step 4 is durable, the new state from then on.
+At every instant at most one header copy is being written, and the other one is complete.
+Slot K is never written, and every valid header copy describes slot K's generation G (or,
+from step 3 on, G+1 in T).  A reader gathers the slot descriptors of all valid copies and
+returns the newest one whose blob CRC verifies: G until copy A of step 3 is durable, G+1
+from then on.  While T is being written, a header may still describe the older generation
+that T held; that descriptor is only tried if slot K fails its CRC, and then T's torn bytes
+fail theirs (the same 2^-32 CRC reliance as for a torn header copy).
 """
 
 from __future__ import annotations
@@ -45,8 +45,8 @@ from .layout import (
     plan_slots,
 )
 
-# Test hook: called with the name of each protocol step before it runs ("retire-A",
-# "retire-B", "slot-write", "slot-persist", "publish-A", "publish-B", "done").
+# Test hook: called with the name of each protocol step before it runs ("slot-write",
+# "slot-persist", "publish-A", "publish-B", "done").
 _STEP_HOOK = None
 
 
@@ -276,8 +276,9 @@ class Region:
                 f"(region {self.acc.size} bytes); nothing was written")
         cands = self._candidates(valid)
         keep = None
-        for c in cands:
-            if self._verify(c) is not None:
+        for c in cands:   # the newest generation whose slot verifies is never overwritten
+            got, n = self.acc.crc(c.desc.offset, c.desc.length)
+            if n == c.desc.length and got == c.desc.crc:
                 keep = c
                 break
         top_gen = max([h.generation for h in valid] + [c.desc.generation for c in cands] + [0])
@@ -293,26 +294,16 @@ class Region:
         slots = [dataclasses.replace(g) for g in geometry]
         if keep is not None:
             slots[keep.slot] = dataclasses.replace(keep.desc)
-        prev_gen = 0 if keep is None else keep.desc.generation
-        prev_active = NO_SLOT if keep is None else keep.slot
 
-        # 2. retire the target slot in both copies (unless no valid copy describes it)
-        need_retire = any(h is None or not h.slots[target].empty for h in hdrs)
-        if need_retire:
-            retired = make(slots, prev_gen, prev_active, seq)
-            _step("retire-A")
-            self._write_header(retired, 0)
-            _step("retire-B")
-            self._write_header(retired, 1)
-            seq += 1
-        # 3. the blob
+        # 2. the blob, into the slot that does not hold the newest valid state.  The headers
+        #    may still describe that slot's older generation: a reader only falls back to it
+        #    when the newer slot fails its CRC, and then rejects the torn older one by CRC.
         off = geometry[target].offset
-        crc = crc32c(blob)
         _step("slot-write")
-        self.acc.write(off, blob)
+        crc = self.acc.write_crc(off, blob)
         _step("slot-persist")
         self.acc.persist(off, len(blob))
-        # 4. publish
+        # 3. publish: copy A made durable, then copy B
         slots[target] = Slot(off, geometry[target].capacity, gen, len(blob), time.time_ns(), crc)
         pub = make(slots, gen, target, seq)
         _step("publish-A")

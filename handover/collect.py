@@ -279,6 +279,8 @@ def build_state(host: Host, devices: list, opts: SaveOptions) -> tuple[State, di
             fl = E.VEC_F_ENABLED if v.get("enabled") else 0
             if v.get("masked"):
                 fl |= E.VEC_F_MASKED
+            if v.get("remapped") is not None:
+                fl |= E.VEC_F_MSG_KNOWN | (E.VEC_F_REMAPPED if v["remapped"] else 0)
             if v.get("irte_index") is not None:
                 fl |= E.VEC_F_IRTE_KNOWN
                 vectors_by_unit.setdefault(v["unit"], set()).add(v["irte_index"])

@@ -82,8 +82,11 @@ CTX_F_SM, CTX_F_PASID = 1, 2
 # --- vectors ----------------------------------------------------------------------------
 VECTOR_KIND = {0: "INTx", 1: "MSI", 2: "MSI-X"}
 VEC_INTX, VEC_MSI, VEC_MSIX = 0, 1, 2
-VECTOR_FLAGS = {0: "IRTE_KNOWN", 1: "POSTED", 2: "MASKED", 3: "ENABLED"}
+VECTOR_FLAGS = {0: "IRTE_KNOWN", 1: "POSTED", 2: "MASKED", 3: "ENABLED", 4: "MSG_KNOWN",
+                5: "REMAPPED"}
 VEC_F_IRTE_KNOWN, VEC_F_POSTED, VEC_F_MASKED, VEC_F_ENABLED = 1, 2, 4, 8
+VEC_F_MSG_KNOWN = 16   # the MSI/MSI-X message (address/data) was read
+VEC_F_REMAPPED = 32    # ... and it is in remappable format (else: compatibility format)
 
 # --- BARs -------------------------------------------------------------------------------
 BAR_FLAGS = {0: "IO", 1: "MEM", 2: "MEM64", 3: "PREFETCH", 4: "ROM_EN", 5: "UNSET"}

@@ -235,7 +235,8 @@ VECTOR = RecordSpec(
         "sbdf" / Int32ul,           # device
         "unit" / Int16ul,           # unit whose IR table holds the entry (0xffff unknown)
         "kind" / Int8ul,            # HO_VEC_*: INTX 0, MSI 1, MSIX 2
-        "flags" / Int8ul,           # HO_VEC_F_*: IRTE_KNOWN 0, POSTED 1, MASKED 2, ENABLED 3
+        "flags" / Int8ul,           # HO_VEC_F_*: IRTE_KNOWN 0, POSTED 1, MASKED 2, ENABLED 3,
+                                    # MSG_KNOWN 4, REMAPPED 5 (since 1.1)
         "vector" / Int32ul,         # msi_index: MSI-X table slot / MSI vector i / INTx pin
         "irte_index" / Int32ul,     # handle (+ sub_handle already applied when SHV)
         "sub_handle" / Int16ul,     # MSI data 15:0 when SHV

@@ -149,6 +149,8 @@ enum ho_error {
 #define HO_VEC_F_POSTED (1u << 1)
 #define HO_VEC_F_MASKED (1u << 2)
 #define HO_VEC_F_ENABLED (1u << 3)
+#define HO_VEC_F_MSG_KNOWN (1u << 4)
+#define HO_VEC_F_REMAPPED (1u << 5)
 #define HO_BAR_F_IO (1u << 0)
 #define HO_BAR_F_MEM (1u << 1)
 #define HO_BAR_F_MEM64 (1u << 2)
@@ -338,7 +340,7 @@ struct ho_vector {
 	ho_u32 sbdf;        /* +0 device */
 	ho_u16 unit;        /* +4 unit whose IR table holds the entry (0xffff unknown) */
 	ho_u8 kind;        /* +6 HO_VEC_*: INTX 0, MSI 1, MSIX 2 */
-	ho_u8 flags;        /* +7 HO_VEC_F_*: IRTE_KNOWN 0, POSTED 1, MASKED 2, ENABLED 3 */
+	ho_u8 flags;        /* +7 HO_VEC_F_*: IRTE_KNOWN 0, POSTED 1, MASKED 2, ENABLED 3, MSG_KNOWN 4, REMAPPED 5 (since 1.1) */
 	ho_u32 vector;        /* +8 msi_index: MSI-X table slot / MSI vector i / INTx pin */
 	ho_u32 irte_index;        /* +12 handle (+ sub_handle already applied when SHV) */
 	ho_u16 sub_handle;        /* +16 MSI data 15:0 when SHV */

@@ -131,15 +131,19 @@ fi
 # --- kexec into the next phase ------------------------------------------------
 if [ -f "/payload/lab/phase$NEXT.sh" ]; then
     MODE=$(cat /payload/lab/kexec.mode 2>/dev/null || echo l)
+    # a test may put another kernel for the next phase at /payload/lab/vmlinuz.N
+    # (files={"lab/vmlinuz.2": Path(...)}), e.g. a patched kernel after a stock one
+    KIMG=/payload/lab/vmlinuz
+    [ -f "/payload/lab/vmlinuz.$NEXT" ] && KIMG="/payload/lab/vmlinuz.$NEXT"
     mark "KEXEC-LOAD-BEGIN phase=$PHASE mode=$MODE"
     if [ "$MODE" = p ]; then
-        kexec -p /payload/lab/vmlinuz --initrd=/payload/lab/initrd.img \
+        kexec -p "$KIMG" --initrd=/payload/lab/initrd.img \
             --command-line="$(cat /payload/lab/cmdline.$NEXT)" > /lab/out/kexec.log 2>&1
     elif [ "$MODE" = s ]; then
-        kexec -s -l /payload/lab/vmlinuz --initrd=/payload/lab/initrd.img \
+        kexec -s -l "$KIMG" --initrd=/payload/lab/initrd.img \
             --command-line="$(cat /payload/lab/cmdline.$NEXT)" > /lab/out/kexec.log 2>&1
     else
-        kexec -l /payload/lab/vmlinuz --initrd=/payload/lab/initrd.img \
+        kexec -l "$KIMG" --initrd=/payload/lab/initrd.img \
             --command-line="$(cat /payload/lab/cmdline.$NEXT)" > /lab/out/kexec.log 2>&1
     fi
     KRC=$?

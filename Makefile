@@ -10,7 +10,7 @@ HANDOVER_VENV ?= $(HOME)/.cache/handover/venv
 VPY := $(HANDOVER_VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: venv test test-unit test-system demo bench vectors clean-venv
+.PHONY: venv test test-unit test-system test-kernel kernel demo bench vectors clean-venv
 
 $(VPY): pyproject.toml
 	@echo "handover: setting up $(HANDOVER_VENV)" >&2
@@ -23,13 +23,20 @@ $(VPY): pyproject.toml
 venv: $(VPY)
 
 test: $(VPY)
-	$(VPY) -m pytest -ra $(PYTEST_ARGS) tests
+	$(VPY) -m pytest -ra -m 'not kernel' $(PYTEST_ARGS) tests
 
 test-unit: $(VPY)
 	$(VPY) -m pytest -ra -m 'not system' $(PYTEST_ARGS) tests
 
 test-system: $(VPY)
-	$(VPY) -m pytest -ra -m system $(PYTEST_ARGS) tests
+	$(VPY) -m pytest -ra -m 'system and not kernel' $(PYTEST_ARGS) tests
+
+# the patched kernel: build it (cached in ~/.cache/handover-kernel) and boot it in the lab
+kernel: $(VPY)
+	$(VPY) tools/kernel.py build
+
+test-kernel: $(VPY)
+	$(VPY) -m pytest -ra -s -m kernel $(PYTEST_ARGS) tests
 
 demo: $(VPY)
 	$(VPY) tools/demo.py

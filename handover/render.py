@@ -239,26 +239,27 @@ def tree_lines(st: State, *, limit: int = 16, source: str = "") -> Iterator[str]
             yield f"    context {cd['unit']} did {c.did}  entry {cd['entry'][0]}:{cd['entry'][1]}"
         for br in per_dev["bridges"].get(dev.sbdf, []):
             yield f"    upstream bridge {D.bdf_str(br.bridge)} (depth {br.depth}, COMMAND {br.command:#06x})"
-    yield f"Domains ({len(st.domains)})"
-    for n, r in enumerate(st.domains):
-        if n >= limit:
-            yield f"  ... {len(st.domains) - limit} more (--limit)"
-            break
-        yield f"  {unit_name(r.unit)} did {r.did:<5} {D.domain_tt_name(r.tt)}, {r.gaw}-bit, pgd {r.pgd:#x}"
-    yield f"Posted-interrupt descriptors ({len(st.pi_descs)})"
-    for n, r in enumerate(st.pi_descs):
-        if n >= limit:
-            yield f"  ... {len(st.pi_descs) - limit} more (--limit)"
-            break
+    def domain_line(r):
+        return f"  {unit_name(r.unit)} did {r.did:<5} {D.domain_tt_name(r.tt)}, {r.gaw}-bit, pgd {r.pgd:#x}"
+
+    def pi_line(r):
         p = D.decode_pi_desc(r.raw)
-        yield (f"  {r.phys:#x} vcpu {r.vcpu}  ON={int(p['on'])} SN={int(p['sn'])} NV={p['nv']} "
-               f"NDST={p['ndst']} PIR={len(p['pir'])} pending")
-    yield f"Reserved ranges ({len(st.reserved)})"
-    for n, r in enumerate(st.reserved):
-        if n >= limit:
-            yield f"  ... {len(st.reserved) - limit} more (--limit)"
-            break
-        yield f"  {r.start:#014x}-{r.start + r.size - 1:#014x}  {E.RESERVED_KIND.get(r.kind, r.kind)}  {unit_name(r.unit)}"
+        return (f"  {r.phys:#x} vcpu {r.vcpu}  ON={int(p['on'])} SN={int(p['sn'])} NV={p['nv']} "
+                f"NDST={p['ndst']} PIR={len(p['pir'])} pending")
+
+    def reserved_line(r):
+        return (f"  {r.start:#014x}-{r.start + r.size - 1:#014x}  "
+                f"{E.RESERVED_KIND.get(r.kind, r.kind)}  {unit_name(r.unit)}")
+
+    for title, table, line in (("Domains", st.domains, domain_line),
+                               ("Posted-interrupt descriptors", st.pi_descs, pi_line),
+                               ("Reserved ranges", st.reserved, reserved_line)):
+        yield f"{title} ({len(table)})"
+        for n, r in enumerate(table):
+            if n >= limit:
+                yield f"  ... {len(table) - limit} more (--limit)"
+                break
+            yield line(r)
     for u in st.unknown_sections:
         yield f"Unknown section type {u.type} ({len(u.data)} bytes, skipped)"
 

@@ -255,6 +255,14 @@ class Region:
             out["error"] = {"kind": e.kind, "exit_code": e.exit_code, "message": str(e)}
         return out
 
+    def next_generation(self) -> int:
+        """The generation the next commit() on this open region will assign.  Hold the region
+        open with write=True (the lock) between this call and commit() so that the number
+        embedded in the blob and the region's agree."""
+        _, valid, _ = self._valid_headers()
+        return max([h.generation for h in valid] +
+                   [s.generation for h in valid for s in h.slots] + [0]) + 1
+
     # ---- write ---------------------------------------------------------------------------
     def _write_header(self, h: RegionHeader, copy: int) -> None:
         off = HEADER_OFFSETS[copy]

@@ -202,3 +202,14 @@ def test_sigkill_while_holding_lock_releases_it(region):
     os.kill(pid, signal.SIGKILL)
     os.waitpid(pid, 0)
     assert pmem.commit(region, b"after").generation == 1
+
+
+def test_next_generation_under_lock(region):
+    with C.open_region(region, write=True) as r:
+        assert r.next_generation() == 1
+        assert r.commit(b"one").generation == 1
+        assert r.next_generation() == 2
+        # a second writer is excluded while this one holds the region
+        with pytest.raises(RegionLockedError):
+            pmem.commit(region, b"other")
+        assert r.commit(b"two").generation == 2

@@ -269,7 +269,8 @@ def _register_optional() -> None:
     import importlib
 
     for mod, name in (("handover.cli_region", "region"), ("handover.cli_host", "save"),
-                      ("handover.cli_host", "load"), ("handover.cli_host", "capture_sysroot")):
+                      ("handover.cli_host", "load"), ("handover.cli_host", "capture_sysroot"),
+                      ("handover.cli_arm", "arm")):
         try:
             m = importlib.import_module(mod)
         except ImportError as e:

@@ -78,16 +78,29 @@ def _region_info(region: str) -> tuple[int, list]:
 def save(region, devices, token, dry_run, require, force, output, wait, as_json, quiet, alter,
          sysroot):
     """Capture the keepalive state of the host and commit it to a region (before kexec)."""
-    from . import collect
-    from .formats.codec import encode
-    from .sources import read_host
-    from .token import token_bytes
-
     if not region and not output and not dry_run:
         raise click.UsageError("give --region R (or --output FILE, or --dry-run)")
+    report = save_state(region=region, devices=devices, token=token, dry_run=dry_run,
+                        require=require, force=force, output=output, wait=wait, quiet=quiet,
+                        alter=alter, sysroot=sysroot)
+    if as_json:
+        _emit_json({"ok": True, **report})
+        return
+    _print_save_report(report, dry_run)
+
+
+def save_state(*, region=None, devices=(), token=None, dry_run=False, require="available",
+               force=False, output=None, wait=False, quiet=False, alter=(), sysroot="/",
+               minor: int | None = None) -> dict:
+    """What ``save`` does (also ``arm``): collect, encode (format minor ``minor``, default the
+    newest), commit.  Returns the report; raises HandoverError."""
+    from . import collect
+    from .formats.codec import encode
+    from .token import token_bytes
+
     if token:
         token_bytes(token)  # validate early
-    progress = _progress(quiet or as_json and False)
+    progress = _progress(quiet)
     host_wanted = None
     if devices:
         host_wanted = {collect.normalize_bdf(d) for d in devices}
@@ -104,7 +117,7 @@ def save(region, devices, token, dry_run, require, force, output, wait, as_json,
                                require=require, region_ranges=ranges, generation=generation,
                                alter_bars=_parse_alter(alter))
     st, report = collect.build_state(host, kept, opts)
-    blob = encode(st, generation=generation)
+    blob = encode(st, generation=generation, **({} if minor is None else {"minor": minor}))
     report.update(size=len(blob), generation=generation, dry_run=dry_run, warnings=warnings)
     if alter:
         report["test_altered_bars"] = list(alter)
@@ -123,10 +136,7 @@ def save(region, devices, token, dry_run, require, force, output, wait, as_json,
             elif output is None:
                 raise HandoverError(f"{region}: not an initialized handover region "
                                     f"(handover region init {region})")
-    if as_json:
-        _emit_json({"ok": True, **report})
-        return
-    _print_save_report(report, dry_run)
+    return report
 
 
 def _read(sr, wanted, progress):

@@ -10,6 +10,8 @@
 #      the command line in /payload/lab/cmdline.$((N+1)) (mode in /payload/lab/kexec.mode)
 #   5. write a tar of $LAB_OUT into slot N of the results disk (virtio-blk at 00:06.0)
 #   6. kexec -e into phase N+1, or power off.
+#   A script that writes /lab/exec (a command) replaces steps 4 and 6: it loaded the next
+#   kernel itself, and /init runs that command after step 5.
 # Every line starting with "@@LAB " on the console is a marker the host parses.
 
 PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
@@ -62,6 +64,12 @@ finish() {
         mark "KEXEC-EXEC phase=$PHASE crash"
         echo 1 > /proc/sys/kernel/sysrq
         echo c > /proc/sysrq-trigger
+    fi
+    if [ "$1" = exec ]; then
+        # the script loaded the next kernel itself and left the command that executes it
+        mark "KEXEC-EXEC phase=$PHASE by-script"
+        sh /lab/exec > /dev/console 2>&1
+        mark "KEXEC-EXEC-FAILED phase=$PHASE rc=$?"
     fi
     if [ "$1" = kexec ]; then
         mark "KEXEC-EXEC phase=$PHASE"
@@ -129,6 +137,11 @@ else
 fi
 
 # --- kexec into the next phase ------------------------------------------------
+# A script that wrote /lab/exec (a shell command, e.g. "handover arm --exec") has loaded the
+# next kernel itself: save the results, then run that command instead of our own kexec.
+if [ -f /lab/exec ]; then
+    finish exec
+fi
 if [ -f "/payload/lab/phase$NEXT.sh" ]; then
     MODE=$(cat /payload/lab/kexec.mode 2>/dev/null || echo l)
     # a test may put another kernel for the next phase at /payload/lab/vmlinuz.N

@@ -42,6 +42,8 @@ import threading
 import time
 from pathlib import Path
 
+from handover import initramfs as _rt
+
 # --------------------------------------------------------------------------------------
 # Configuration (the single place for package lists, module lists, machine layout)
 # --------------------------------------------------------------------------------------
@@ -69,23 +71,17 @@ GUEST_MODULES = [
 ]
 
 #: Host binaries copied into the guest (plus every shared library ldd names for them).
-GUEST_BINARIES = ["/sbin/kexec", "/usr/bin/ndctl", "/usr/bin/daxctl", "/usr/bin/python3.11"]
+GUEST_BINARIES = ["/sbin/kexec", "/usr/bin/ndctl", "/usr/bin/daxctl", "/usr/bin/python3.11",
+                  "/usr/bin/zstd"]  # zstd: handover reads the Handover note of a zstd bzImage
 
-#: Python packages (import names) copied from the interpreter running lab.py into the
-#: guest's /usr/lib/python3/dist-packages.  Missing optional ones are skipped.
-GUEST_PY_PACKAGES = ["construct", "click", "msgpack", "crcmod", "google_crc32c", "elftools"]
-GUEST_PY_OPTIONAL = {"google_crc32c", "elftools"}
-
-GUEST_PYTHON = "/usr/bin/python3.11"
-GUEST_STDLIB = "/usr/lib/python3.11"
-#: Top-level stdlib entries left out of the guest (big and never needed by handover).
-STDLIB_EXCLUDE = {
-    "test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3", "pydoc_data",
-    "distutils", "site-packages", "dist-packages", "venv", "__phello__", "turtle.py",
-    "config-3.11-x86_64-linux-gnu", "sqlite3", "dbm", "curses",
-}
-LIB_DYNLOAD_EXCLUDE_RE = re.compile(
-    r"^(_test|_xx|xxlimited|_ctypes_test|_tkinter|_sqlite3|_dbm|_gdbm|_curses|nis|ossaudiodev|audioop)")
+#: Python in the guest: the same runtime the initramfs integrations install
+#: (handover/initramfs.py: interpreter, trimmed stdlib, handover's dependencies).
+GUEST_PY_PACKAGES = _rt.PY_PACKAGES
+GUEST_PY_OPTIONAL = _rt.PY_OPTIONAL
+GUEST_PYTHON = _rt.PYTHON
+GUEST_STDLIB = _rt.STDLIB
+STDLIB_EXCLUDE = _rt.STDLIB_EXCLUDE
+LIB_DYNLOAD_EXCLUDE_RE = _rt.LIB_DYNLOAD_EXCLUDE_RE
 
 #: Legacy pmem carve-out used by pmem="legacy" (64 MiB at 768 MiB; guest RAM is 1 GiB).
 LEGACY_PMEM_MEMMAP = "memmap=64M!0x30000000"
@@ -160,9 +156,11 @@ def _apt_env() -> dict:
 # Host packages
 # --------------------------------------------------------------------------------------
 
-def ensure_host_packages() -> None:
-    """apt-get install whatever of HOST_PACKAGES is missing.  Raises LabUnavailable."""
-    missing = [p for p, f in HOST_PACKAGES.items() if not os.path.exists(f)]
+def ensure_host_packages(packages: dict | None = None) -> None:
+    """apt-get install whatever of HOST_PACKAGES (or ``packages``, {package: a file it
+    installs}) is missing.  Raises LabUnavailable."""
+    packages = HOST_PACKAGES if packages is None else packages
+    missing = [p for p, f in packages.items() if not os.path.exists(f)]
     if not missing:
         return
     if os.geteuid() != 0 or not shutil.which("apt-get"):
@@ -173,7 +171,7 @@ def ensure_host_packages() -> None:
         if r.returncode != 0:
             subprocess.run(["apt-get", "update", "-q"], env=_apt_env(), capture_output=True)
             r = subprocess.run(cmd, env=_apt_env(), capture_output=True, text=True)
-    still = [p for p, f in HOST_PACKAGES.items() if not os.path.exists(f)]
+    still = [p for p, f in packages.items() if not os.path.exists(f)]
     if still:
         raise LabUnavailable(f"apt-get could not install {still}: {r.stderr[-2000:]}")
 
@@ -249,24 +247,8 @@ def fetch_kernel(version: str | None = None) -> Kernel:
 # Initramfs
 # --------------------------------------------------------------------------------------
 
-def _ldd(paths) -> set[str]:
-    libs: set[str] = set()
-    for p in paths:
-        r = subprocess.run(["ldd", str(p)], capture_output=True, text=True)
-        for ln in r.stdout.splitlines():
-            ln = ln.strip()
-            m = re.match(r"\S+ => (/\S+)", ln) or re.match(r"(/\S+) \(0x", ln)
-            if m:
-                libs.add(m.group(1))
-    return libs
-
-
-def _copy_into(root: Path, src: str | Path, dst: str | None = None) -> Path:
-    """Copy host file ``src`` (following links) to ``root/dst`` (default: same path)."""
-    dst_p = root / (dst or str(src)).lstrip("/")
-    dst_p.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(os.path.realpath(src), dst_p)
-    return dst_p
+_ldd = _rt.ldd
+_copy_into = _rt.copy_into
 
 
 def _module_closure(k: Kernel, names) -> list[str]:
@@ -308,29 +290,6 @@ def _busybox_links(root: Path) -> None:
             continue
         p.parent.mkdir(parents=True, exist_ok=True)
         os.symlink("/bin/busybox", p)
-
-
-def _stdlib_ignore(dirpath: str, names):
-    ignored = set()
-    top = os.path.realpath(dirpath) == os.path.realpath(GUEST_STDLIB)
-    for n in names:
-        if top and n in STDLIB_EXCLUDE:
-            ignored.add(n)
-        elif ".opt-" in n and n.endswith(".pyc"):
-            ignored.add(n)
-        elif dirpath.endswith("lib-dynload") and LIB_DYNLOAD_EXCLUDE_RE.match(n):
-            ignored.add(n)
-    return ignored
-
-
-def _find_py_package(name: str) -> Path | None:
-    import importlib.util
-    spec = importlib.util.find_spec(name)
-    if spec is None:
-        return None
-    if spec.submodule_search_locations:
-        return Path(list(spec.submodule_search_locations)[0])
-    return Path(spec.origin)
 
 
 def _cpio(root: Path, out: Path, compress: list[str]) -> None:
@@ -410,13 +369,9 @@ def build_base_initramfs(k: Kernel, force: bool = False, timings: dict | None = 
             if p.is_symlink():
                 p.unlink()
             _copy_into(root, b)
-        os.symlink("python3.11", root / "usr/bin/python3")
-        stdlib_dst = root / GUEST_STDLIB.lstrip("/")
-        shutil.copytree(GUEST_STDLIB, stdlib_dst, ignore=_stdlib_ignore, symlinks=False)
-        elves = list(GUEST_BINARIES) + [str(p) for p in (stdlib_dst / "lib-dynload").glob("*.so")]
-        for lib in _ldd(elves):
-            if not (root / lib.lstrip("/")).exists():
-                _copy_into(root, lib)
+        for lib in _ldd(GUEST_BINARIES):
+            _copy_into(root, lib, overwrite=False)
+        _rt.install_python(root, GUEST_PYTHON, GUEST_STDLIB)
         (root / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
         (root / "etc/group").write_text("root:x:0:\n")
         _cpio(root, out, ["zstd", "-3", "-T0", "-q", "-c"])
@@ -427,40 +382,18 @@ def build_base_initramfs(k: Kernel, force: bool = False, timings: dict | None = 
 def build_overlay(force: bool = False, timings: dict | None = None,
                   extra_packages: list[str] | None = None) -> Path:
     """The repo's ``handover`` package + its deps as a small gzip cpio (rebuilt when they change)."""
-    pkgs: dict[str, Path] = {"handover": REPO / "handover"}
-    for n in GUEST_PY_PACKAGES + list(extra_packages or []):
-        p = _find_py_package(n)
-        if p is None:
-            if n in GUEST_PY_OPTIONAL:
-                continue
-            raise LabError(f"python package {n} not importable by {sys.executable}")
-        pkgs[n] = p
-    libs_dirs = [p.parent / (p.name + ".libs") for p in pkgs.values() if (p.parent / (p.name + ".libs")).is_dir()]
-    key = _tree_hash(list(pkgs.values()) + libs_dirs)
+    try:
+        pkgs = _rt.py_packages(extra_packages or ())
+    except RuntimeError as e:
+        raise LabError(str(e)) from None
+    key = _tree_hash(list(pkgs.values()))
     out = cache_dir() / "initramfs" / f"overlay-{key}.cpio.gz"
     if out.exists() and not force:
         return out
     out.parent.mkdir(exist_ok=True)
     with _Step("build handover overlay", timings), tempfile.TemporaryDirectory(dir=out.parent) as td:
         root = Path(td) / "root"
-        site = root / "usr/lib/python3/dist-packages"
-        site.mkdir(parents=True)
-        ign = shutil.ignore_patterns("__pycache__", "*.pyc", "tests")
-        for n, p in {**pkgs, **{d.name: d for d in libs_dirs}}.items():
-            if p.is_dir():
-                shutil.copytree(p, site / p.name, ignore=ign)
-            else:
-                shutil.copy2(p, site / p.name)
-        # shared libraries of C extensions (libstdc++ for google_crc32c, ...); libc & co are in base
-        sos = [str(p) for p in site.rglob("*.so*") if p.is_file()]
-        for lib in _ldd(sos):
-            if os.path.basename(lib) in ("libc.so.6", "libm.so.6", "ld-linux-x86-64.so.2"):
-                continue
-            if not lib.startswith(str(root)) and "/site-packages/" not in lib:
-                _copy_into(root, lib)
-        # byte-compile with the guest's interpreter so imports in TCG stay fast
-        subprocess.run([GUEST_PYTHON, "-m", "compileall", "-q", "-j0", str(site)],
-                       capture_output=True)
+        _rt.install_packages(root, GUEST_PYTHON, extra_packages or ())
         _cpio(root, out, ["gzip", "-1", "-n", "-c"])
     return out
 

@@ -1,0 +1,108 @@
+# handover: the boot-time check, shared by the initramfs-tools boot script
+# (scripts/init-premount/handover) and the dracut hook (90handover/handover-pre-mount.sh).
+# POSIX sh (busybox, dash, bash).  Sourced; defines handover_boot and nothing runs by itself.
+#
+# Kernel command line:
+#   handover.region=SPEC   /dev/pmem0, /dev/dax0.0, or phys:0x30000000 (the device whose data
+#                          starts there, found with `handover region list --json`); without
+#                          it the check is skipped (a plain boot)
+#   handover.policy=report|abort   (default report) on a mismatch or unreadable state: report
+#                          only, or also write "abort" to /sys/kernel/handover/decision (only
+#                          patched kernels have it; on a stock kernel there is nothing to abort)
+#   handover.token=UUID    check the ownership token too
+#   handover.wait=SECONDS  how long to wait for the region's device (default 10)
+#
+# Writes /run/handover/result.json (by `handover load`), /run/handover/boot.json (rc, policy,
+# action, timings) and /run/handover/boot.log.  Never fails: a failed validation must not
+# leave the machine unbootable, so handover_boot always returns 0.
+
+HANDOVER_MODULES="libnvdimm nd_pmem nd_e820 nfit dax device_dax dax_pmem"
+
+_ho_up() { read -r _ho_u _ho_rest < /proc/uptime; echo "$_ho_u"; }
+
+_ho_log() {
+    echo "handover: $*" >> /run/handover/boot.log
+    echo "handover: $*" > /dev/console 2>/dev/null || echo "handover: $*" >&2
+    [ -w /dev/kmsg ] && echo "<5>handover: $*" > /dev/kmsg 2>/dev/null
+    return 0
+}
+
+# resolve SPEC to a device path ("" if not (yet) there)
+_ho_resolve() {
+    case "$1" in
+        phys:*)
+            handover region list --json 2>/dev/null | /usr/bin/python3.11 -c '
+import json, sys
+want = int(sys.argv[1], 0)
+for e in json.load(sys.stdin).get("regions", []):
+    if e.get("device") and e.get("phys_start") == want:
+        print(e["device"]); break' "${1#phys:}" 2>/dev/null ;;
+        *) [ -e "$1" ] && echo "$1" ;;
+    esac
+}
+
+handover_boot() {
+    _ho_region="" _ho_policy=report _ho_token="" _ho_wait=10
+    for _ho_w in $(cat /proc/cmdline); do
+        case "$_ho_w" in
+            handover.region=*) _ho_region="${_ho_w#handover.region=}" ;;
+            handover.policy=*) _ho_policy="${_ho_w#handover.policy=}" ;;
+            handover.token=*) _ho_token="${_ho_w#handover.token=}" ;;
+            handover.wait=*) _ho_wait="${_ho_w#handover.wait=}" ;;
+        esac
+    done
+    [ -n "$_ho_region" ] || return 0
+    mkdir -p /run/handover
+    _ho_t0=$(_ho_up)
+    _ho_log "checking saved state in $_ho_region (policy $_ho_policy) uptime=$_ho_t0"
+    case "$_ho_policy" in report|abort) ;; *) _ho_log "unknown policy '$_ho_policy': using report"; _ho_policy=report ;; esac
+    for _ho_m in $HANDOVER_MODULES; do modprobe -q "$_ho_m" 2>/dev/null; done
+    _ho_dev="" _ho_i=0
+    while :; do
+        _ho_dev=$(_ho_resolve "$_ho_region")
+        [ -n "$_ho_dev" ] && break
+        [ "$_ho_i" -ge $((_ho_wait * 5)) ] && break
+        sleep 0.2; _ho_i=$((_ho_i + 1))
+    done
+    _ho_rc=0
+    if [ -z "$_ho_dev" ]; then
+        _ho_rc=3
+        echo "handover: region $_ho_region: no such device after ${_ho_wait}s" > /run/handover/load.err
+    else
+        # report: compare only (the kernel is not told anything); abort: handover load tells
+        # a patched kernel accept (match) or abort (mismatch) itself
+        _ho_co=""; [ "$_ho_policy" = report ] && _ho_co="--check-only"
+        handover load --region "$_ho_dev" $_ho_co ${_ho_token:+--token "$_ho_token"} \
+            --result-dir /run/handover > /run/handover/load.txt 2> /run/handover/load.err || _ho_rc=$?
+    fi
+    _ho_action=none
+    if [ "$_ho_rc" != 0 ] && [ "$_ho_policy" = abort ]; then
+        if [ -w /sys/kernel/handover/decision ]; then
+            # load wrote abort already on a mismatch (6); for any other failure write it here
+            [ "$_ho_rc" = 6 ] || echo abort > /sys/kernel/handover/decision 2>/dev/null
+            _ho_action=abort
+        else
+            _ho_action="none (stock kernel: no /sys/kernel/handover/decision)"
+        fi
+    elif [ "$_ho_rc" = 0 ] && [ "$_ho_policy" = abort ] && [ -w /sys/kernel/handover/decision ]; then
+        _ho_action=accept
+    fi
+    if [ ! -s /run/handover/result.json ]; then
+        _ho_e=$(tail -n 1 /run/handover/load.err 2>/dev/null | sed 's/\\/\\\\/g; s/"/\\"/g')
+        printf '{"ok": false, "exit_code": %s, "error": "%s"}\n' "$_ho_rc" "$_ho_e" \
+            > /run/handover/result.json
+    fi
+    _ho_t1=$(_ho_up)
+    printf '{"region": "%s", "device": "%s", "policy": "%s", "rc": %s, "action": "%s", "uptime_start": %s, "uptime_end": %s}\n' \
+        "$_ho_region" "$_ho_dev" "$_ho_policy" "$_ho_rc" "$_ho_action" "$_ho_t0" "$_ho_t1" \
+        > /run/handover/boot.json
+    case "$_ho_rc" in
+        0|6) _ho_log "$(tail -n 1 /run/handover/load.txt 2>/dev/null)" ;;
+        *) _ho_log "NOT CHECKED (exit $_ho_rc)" ;;
+    esac
+    [ "$_ho_rc" = 0 ] || _ho_log "$(tail -n 1 /run/handover/load.err 2>/dev/null)"
+    _ho_log "done rc=$_ho_rc policy=$_ho_policy action=$_ho_action uptime=$_ho_t1; boot continues"
+    unset _ho_region _ho_policy _ho_token _ho_wait _ho_w _ho_t0 _ho_t1 _ho_m _ho_dev _ho_i \
+        _ho_rc _ho_co _ho_action _ho_e _ho_u _ho_rest
+    return 0
+}

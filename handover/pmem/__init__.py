@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 
-from handover.errors import HandoverError, NoStateError
+from handover.errors import HandoverError
 
 from .protocol import CommitResult, Region, RegionRead, create_file, open_region
 from .kinds import RegionError, RegionLockedError

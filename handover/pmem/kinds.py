@@ -376,9 +376,7 @@ def open_access(path: str, *, write: bool = False, mode: str | None = None,
             kind = "dax-file" if dax else "file"
             fst = fs_type(path)
             if mode == "mmap":
-                lp = libpmem()
-                flush = "msync"
-                acc = MmapAccess(path, fd, st.st_size, kind, 4096, flush, write)
+                acc = MmapAccess(path, fd, st.st_size, kind, 4096, "msync", write)
             else:
                 note = "fdatasync after the slot and after each header copy"
                 if fst in ("tmpfs", "ramfs"):

@@ -71,7 +71,6 @@ import uuid as _uuid
 from construct import (
     Array,
     Bytes,
-    Const,
     Int16ul,
     Int32ul,
     Int64ul,

@@ -42,7 +42,6 @@ from .layout import (
     Slot,
     decode_header,
     encode_header,
-    has_magic,
     plan_slots,
 )
 
@@ -391,7 +390,6 @@ class Region:
         _, valid, _ = self._valid_headers()
         base = max(valid, key=lambda h: h.seq)
         empty = [Slot(s.offset, s.capacity) for s in base.slots]
-        top = max([h.generation for h in valid] + [s.generation for h in valid for s in h.slots])
         h = dataclasses.replace(base, slots=empty, generation=0, active_slot=NO_SLOT,
                                 seq=max(x.seq for x in valid) + 1)
         self._write_header(h, 0)
@@ -407,7 +405,6 @@ class Region:
                     self.acc.write(off + p, b"\0" * m)
                 self.acc.persist(off, n)
                 zeroed += n
-        del top
         return zeroed
 
     def close(self) -> None:

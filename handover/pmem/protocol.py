@@ -283,21 +283,14 @@ class Region:
             raise RegionError(
                 f"{self.path}: state of {len(blob)} bytes does not fit a slot of {cap} bytes "
                 f"(region {self.acc.size} bytes); nothing was written")
-        # CRC of the new blob on a second core while the newest slot is checked and the
-        # blob written (google-crc32c and pwrite release the GIL)
-        crc_box: list = []
-        crc_thread = None
-        if len(blob) >= PARALLEL_CRC_MIN:
-            crc_thread = threading.Thread(target=lambda: crc_box.append(crc32c(blob)),
-                                          name="handover-crc")
-            crc_thread.start()
+        threads: list[threading.Thread] = []
         try:
-            return self._commit(blob, t0, hdrs, valid, base, crc_box, crc_thread)
+            return self._commit(blob, t0, hdrs, valid, base, threads)
         finally:
-            if crc_thread is not None:
-                crc_thread.join()
+            for t in threads:   # never leave a helper thread behind on an error
+                t.join()
 
-    def _commit(self, blob, t0, hdrs, valid, base, crc_box, crc_thread) -> CommitResult:
+    def _commit(self, blob, t0, hdrs, valid, base, threads) -> CommitResult:
         cands = self._candidates(valid)
         keep = None
         for c in cands:   # the newest generation whose slot verifies is never overwritten
@@ -323,6 +316,14 @@ class Region:
         #    may still describe that slot's older generation: a reader only falls back to it
         #    when the newer slot fails its CRC, and then rejects the torn older one by CRC.
         off = geometry[target].offset
+        # CRC of the new blob on a second core while the blob is written (google-crc32c and
+        # pwrite release the GIL)
+        crc_thread, crc_out = None, []
+        if len(blob) >= PARALLEL_CRC_MIN:
+            crc_thread = threading.Thread(target=lambda: crc_out.append(crc32c(blob)),
+                                          name="handover-crc")
+            threads.append(crc_thread)
+            crc_thread.start()
         _step("slot-write")
         if crc_thread is None:
             crc = self.acc.write_crc(off, blob)
@@ -332,7 +333,9 @@ class Region:
         self.acc.persist(off, len(blob))
         if crc_thread is not None:
             crc_thread.join()
-            crc = crc_box[0]
+            if not crc_out:
+                raise RegionError(f"{self.path}: computing the CRC of the state failed")
+            crc = crc_out[0]
         # 3. publish: copy A made durable, then copy B
         slots[target] = Slot(off, geometry[target].capacity, gen, len(blob), time.time_ns(), crc)
         pub = make(slots, gen, target, seq)

@@ -77,7 +77,9 @@ def init(path, *, size: int | None = None, force: bool = False, wait: bool = Fal
             raise RegionError(f"{path}: does not exist; give --size to create a region file")
         create_file(path, size)
         created = True
-    elif size is not None and os.path.isfile(path):
+    elif size is not None and not os.path.isfile(path):
+        raise RegionError(f"{path}: --size applies only to region files; a device has its own size")
+    elif size is not None:
         cur = os.path.getsize(path)
         if cur != size:
             if not force:

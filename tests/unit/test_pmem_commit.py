@@ -164,6 +164,8 @@ def test_init_refuses_existing_and_foreign_data(tmp_path, region):
     assert info["size"] == 4 * MB and pmem.probe(foreign)
     with pytest.raises(RegionError, match="--size"):
         pmem.init(tmp_path / "new")
+    with pytest.raises(RegionError, match="only to region files"):
+        pmem.init("/dev/null", size=1 << 20)
     with pytest.raises(RegionError, match="too small"):
         pmem.init(tmp_path / "tiny", size=10000)
     assert not (tmp_path / "tiny").exists()

@@ -270,7 +270,7 @@ class Region:
 
     def commit(self, blob) -> CommitResult:
         t0 = time.perf_counter()
-        blob = bytes(blob) if not isinstance(blob, (bytes, bytearray)) else blob
+        blob = blob if isinstance(blob, bytes) else bytes(blob)   # immutable while we work
         if len(blob) == 0:
             raise RegionError(f"{self.path}: refusing to commit an empty state")
         hdrs, valid, _ = self._valid_headers()

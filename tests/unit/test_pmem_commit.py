@@ -215,3 +215,10 @@ def test_next_generation_under_lock(region):
         with pytest.raises(RegionLockedError):
             pmem.commit(region, b"other")
         assert r.commit(b"two").generation == 2
+
+
+@pytest.mark.parametrize("wrap", [bytearray, memoryview])
+def test_commit_accepts_buffers(region, wrap):
+    blob = os.urandom(5 * MB)          # large enough for the parallel CRC path
+    res = pmem.commit(region, wrap(blob))
+    assert res.length == len(blob) and pmem.read_latest(region).blob == blob

@@ -218,7 +218,8 @@ def test_next_generation_under_lock(region):
 
 
 @pytest.mark.parametrize("wrap", [bytearray, memoryview])
-def test_commit_accepts_buffers(region, wrap):
-    blob = os.urandom(5 * MB)          # large enough for the parallel CRC path
+def test_commit_accepts_buffers(region, wrap, monkeypatch):
+    monkeypatch.setattr(C, "PARALLEL_CRC_MIN", 1 * MB)   # take the parallel CRC path
+    blob = os.urandom(3 * MB)
     res = pmem.commit(region, wrap(blob))
     assert res.length == len(blob) and pmem.read_latest(region).blob == blob

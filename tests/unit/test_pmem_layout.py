@@ -87,3 +87,33 @@ def test_plan_slots():
     assert d[0].offset == 2 << 20 and d[0].capacity % (2 << 20) == 0 and d[1].offset % (2 << 20) == 0
     with pytest.raises(ValueError, match="too small"):
         L.plan_slots(12288)
+
+
+def test_kernel_reader_defines_match_layout():
+    """The kernel patch's region reader (kernel-patches/src/lib/handover/core.c) hard-codes
+    the offsets of this layout; they must agree with layout.py."""
+    import os
+    import re
+    src = os.path.join(os.path.dirname(__file__), "..", "..", "kernel-patches", "src", "lib",
+                       "handover", "core.c")
+    if not os.path.exists(src):
+        pytest.skip("no kernel reader in this tree")
+    text = open(src).read()
+    d = dict(re.findall(r"#define\s+(HOVR_\w+)\s+(\S+)", text))
+    assert d["HOVR_REGION_MAGIC"] == '"' + L.REGION_MAGIC.decode() + '"'
+    assert int(d["HOVR_HDR_SIZE"]) == L.HEADER_SIZE
+    assert int(d["HOVR_HDR_BLOCK"]) == L.HEADER_OFFSETS[1] == L.HEADER_BLOCK
+    assert int(d["HOVR_HDR_CRC_OFF"]) == L.CRC_OFFSET == L.FIELD_OFFSETS["hdr_crc"]
+    assert int(d["HOVR_OFF_MAJOR"]) == L.FIELD_OFFSETS["layout_major"]
+    assert int(d["HOVR_OFF_HEADER_SIZE"]) == L.FIELD_OFFSETS["header_size"]
+    assert int(d["HOVR_OFF_REGION_SIZE"]) == L.FIELD_OFFSETS["region_size"]
+    assert int(d["HOVR_OFF_SLOT"]) == L.FIELD_OFFSETS["slot"]
+    assert int(d["HOVR_SLOT_DESC_SIZE"]) == L.SlotDesc.sizeof()
+    # slot descriptor fields as the C code reads them: offset +0, capacity +8, generation +16,
+    # length +24, crc +40
+    raw = L.SlotDesc.build(dict(offset=1, capacity=2, generation=3, length=4, commit_time_ns=5,
+                                crc=6, flags=7))
+    assert [struct.unpack_from("<Q", raw, o)[0] for o in (0, 8, 16, 24)] == [1, 2, 3, 4]
+    assert struct.unpack_from("<I", raw, 40)[0] == 6
+    for m in re.finditer(r"ho_get_le(\d+)\(d \+ (\d+)\)", text):
+        assert int(m.group(2)) in (8, 16, 24, 40)

@@ -36,7 +36,7 @@ kernel: $(VPY)
 	$(VPY) tools/kernel.py build
 
 test-kernel: $(VPY)
-	$(VPY) -m pytest -ra -s -m kernel $(PYTEST_ARGS) tests
+	HANDOVER_BUILD_KERNEL=1 $(VPY) -m pytest -ra -s -m kernel $(PYTEST_ARGS) tests
 
 demo: $(VPY)
 	$(VPY) tools/demo.py

@@ -142,7 +142,7 @@ def generate() -> str:
     a("#define _HANDOVER_FORMAT_H")
     a("")
     a("#ifdef __KERNEL__")
-    a("#include <linux/types.h>")
+    a("#include <linux/build_bug.h>\n#include <linux/types.h>")
     a("typedef u8 ho_u8;\ntypedef u16 ho_u16;\ntypedef u32 ho_u32;\ntypedef u64 ho_u64;")
     a("#define HO_STATIC_ASSERT(e, m) static_assert(e, m)")
     a("#else")

@@ -11,6 +11,7 @@
 #ifndef _LINUX_HANDOVER_H
 #define _LINUX_HANDOVER_H
 
+#include <linux/init.h>
 #include <linux/types.h>
 
 #ifdef CONFIG_HANDOVER

@@ -14,6 +14,7 @@
 #define _HANDOVER_FORMAT_H
 
 #ifdef __KERNEL__
+#include <linux/build_bug.h>
 #include <linux/types.h>
 typedef u8 ho_u8;
 typedef u16 ho_u16;

@@ -716,12 +716,23 @@ class _guest_lock:
     def __enter__(self):
         import fcntl
         self.f = open(cache_dir() / "qemu.lock", "w")
-        try:
-            fcntl.flock(self.f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log("another lab guest is running; waiting for it")
-            t = time.monotonic()
-            fcntl.flock(self.f, fcntl.LOCK_EX)
+        t = time.monotonic()
+        limit = float(os.environ.get("HANDOVER_LAB_LOCK_TIMEOUT", 1800))
+        waited = False
+        while True:
+            try:
+                fcntl.flock(self.f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if not waited:
+                    log("another lab guest is running; waiting for it")
+                    waited = True
+                if time.monotonic() - t > limit:
+                    self.f.close()
+                    raise LabTimeout(f"another lab guest held {cache_dir() / 'qemu.lock'} for "
+                                     f"more than {limit:.0f} s (HANDOVER_LAB_LOCK_TIMEOUT)")
+                time.sleep(0.5)
+        if waited:
             log(f"waited {time.monotonic() - t:.1f} s for the other guest")
         return self
 

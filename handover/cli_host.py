@@ -13,7 +13,7 @@ import sys
 import click
 
 from .cli import _emit_json, handle_errors
-from .errors import EXIT_MISMATCH, HandoverError, MismatchError
+from .errors import EXIT_MISMATCH, HandoverError, MismatchError, VersionError
 
 DEFAULT_RESULT_DIR = "/run/handover"
 
@@ -71,18 +71,35 @@ def _region_info(region: str) -> tuple[int, list]:
 @click.option("--wait", is_flag=True, help="Wait for the region lock instead of failing.")
 @click.option("--json", "as_json", is_flag=True, help="Report as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines on stderr.")
+@click.option("--format-version", "fmt", default=None, metavar="MAJOR.MINOR",
+              help="Write this (older) format version, for a kernel that knows only that.")
+@click.option("--target-kernel", "target", default=None, type=click.Path(dir_okay=False),
+              metavar="IMAGE", help="Write the newest format this kernel image declares it "
+              "reads (its Handover ELF note); refuse if it reads none this tool writes.")
 @click.option("--test-alter-bar", "alter", multiple=True, metavar="BDF:INDEX:START", hidden=True,
               help="TEST ONLY: save BAR INDEX of BDF at START (a deliberately stale state).")
 @_sysroot_option
 @handle_errors
-def save(region, devices, token, dry_run, require, force, output, wait, as_json, quiet, alter,
-         sysroot):
+def save(region, devices, token, dry_run, require, force, output, wait, as_json, quiet, fmt,
+         target, alter, sysroot):
     """Capture the keepalive state of the host and commit it to a region (before kexec)."""
+    from .cli import parse_format_version
+
     if not region and not output and not dry_run:
         raise click.UsageError("give --region R (or --output FILE, or --dry-run)")
+    minor = parse_format_version(fmt)
+    if target:
+        from .cli_arm import kernel_declaration
+
+        tminor, note = kernel_declaration(target)
+        if minor is not None and tminor is not None and minor > tminor:
+            raise VersionError(f"--format-version {fmt} is newer than {target} reads")
+        minor = tminor if minor is None else minor
+        if not quiet:
+            click.echo(f"handover: {target}: {note}", err=True)
     report = save_state(region=region, devices=devices, token=token, dry_run=dry_run,
                         require=require, force=force, output=output, wait=wait, quiet=quiet,
-                        alter=alter, sysroot=sysroot)
+                        alter=alter, sysroot=sysroot, minor=minor)
     if as_json:
         _emit_json({"ok": True, **report})
         return

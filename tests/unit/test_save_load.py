@@ -263,3 +263,24 @@ def test_patched_sysfs_registers_are_read(saved, tmp_path):
     code, doc, _ = load(root, blob2, tmp_path, "--check-only")
     irta = [v for v in doc["verdicts"] if v["check"] == "IRTA"]
     assert code == 6 and irta[0]["status"] == "mismatch"
+
+
+def test_save_format_version_and_target_kernel(tmp_path):
+    """--format-version writes an older minor; --target-kernel follows the image's ELF note."""
+    import struct as _s
+
+    from handover.formats.codec import decode
+    from tests.elfwriter import elf, note
+
+    root = copy_host(tmp_path / "host")
+    old = tmp_path / "old.bin"
+    save(root, old, "--format-version", "1.0")
+    assert decode(old.read_bytes()).version == (1, 0)
+    img = tmp_path / "vmlinux"
+    img.write_bytes(elf([("note", note("Handover", 1, _s.pack("<I", 1 << 16 | 0)), 0)], e_type=2))
+    out = tmp_path / "t.bin"
+    save(root, out, "--target-kernel", img)
+    assert decode(out.read_bytes()).version == (1, 0)
+    img.write_bytes(elf([("note", note("Handover", 1, _s.pack("<I", 2 << 16 | 0)), 0)], e_type=2))
+    code, _, err = run("save", "--sysroot", root, "--output", tmp_path / "x.bin", "--target-kernel", img)
+    assert code == 5 and "reads handover format 2.0-2.0" in err and not (tmp_path / "x.bin").exists()

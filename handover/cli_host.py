@@ -117,42 +117,52 @@ def save_state(*, region=None, devices=(), token=None, dry_run=False, require="a
 
     if token:
         token_bytes(token)  # validate early
-    progress = _progress(quiet)
-    host_wanted = None
-    if devices:
-        host_wanted = {collect.normalize_bdf(d) for d in devices}
-    from .sources.base import Sysroot
-    sr = Sysroot(sysroot)
-    host = _read(sr, host_wanted, progress)
-    kept, warnings = collect.select_devices(host, list(devices) or None, force=force)
-    for w in warnings:
-        click.echo(f"handover: warning: forced: {w}", err=True)
-    generation, ranges = (1, [])
-    if region and not dry_run:
-        generation, ranges = _region_info(region)
-    opts = collect.SaveOptions(devices=[d.bdf for d in kept], token=token, force=force,
-                               require=require, region_ranges=ranges, generation=generation,
-                               alter_bars=_parse_alter(alter))
-    st, report = collect.build_state(host, kept, opts)
-    blob = encode(st, generation=generation, **({} if minor is None else {"minor": minor}))
-    report.update(size=len(blob), generation=generation, dry_run=dry_run, warnings=warnings)
-    if alter:
-        report["test_altered_bars"] = list(alter)
-    if not dry_run:
-        if output:
-            with open(output, "wb") as f:
-                f.write(blob)
-            report["output"] = output
-        if region:
-            from . import pmem
+    import contextlib
 
-            if pmem.probe(region):
-                res = pmem.commit(region, blob, wait=wait, force=force)
+    from . import pmem
+
+    # the region is locked (flock) for the whole save: collection, encoding and commit,
+    # so that the generation in the blob is the one the region gets
+    ranges, lock = [], contextlib.nullcontext()
+    if region and not dry_run:
+        if pmem.probe(region):
+            _g, ranges = _region_info(region)
+            lock = pmem.open_region(region, write=True, wait=wait, force=force)
+        elif output is None:
+            raise HandoverError(f"{region}: not an initialized handover region "
+                                f"(handover region init {region})")
+    with lock as reg:
+        generation = reg.next_generation() if reg is not None else 1
+        progress = _progress(quiet)
+        host_wanted = None
+        if devices:
+            host_wanted = {collect.normalize_bdf(d) for d in devices}
+        from .sources.base import Sysroot
+        sr = Sysroot(sysroot)
+        host = _read(sr, host_wanted, progress)
+        kept, warnings = collect.select_devices(host, list(devices) or None, force=force)
+        for w in warnings:
+            click.echo(f"handover: warning: forced: {w}", err=True)
+        opts = collect.SaveOptions(devices=[d.bdf for d in kept], token=token, force=force,
+                                   require=require, region_ranges=ranges, generation=generation,
+                                   alter_bars=_parse_alter(alter))
+        st, report = collect.build_state(host, kept, opts)
+        blob = encode(st, generation=generation, **({} if minor is None else {"minor": minor}))
+        report.update(size=len(blob), generation=generation, dry_run=dry_run, warnings=warnings)
+        if alter:
+            report["test_altered_bars"] = list(alter)
+        if not dry_run:
+            if output:
+                with open(output, "wb") as f:
+                    f.write(blob)
+                report["output"] = output
+            if reg is not None:
+                res = reg.commit(blob)
+                if res.generation != generation:
+                    raise HandoverError(f"{region}: committed as generation {res.generation}, "
+                                        f"the state says {generation}")
                 report["commit"] = {"region": region, "generation": res.generation,
                                     "slot": res.slot, "durability": res.durability}
-            elif output is None:
-                raise HandoverError(f"{region}: not an initialized handover region "
-                                    f"(handover region init {region})")
     return report
 
 

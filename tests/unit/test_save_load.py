@@ -284,3 +284,23 @@ def test_save_format_version_and_target_kernel(tmp_path):
     img.write_bytes(elf([("note", note("Handover", 1, _s.pack("<I", 2 << 16 | 0)), 0)], e_type=2))
     code, _, err = run("save", "--sysroot", root, "--output", tmp_path / "x.bin", "--target-kernel", img)
     assert code == 5 and "reads handover format 2.0-2.0" in err and not (tmp_path / "x.bin").exists()
+
+
+def test_save_holds_the_region_lock(tmp_path):
+    """A save into a region that another save holds fails at once (no --wait), and the
+    region keeps its state; with the lock free the generation in the blob is the region's."""
+    from handover import pmem
+    from handover.formats.codec import decode
+
+    root = copy_host(tmp_path / "host")
+    reg = tmp_path / "region"
+    code, _, err = run("region", "init", reg, "--size", "8M")
+    assert code == 0, err
+    rep = save(root, tmp_path / "a.bin", "--region", reg)
+    assert rep["commit"]["generation"] == 1
+    with pmem.open_region(str(reg), write=True):
+        code, out, err = run("save", "--sysroot", root, "--region", reg, "--json")
+        assert code != 0 and "lock" in err.lower()
+    rep = save(root, tmp_path / "b.bin", "--region", reg)
+    got = pmem.read_latest(str(reg))
+    assert got.generation == 2 == rep["commit"]["generation"] == decode(got.blob).generation

@@ -127,3 +127,37 @@ def test_patched_kernel_refuses_a_corrupt_state_without_panic(patched):
     assert status["error"].startswith("SECTION_CRC at offset")
     assert "refused: SECTION_CRC" in p2.files["dmesg-handover.txt"].decode()
     assert "reserved_ranges" not in status
+
+
+ARM_KDUMP = r"""
+cat /sys/kernel/handover/status > "$LAB_OUT/status.txt"
+kexec -p /payload/lab/vmlinuz.3 --initrd=/payload/lab/initrd.img \
+    --command-line="$(cat /payload/lab/cmdline.3) irqpoll nr_cpus=1 reset_devices" > "$LAB_OUT/kexec-p.log" 2>&1
+echo 1 > /proc/sys/kernel/sysrq
+echo 'echo c > /proc/sysrq-trigger' > /lab/exec
+"""
+
+READ_VMCORE = r"""
+ls -la /proc/vmcore > "$LAB_OUT/vmcore-ls.txt" 2>&1
+python3 -m handover inspect --vmcore /proc/vmcore --json > "$LAB_OUT/vmcore.json" 2> "$LAB_OUT/vmcore.err"
+"""
+
+
+def test_state_is_in_a_real_crash_dump(patched):
+    """The patched kernel crashes (kdump); its vmcore carries the RAM copy of the state,
+    found through VMCOREINFO by `handover inspect --vmcore /proc/vmcore`."""
+    from tests.system import lab
+
+    bz = Path(patched["bzImage"])
+    res = lab.run_guest([SAVE, ARM_KDUMP, READ_VMCORE], pmem="legacy",
+                        kexec_append=f"handover={REGION} crashkernel=256M",
+                        files={"lab/vmlinuz.2": bz, "lab/vmlinuz.3": bz}, timeout=600)
+    for name, secs in res.timings.items():
+        print(f"  {name}: {secs:.1f} s")
+    p1, p2, p3 = res.phases
+    assert _status(p2.files["status.txt"].decode()).get("state") == "valid"
+    assert p3.rc == 0, p3.stderr + res.console[-3000:]
+    doc = json.loads(p3.files["vmcore.json"])
+    verify = json.loads(p1.files["verify.json"])
+    assert doc["source"]["kind"] == "vmcore"
+    assert doc["generation"] == verify["generation"] and doc["format"] == verify["format"]

@@ -86,6 +86,23 @@ def next_cmdline(base_words: list[str], append: str, region_word: str, policy: s
     return " ".join(words)
 
 
+def plan_cmdline(current: str, command_line: str | None, append: str, region: str, facts: dict,
+                 *, next_region: str | None = None, policy: str | None = None,
+                 declared: bool = False) -> tuple[str, str]:
+    """(next command line, handover.region= value) from the current command line (or
+    ``command_line``), the region's facts (``region_facts``) and the options of ``arm``."""
+    base = carried_cmdline(current if command_line is None else command_line)
+    memmap: list[str] = []
+    if facts.get("legacy"):
+        memmap = memmap_words_for(current, facts["phys_start"]) or [facts["memmap_option"]]
+    phys = facts.get("phys_start")
+    word = next_region or (f"phys:{phys:#x}" if phys is not None else region)
+    hparam = None
+    if declared and phys is not None and facts.get("size"):
+        hparam = f"handover={facts['size']:#x}@{phys:#x}"
+    return next_cmdline(base, append, word, policy, memmap, hparam), word
+
+
 def kexec_command(kernel: str, initrd: str | None, cmdline: str, mode: str = "l",
                   kexec: str = "kexec") -> list[str]:
     cmd = [kexec] + (["-s", "-l"] if mode == "s" else ["-l"]) + [kernel]
@@ -227,22 +244,10 @@ def arm(image, initrd, append, command_line, region, next_region, policy, device
                         **save_opts)
     t_save = time.monotonic() - t0
     facts = region_facts(region, sysroot)
-    if command_line is None:
-        with open(os.path.join(sysroot, "proc/cmdline")) as f:
-            current = f.read()
-        base = carried_cmdline(current)
-    else:
-        current = ""
-        base = carried_cmdline(command_line)
-    memmap: list[str] = []
-    if facts["legacy"]:
-        memmap = memmap_words_for(current, facts["phys_start"]) or [facts["memmap_option"]]
-    word = next_region or (f"phys:{facts['phys_start']:#x}" if facts["phys_start"] is not None
-                           else region)
-    hparam = None
-    if declared and facts["phys_start"] is not None and facts["size"]:
-        hparam = f"handover={facts['size']:#x}@{facts['phys_start']:#x}"
-    cmdline = next_cmdline(base, append, word, policy, memmap, hparam)
+    with open(os.path.join(sysroot, "proc/cmdline")) as f:
+        current = f.read()
+    cmdline, word = plan_cmdline(current, command_line, append, region, facts,
+                                 next_region=next_region, policy=policy, declared=declared)
     cmd = kexec_command(image, initrd, cmdline, kexec_mode)
     doc = {"ok": True, "kernel": image, "initrd": initrd, "kernel_declaration": kernel_note,
            "region": region, "next_region": word, "legacy": facts["legacy"],

@@ -27,16 +27,30 @@ _ho_log() {
     return 0
 }
 
-# resolve SPEC to a device path ("" if not (yet) there)
+# last line of a file (no tail/sed: dracut images need not have them)
+_ho_last() { _ho_l=""; [ -r "$1" ] && while IFS= read -r _ho_x || [ -n "$_ho_x" ]; do _ho_l="$_ho_x"; done < "$1"; echo "$_ho_l"; }
+
+# resolve SPEC to a device path ("" if not (yet) there).  phys:ADDR is the start of the
+# device's data, as "handover region list" and "handover arm" compute it: a device-dax
+# device's resource, an fsdax namespace's pfn resource, or a raw pmem namespace's resource.
 _ho_resolve() {
     case "$1" in
         phys:*)
-            handover region list --json 2>/dev/null | /usr/bin/python3.11 -c '
-import json, sys
-want = int(sys.argv[1], 0)
-for e in json.load(sys.stdin).get("regions", []):
-    if e.get("device") and e.get("phys_start") == want:
-        print(e["device"]); break' "${1#phys:}" 2>/dev/null ;;
+            _ho_want=$((${1#phys:}))
+            for _ho_d in /sys/bus/dax/devices/dax*; do
+                [ -r "$_ho_d/resource" ] || continue
+                read -r _ho_r < "$_ho_d/resource"
+                [ "$((_ho_r))" = "$_ho_want" ] && { echo "/dev/${_ho_d##*/}"; return; }
+            done
+            for _ho_d in /sys/class/block/pmem*; do
+                [ -e "$_ho_d" ] || continue
+                _ho_r=""
+                for _ho_p in "$_ho_d"/device/pfn*/resource; do
+                    [ -r "$_ho_p" ] && read -r _ho_r < "$_ho_p"
+                done
+                [ -z "$_ho_r" ] && [ -r "$_ho_d/device/resource" ] && read -r _ho_r < "$_ho_d/device/resource"
+                [ -n "$_ho_r" ] && [ "$((_ho_r))" = "$_ho_want" ] && { echo "/dev/${_ho_d##*/}"; return; }
+            done ;;
         *) [ -e "$1" ] && echo "$1" ;;
     esac
 }
@@ -88,7 +102,8 @@ handover_boot() {
         _ho_action=accept
     fi
     if [ ! -s /run/handover/result.json ]; then
-        _ho_e=$(tail -n 1 /run/handover/load.err 2>/dev/null | sed 's/\\/\\\\/g; s/"/\\"/g')
+        _ho_e=$(_ho_last /run/handover/load.err)
+        while :; do case "$_ho_e" in *[\"\\]*) _ho_e="${_ho_e%%[\"\\]*}'${_ho_e#*[\"\\]}" ;; *) break ;; esac; done
         printf '{"ok": false, "exit_code": %s, "error": "%s"}\n' "$_ho_rc" "$_ho_e" \
             > /run/handover/result.json
     fi
@@ -97,12 +112,13 @@ handover_boot() {
         "$_ho_region" "$_ho_dev" "$_ho_policy" "$_ho_rc" "$_ho_action" "$_ho_t0" "$_ho_t1" \
         > /run/handover/boot.json
     case "$_ho_rc" in
-        0|6) _ho_log "$(tail -n 1 /run/handover/load.txt 2>/dev/null)" ;;
+        0|6) _ho_log "$(_ho_last /run/handover/load.txt)" ;;
         *) _ho_log "NOT CHECKED (exit $_ho_rc)" ;;
     esac
-    [ "$_ho_rc" = 0 ] || _ho_log "$(tail -n 1 /run/handover/load.err 2>/dev/null)"
+    [ "$_ho_rc" = 0 ] || _ho_log "$(_ho_last /run/handover/load.err)"
     _ho_log "done rc=$_ho_rc policy=$_ho_policy action=$_ho_action uptime=$_ho_t1; boot continues"
     unset _ho_region _ho_policy _ho_token _ho_wait _ho_w _ho_t0 _ho_t1 _ho_m _ho_dev _ho_i \
-        _ho_rc _ho_co _ho_action _ho_e _ho_u _ho_rest
+        _ho_rc _ho_co _ho_action _ho_e _ho_u _ho_rest \
+        _ho_l _ho_x _ho_want _ho_d _ho_r _ho_p
     return 0
 }

@@ -673,6 +673,9 @@ def run_guest(scripts, *, pmem: str | None = "legacy", append: str = "",
         _prune_runs()
     wd = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="run-", dir=cache_dir() / "runs"))
     wd.mkdir(parents=True, exist_ok=True)
+    import fcntl
+    inuse = open(wd / ".inuse", "a")          # closed (unlocked) when this call returns
+    fcntl.flock(inuse, fcntl.LOCK_SH)
     if pmem not in (None, "legacy", "nvdimm"):
         raise ValueError(f"pmem={pmem!r}")
     nv = None
@@ -706,8 +709,11 @@ def run_guest(scripts, *, pmem: str | None = "legacy", append: str = "",
         cmd[cmd.index("-serial") + 1] = "mon:stdio"
         del cmd[cmd.index("-monitor"):cmd.index("-monitor") + 2]
         return subprocess.call(cmd)  # type: ignore[return-value]
-    with _guest_lock():
-        return _boot(cmd, wd, scripts, timeout, echo, timings, nv)
+    try:
+        with _guest_lock():
+            return _boot(cmd, wd, scripts, timeout, echo, timings, nv)
+    finally:
+        inuse.close()
 
 
 class _guest_lock:
@@ -771,9 +777,16 @@ def _prune_runs(keep: int = 6) -> None:
     """Keep only the newest ``keep`` automatic work dirs (each holds a ~40 MB payload)."""
     d = cache_dir() / "runs"
     d.mkdir(exist_ok=True)
+    import fcntl
     runs = sorted(d.glob("run-*"), key=lambda p: p.stat().st_mtime, reverse=True)
     for old in runs[keep - 1:]:
-        shutil.rmtree(old, ignore_errors=True)
+        # a run still waiting for the guest lock (or booting) holds .inuse: leave it alone
+        try:
+            with open(old / ".inuse", "a") as f:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                shutil.rmtree(old, ignore_errors=True)
+        except (BlockingIOError, FileNotFoundError, NotADirectoryError):
+            continue
 
 
 def _kill(proc: subprocess.Popen) -> None:

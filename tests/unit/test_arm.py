@@ -1,0 +1,171 @@
+"""`handover arm`: the next command line and the kexec command, built without running kexec
+(--dry-run on a captured host tree).  tests/system/test_initramfs_e2e.py runs it for real."""
+
+import json
+import struct
+
+import pytest
+from click.testing import CliRunner
+
+from handover.cli import main  # noqa: I001 (first: it registers the subcommand modules)
+from handover import cli_arm as A
+from tests.elfwriter import elf, note
+
+from hosttree import TOKEN, copy_host
+
+CURRENT = ("BOOT_IMAGE=/vmlinuz-6.12 root=/dev/vda1 ro console=ttyS0,115200 initrd=/initrd.img "
+           "memmap=64M!0x30000000 memmap=16M!2G handover.region=/dev/pmem9 handover=0x1@0x2 quiet")
+LEGACY = {"phys_start": 0x30000000, "size": 64 << 20, "legacy": True,
+          "memmap_option": "memmap=64M!0x30000000"}
+NVDIMM = {"phys_start": 0x100600000, "size": 254 << 20, "legacy": False, "memmap_option": None}
+
+
+def run(*args):
+    r = CliRunner().invoke(main, [str(a) for a in args])
+    return r.exit_code, r.stdout, r.stderr
+
+
+def kernel(tmp_path, declares=None):
+    notes = note("Linux", 256, b"6.12")
+    if declares is not None:
+        major, minor = declares
+        notes += note("Handover", 1, struct.pack("<I", major << 16 | minor))
+    p = tmp_path / f"vmlinux-{declares}"
+    p.write_bytes(elf([("note", notes, 0)], e_type=2))
+    return p
+
+
+def test_carried_cmdline_drops_boot_image_initrd_and_old_handover_words():
+    assert A.carried_cmdline(CURRENT) == [
+        "root=/dev/vda1", "ro", "console=ttyS0,115200", "memmap=64M!0x30000000", "memmap=16M!2G",
+        "quiet"]
+
+
+def test_memmap_words_for_picks_the_range_holding_the_region():
+    assert A.memmap_words_for(CURRENT, 0x30000000) == ["memmap=64M!0x30000000"]
+    assert A.memmap_words_for(CURRENT, 0x33ffffff) == ["memmap=64M!0x30000000"]
+    assert A.memmap_words_for(CURRENT, 0x80000000 + 5) == ["memmap=16M!2G"]
+    assert A.memmap_words_for(CURRENT, 0x34000000) == []
+    assert A.memmap_words_for(CURRENT, None) == []
+
+
+def test_plan_reuses_cmdline_and_does_not_repeat_memmap():
+    cmd, word = A.plan_cmdline(CURRENT, None, "root=LABEL=x", "/dev/pmem0", LEGACY, policy="abort")
+    assert word == "phys:0x30000000"
+    assert cmd.split().count("memmap=64M!0x30000000") == 1
+    assert cmd.endswith("root=LABEL=x handover.region=phys:0x30000000 handover.policy=abort")
+    assert "BOOT_IMAGE" not in cmd and "handover=" not in cmd and "/dev/pmem9" not in cmd
+
+
+def test_plan_with_command_line_adds_the_legacy_memmap_again():
+    cmd, _ = A.plan_cmdline(CURRENT, "console=ttyS0 root=/dev/vda", "", "/dev/pmem0", LEGACY)
+    assert cmd == "console=ttyS0 root=/dev/vda handover.region=phys:0x30000000 memmap=64M!0x30000000"
+    # the current line has no memmap= for it (the range came from elsewhere): the iomem one
+    cmd, _ = A.plan_cmdline("console=ttyS0", None, "", "/dev/pmem0", LEGACY)
+    assert cmd.split()[-1] == "memmap=64M!0x30000000"
+
+
+def test_plan_nvdimm_no_memmap_and_handover_param_only_for_a_declaring_kernel():
+    cmd, word = A.plan_cmdline("console=ttyS0", None, "", "/dev/dax0.0", NVDIMM)
+    assert cmd == "console=ttyS0 handover.region=phys:0x100600000"
+    cmd, _ = A.plan_cmdline("console=ttyS0", None, "", "/dev/dax0.0", NVDIMM, declared=True,
+                            next_region="/dev/dax0.0")
+    assert cmd == "console=ttyS0 handover.region=/dev/dax0.0 handover=0xfe00000@0x100600000"
+    # a plain file (no physical address): the path itself, never handover=
+    cmd, word = A.plan_cmdline("", None, "", "/var/tmp/blob", {"phys_start": None}, declared=True)
+    assert (cmd, word) == ("handover.region=/var/tmp/blob", "/var/tmp/blob")
+
+
+def test_kexec_and_exec_commands():
+    assert A.kexec_command("/boot/vmlinuz", "/boot/initrd", "a b", "l") == [
+        "kexec", "-l", "/boot/vmlinuz", "--initrd=/boot/initrd", "--command-line=a b"]
+    assert A.kexec_command("/boot/vmlinuz", None, "a", "s") == [
+        "kexec", "-s", "-l", "/boot/vmlinuz", "--command-line=a"]
+    assert A.exec_command(True) == ["systemctl", "kexec"]
+    assert A.exec_command(False) == ["kexec", "-e"]
+
+
+def test_systemd_running_is_sd_booted(tmp_path):
+    assert not A.systemd_running(str(tmp_path))
+    (tmp_path / "run/systemd/system").mkdir(parents=True)
+    assert A.systemd_running(str(tmp_path))
+
+
+@pytest.fixture
+def host(tmp_path):
+    root = copy_host(tmp_path / "host")
+    region = tmp_path / "region.img"
+    code, _, err = run("region", "init", region, "--size", "4M")
+    assert code == 0, err
+    return root, region
+
+
+def test_dry_run_stock_kernel(host, tmp_path):
+    root, region = host
+    code, out, err = run("arm", "--kernel", kernel(tmp_path), "--initrd", "/boot/i.img",
+                         "--region", region, "--token", TOKEN, "--append", "root=LABEL=r",
+                         "--sysroot", root, "--dry-run", "--json", "--result-dir", tmp_path / "run")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["kernel_declaration"].startswith("stock kernel")
+    assert doc["save"]["devices"] == ["0000:00:03.0"] and doc["save"]["dry_run"]
+    cmd = doc["kexec_command"]
+    assert cmd[:3] == ["kexec", "-l", str(kernel(tmp_path))] and cmd[3] == "--initrd=/boot/i.img"
+    # the captured guest's own command line (its handover.* words dropped), memmap= kept
+    assert cmd[4] == ("--command-line=console=ttyS0,115200 panic=1 oops=panic loglevel=4 "
+                      "rdinit=/init memmap=64M!0x30000000 root=LABEL=r "
+                      f"handover.region={region}")
+    assert not (tmp_path / "run" / "armed").exists()     # dry run: no marker
+    assert run("region", "status", region)[0] == 3        # and nothing saved
+
+
+def test_dry_run_text_and_exec(host, tmp_path):
+    root, region = host
+    code, out, err = run("arm", "--kernel", kernel(tmp_path, (1, 1)), "--region", region,
+                         "--sysroot", root, "--dry-run", "--exec", "-q")
+    assert code == 0, err
+    assert "would run: kexec -l" in out and "reads 1.0-1.1: writing 1.1" in out
+    assert "would run: kexec -e" in err
+
+
+def test_refuses_a_kernel_that_cannot_read_our_format(host, tmp_path):
+    root, region = host
+    code, out, err = run("arm", "--kernel", kernel(tmp_path, (2, 0)), "--region", region,
+                         "--sysroot", root, "--dry-run")
+    assert code == 5 and "reads handover format 2.0-2.0" in err and "refusing" in err
+    assert out == ""
+
+
+def test_older_minor_for_a_kernel_that_reads_only_1_0(host, tmp_path):
+    root, region = host
+    blob = tmp_path / "b.bin"
+    code, out, err = run("arm", "--kernel", kernel(tmp_path, (1, 0)), "--region", region,
+                         "--sysroot", root, "--dry-run", "--json")
+    assert code == 0, err
+    assert "writing 1.0" in json.loads(out)["kernel_declaration"]
+    del blob
+
+
+def test_exec_alone_needs_an_armed_kernel(tmp_path):
+    code, _, err = run("arm", "--exec", "--result-dir", tmp_path, "--sysroot", tmp_path)
+    assert code == 1 and "not armed" in err
+    code, _, err = run("arm")
+    assert code == 2
+
+
+def test_on_shutdown_gate(host, tmp_path):
+    root, region = host
+    rd = tmp_path / "run"
+    code, _, err = run("arm", "--on-shutdown", "--result-dir", rd, "--sysroot", root)
+    assert code == 0 and "not armed" in err
+    rd.mkdir()
+    (rd / "armed").write_text(json.dumps({"region": str(region), "token": TOKEN}))
+    kl = root / "sys/kernel/kexec_loaded"
+    kl.write_text("0\n")
+    code, _, err = run("arm", "--on-shutdown", "--result-dir", rd, "--sysroot", root)
+    assert code == 0 and "no kexec kernel is loaded" in err
+    assert run("region", "status", region)[0] == 3
+    kl.write_text("1\n")
+    code, _, err = run("arm", "--on-shutdown", "--result-dir", rd, "--sysroot", root, "-q")
+    assert code == 0 and "saved at shutdown: generation 1" in err, err
+    assert run("region", "status", region)[0] == 0

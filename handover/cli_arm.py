@@ -88,7 +88,7 @@ def next_cmdline(base_words: list[str], append: str, region_word: str, policy: s
 
 def plan_cmdline(current: str, command_line: str | None, append: str, region: str, facts: dict,
                  *, next_region: str | None = None, policy: str | None = None,
-                 declared: bool = False) -> tuple[str, str]:
+                 declared: bool = False, token: str | None = None) -> tuple[str, str]:
     """(next command line, handover.region= value) from the current command line (or
     ``command_line``), the region's facts (``region_facts``) and the options of ``arm``."""
     base = carried_cmdline(current if command_line is None else command_line)
@@ -100,7 +100,8 @@ def plan_cmdline(current: str, command_line: str | None, append: str, region: st
     hparam = None
     if declared and phys is not None and facts.get("size"):
         hparam = f"handover={facts['size']:#x}@{phys:#x}"
-    return next_cmdline(base, append, word, policy, memmap, hparam), word
+    cmd = next_cmdline(base, append, word, policy, memmap, hparam)
+    return (cmd + f" handover.token={token}" if token else cmd), word
 
 
 def kexec_command(kernel: str, initrd: str | None, cmdline: str, mode: str = "l",
@@ -208,6 +209,8 @@ def _kexec_loaded(sysroot: str) -> bool:
               help="handover.policy= for the next kernel's initramfs (default: not set = report).")
 @click.option("--device", "devices", multiple=True, metavar="BDF", help="As for save.")
 @click.option("--token", metavar="UUID", help="As for save.")
+@click.option("--pass-token", is_flag=True, help="Also put handover.token=UUID on the next command "
+              "line, so that the initramfs checks it (it is then readable in /proc/cmdline).")
 @click.option("--force", is_flag=True, help="As for save.")
 @click.option("--kexec-mode", type=click.Choice(["l", "s"]), default="l", show_default=True,
               help="l: kexec -l (kexec_load), s: kexec -s -l (kexec_file_load).")
@@ -221,8 +224,8 @@ def _kexec_loaded(sysroot: str) -> bool:
 @click.option("--test-alter-bar", "alter", multiple=True, metavar="BDF:INDEX:START", hidden=True)
 @_sysroot_option
 @handle_errors
-def arm(image, initrd, append, command_line, region, next_region, policy, devices, token, force,
-        kexec_mode, do_exec, on_shutdown, dry_run, result_dir, as_json, quiet, alter, sysroot):
+def arm(image, initrd, append, command_line, region, next_region, policy, devices, token,
+        pass_token, force, kexec_mode, do_exec, on_shutdown, dry_run, result_dir, as_json, quiet, alter, sysroot):
     """Save the state, then kexec-load the next kernel with the handover command line."""
     if on_shutdown:
         return _on_shutdown(result_dir, sysroot, quiet)
@@ -236,6 +239,8 @@ def arm(image, initrd, append, command_line, region, next_region, policy, device
     t0 = time.monotonic()
     minor, kernel_note = kernel_declaration(image)
     declared = minor is not None
+    if pass_token and not token:
+        raise click.UsageError("--pass-token needs --token")
     if region is None:
         region = _default_region()
     save_opts = {"region": region, "devices": list(devices), "token": token, "force": force,
@@ -247,7 +252,8 @@ def arm(image, initrd, append, command_line, region, next_region, policy, device
     with open(os.path.join(sysroot, "proc/cmdline")) as f:
         current = f.read()
     cmdline, word = plan_cmdline(current, command_line, append, region, facts,
-                                 next_region=next_region, policy=policy, declared=declared)
+                                 next_region=next_region, policy=policy, declared=declared,
+                                 token=token if pass_token else None)
     cmd = kexec_command(image, initrd, cmdline, kexec_mode)
     doc = {"ok": True, "kernel": image, "initrd": initrd, "kernel_declaration": kernel_note,
            "region": region, "next_region": word, "legacy": facts["legacy"],

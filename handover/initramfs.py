@@ -116,8 +116,97 @@ def copy_into(root: Path, src: str | Path, dst: str | None = None, overwrite: bo
     return dst_p
 
 
-def install_python(root: Path, python: str = PYTHON, stdlib: str = STDLIB) -> None:
-    """The interpreter, the trimmed stdlib and the libraries both need."""
+#: Run by the target interpreter: import every module that handover and its dependencies
+#: name anywhere (module level or inside functions; found by an AST scan), then print the
+#: stdlib files that ended up loaded.  Imports that fail (optional, other platforms) are skipped.
+_TRACE = r"""
+import ast, json, os, sys
+roots, stdlib = json.loads(sys.argv[1]), sys.argv[2]
+names = set()
+for r in roots:
+    files = [r] if r.endswith(".py") else [os.path.join(d, f) for d, _, fs in os.walk(r)
+                                           for f in fs if f.endswith(".py")]
+    for f in files:
+        try:
+            tree = ast.parse(open(f, "rb").read())
+        except (SyntaxError, ValueError):
+            continue
+        for n in ast.walk(tree):
+            if isinstance(n, ast.Import):
+                names.update(a.name for a in n.names)
+            elif isinstance(n, ast.ImportFrom) and n.module and not n.level:
+                names.add(n.module)
+                names.update(f"{n.module}.{a.name}" for a in n.names)
+import importlib
+for name in sorted(names):
+    try:
+        importlib.import_module(name)
+    except BaseException:
+        pass
+out = set()
+for m in list(sys.modules.values()):
+    f = getattr(m, "__file__", None)
+    if f and os.path.realpath(f).startswith(stdlib + os.sep):
+        out.add(os.path.relpath(os.path.realpath(f), stdlib))
+print(json.dumps(sorted(out)))
+"""
+
+#: Stdlib packages always copied whole in the minimal stdlib (codecs are looked up by name).
+MINIMAL_WHOLE = {"encodings"}
+#: Left out of the minimal stdlib although a dependency names them: test runners, doc tools,
+#: browsers, and OpenSSL (_hashlib pulls in the 4.6 MB libcrypto; hashlib then uses the
+#: interpreter's built-in sha256).  Prefixes of paths relative to the stdlib.
+MINIMAL_EXCLUDE = ("unittest/", "webbrowser.py", "doctest.py", "pydoc.py",
+                   "ssl.py", "lib-dynload/_hashlib.", "lib-dynload/_ssl.")
+#: Packages handover does not need at boot (only check-kernel / inspect --vmcore use elftools).
+BOOT_SKIP_PACKAGES = {"elftools"}
+
+
+def minimal_stdlib_files(python: str = PYTHON, stdlib: str = STDLIB) -> set[str]:
+    """Stdlib files (relative to ``stdlib``) that handover and its dependencies can import:
+    every module they name, whole packages for packages, plus MINIMAL_WHOLE."""
+    roots = [str(p) for p in py_packages().values() if p.suffix in ("", ".py") and not p.name.endswith(".libs")]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sorted({str(Path(r).parent) for r in roots})),
+               PYTHONDONTWRITEBYTECODE="1")
+    r = subprocess.run([python, "-S", "-c", "import site; site.main()\n" + _TRACE, json.dumps(roots), stdlib],
+                       capture_output=True, text=True, env=env, timeout=300)
+    if r.returncode != 0:
+        raise RuntimeError(f"tracing the stdlib imports failed: {r.stderr[-500:]}")
+    files = set(json.loads(r.stdout.strip().splitlines()[-1]))
+    top = {f.split(os.sep)[0] for f in files if os.sep in f} | MINIMAL_WHOLE
+    for pkg in top:
+        base = Path(stdlib) / pkg
+        if pkg in ("lib-dynload",) or not base.is_dir():
+            continue
+        for p in base.rglob("*.py"):
+            files.add(str(p.relative_to(stdlib)))
+    return files
+
+
+def _copy_minimal_stdlib(dst: Path, python: str, stdlib: str) -> None:
+    for rel in sorted(minimal_stdlib_files(python, stdlib)):
+        if rel.startswith(MINIMAL_EXCLUDE):
+            continue
+        src = Path(stdlib) / rel
+        copy_into(dst, src, rel)
+        if rel.endswith(".py"):  # and its byte code, when the distribution has it
+            pyc = src.parent / "__pycache__" / f"{src.stem}.{sys.implementation.cache_tag}.pyc"
+            deb = src.parent / "__pycache__" / f"{src.stem}.cpython-311.pyc"
+            for c in (pyc, deb):
+                if c.exists():
+                    copy_into(dst, c, str(Path(rel).parent / "__pycache__" / c.name))
+                    break
+    for p in Path(stdlib).glob("*.py"):
+        if p.name in ("site.py", "sitecustomize.py", "_sitebuiltins.py", "os.py", "stat.py",
+                      "posixpath.py", "genericpath.py", "_collections_abc.py", "codecs.py",
+                      "io.py", "abc.py"):
+            copy_into(dst, p, p.name, overwrite=False)
+
+
+def install_python(root: Path, python: str = PYTHON, stdlib: str = STDLIB,
+                   minimal: bool = False) -> None:
+    """The interpreter, the stdlib (trimmed by STDLIB_EXCLUDE, or with ``minimal`` only what
+    handover and its dependencies import) and the libraries both need."""
     root = Path(root)
     p = root / python.lstrip("/")
     if p.is_symlink():
@@ -127,20 +216,25 @@ def install_python(root: Path, python: str = PYTHON, stdlib: str = STDLIB) -> No
     if not link.exists() and not link.is_symlink():
         os.symlink(os.path.basename(python), link)
     dst = root / stdlib.lstrip("/")
-    shutil.copytree(stdlib, dst, ignore=lambda d, n: stdlib_ignore(d, n, stdlib), symlinks=False,
-                    dirs_exist_ok=True)
+    if minimal:
+        _copy_minimal_stdlib(dst, python, stdlib)
+    else:
+        shutil.copytree(stdlib, dst, ignore=lambda d, n: stdlib_ignore(d, n, stdlib),
+                        symlinks=False, dirs_exist_ok=True)
     elves = [python] + [str(x) for x in (dst / "lib-dynload").glob("*.so")]
     for lib in ldd(elves):
         copy_into(root, lib, overwrite=False)
 
 
-def install_packages(root: Path, python: str = PYTHON, extra=()) -> None:
-    """handover + dependencies into SITE, their non-base libraries, and byte code."""
+def install_packages(root: Path, python: str = PYTHON, extra=(), skip=()) -> None:
+    """handover + dependencies (but ``skip``) into SITE, their non-base libraries, byte code."""
     root = Path(root)
     site = root / SITE.lstrip("/")
     site.mkdir(parents=True, exist_ok=True)
     ign = shutil.ignore_patterns("__pycache__", "*.pyc", "tests")
-    for p in py_packages(extra).values():
+    for name, p in py_packages(extra).items():
+        if name in skip:
+            continue
         if p.is_dir():
             shutil.copytree(p, site / p.name, ignore=ign, dirs_exist_ok=True)
         else:
@@ -162,19 +256,22 @@ def _tree_size(root: Path) -> tuple[int, int]:
     return n, size
 
 
-def install(destdir: str | Path, python: str = PYTHON, stdlib: str = STDLIB) -> dict:
+def install(destdir: str | Path, python: str = PYTHON, stdlib: str = STDLIB,
+            minimal: bool = True) -> dict:
     """Everything ``handover load`` needs at boot, into DESTDIR.  Returns a size report."""
     root = Path(destdir)
     n0, s0 = _tree_size(root)
-    install_python(root, python, stdlib)
-    install_packages(root, python)
+    install_python(root, python, stdlib, minimal=minimal)
+    install_packages(root, python, skip=BOOT_SKIP_PACKAGES if minimal else ())
     w = root / "usr/sbin/handover"
     w.parent.mkdir(parents=True, exist_ok=True)
     w.write_text(WRAPPER)
     w.chmod(0o755)
     n1, s1 = _tree_size(root)
     return {"destdir": str(root), "files_added": n1 - n0, "bytes_added": s1 - s0,
-            "python": python, "packages": sorted(py_packages())}
+            "python": python,
+            "packages": sorted(set(py_packages()) - (BOOT_SKIP_PACKAGES if minimal else set())),
+            "stdlib": "minimal" if minimal else "trimmed"}
 
 
 def main(argv=None) -> int:
@@ -185,12 +282,15 @@ def main(argv=None) -> int:
     i.add_argument("destdir")
     i.add_argument("--python", default=PYTHON)
     i.add_argument("--json", action="store_true")
+    i.add_argument("--stdlib", choices=["minimal", "trimmed"], default="minimal",
+                   help="minimal: only what handover and its dependencies import (default); "
+                        "trimmed: the whole stdlib minus STDLIB_EXCLUDE")
     a = ap.parse_args(argv)
     if not os.path.isdir(a.destdir):
         print(f"handover: {a.destdir}: not a directory", file=sys.stderr)
         return 1
     try:
-        rep = install(a.destdir, a.python)
+        rep = install(a.destdir, a.python, minimal=a.stdlib == "minimal")
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         print(f"handover: initramfs install failed: {e}", file=sys.stderr)
         return 1

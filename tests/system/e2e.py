@@ -83,7 +83,7 @@ echo 0000:00:03.0 > /sys/bus/pci/drivers_probe
 {region_setup}
 python3 -m handover region init {region} --force > /dev/null
 python3 -m handover arm --kernel /payload/lab/vmlinuz --initrd /payload/e2e-initrd.img \
-    --region {region} --token {token} --policy {policy} {extra} \
+    --region {region} --token {token} --pass-token --policy {policy} {extra} \
     --append 'root=LABEL={label} rootfstype=ext4 ro {next_append}' --json > "$LAB_OUT/arm.json"
 python3 -m handover inspect {region} --limit 3 > "$LAB_OUT/inspect.txt" 2>&1 || true
 echo 'python3 -m handover arm --exec' > /lab/exec
@@ -314,7 +314,8 @@ def run_cycle(kind: str = "initramfs-tools", pmem: str = "legacy", stale: bool =
         tm["hook end -> root /sbin/init"] = round(t_root - t_done, 2)
     if "qemu total" in res.timings:
         tm["qemu total"] = res.timings["qemu total"]
-    hook_lines = [ln for _t, ln in ct if ln.startswith("handover: ") or "handover:" in ln[:20]]
+    hook_lines = [ln[ln.index("handover: "):] for _t, ln in ct
+                  if "handover: " in ln and "@@LAB" not in ln]
     return Cycle(kind, pmem, stale, policy, res, arm, p1.files.get("inspect.txt", b"").decode(),
                  result, boot, p2.rc == 0 and t_root is not None, tm, facts, hook_lines)
 

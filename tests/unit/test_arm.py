@@ -74,6 +74,8 @@ def test_plan_nvdimm_no_memmap_and_handover_param_only_for_a_declaring_kernel():
     # a plain file (no physical address): the path itself, never handover=
     cmd, word = A.plan_cmdline("", None, "", "/var/tmp/blob", {"phys_start": None}, declared=True)
     assert (cmd, word) == ("handover.region=/var/tmp/blob", "/var/tmp/blob")
+    cmd, _ = A.plan_cmdline("", None, "", "/var/tmp/blob", {"phys_start": None}, token=TOKEN)
+    assert cmd == f"handover.region=/var/tmp/blob handover.token={TOKEN}"
 
 
 def test_kexec_and_exec_commands():
@@ -144,6 +146,13 @@ def test_older_minor_for_a_kernel_that_reads_only_1_0(host, tmp_path):
     assert code == 0, err
     assert "writing 1.0" in json.loads(out)["kernel_declaration"]
     del blob
+
+
+def test_pass_token_needs_token(host, tmp_path):
+    root, region = host
+    code, _, err = run("arm", "--kernel", kernel(tmp_path), "--region", region, "--pass-token",
+                       "--sysroot", root, "--dry-run")
+    assert code == 2 and "--pass-token needs --token" in err
 
 
 def test_exec_alone_needs_an_armed_kernel(tmp_path):

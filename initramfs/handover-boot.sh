@@ -115,7 +115,7 @@ handover_boot() {
         0|6) _ho_log "$(_ho_last /run/handover/load.txt)" ;;
         *) _ho_log "NOT CHECKED (exit $_ho_rc)" ;;
     esac
-    [ "$_ho_rc" = 0 ] || _ho_log "$(_ho_last /run/handover/load.err)"
+    if [ "$_ho_rc" != 0 ]; then _ho_e=$(_ho_last /run/handover/load.err); _ho_log "${_ho_e#handover: }"; fi
     _ho_log "done rc=$_ho_rc policy=$_ho_policy action=$_ho_action uptime=$_ho_t1; boot continues"
     unset _ho_region _ho_policy _ho_token _ho_wait _ho_w _ho_t0 _ho_t1 _ho_m _ho_dev _ho_i \
         _ho_rc _ho_co _ho_action _ho_e _ho_u _ho_rest \

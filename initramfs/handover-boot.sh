@@ -17,13 +17,17 @@
 # leave the machine unbootable, so handover_boot always returns 0.
 
 HANDOVER_MODULES="libnvdimm nd_pmem nd_e820 nfit dax device_dax dax_pmem"
+# Tests only: HANDOVER_BOOT_ROOT=DIR reads proc/sys/dev/run under DIR (a captured host tree),
+# passes --sysroot DIR to handover and loads no modules.  Unset at boot.
+_HO_R="${HANDOVER_BOOT_ROOT:-}"
+_HO_RUN="$_HO_R/run/handover"
 
-_ho_up() { read -r _ho_u _ho_rest < /proc/uptime; echo "$_ho_u"; }
+_ho_up() { read -r _ho_u _ho_rest < "$_HO_R/proc/uptime"; echo "$_ho_u"; }
 
 _ho_log() {
-    echo "handover: $*" >> /run/handover/boot.log
-    echo "handover: $*" > /dev/console 2>/dev/null || echo "handover: $*" >&2
-    [ -w /dev/kmsg ] && echo "<5>handover: $*" > /dev/kmsg 2>/dev/null
+    echo "handover: $*" >> "$_HO_RUN/boot.log"
+    echo "handover: $*" >> "$_HO_R/dev/console" 2>/dev/null || echo "handover: $*" >&2
+    [ -w "$_HO_R/dev/kmsg" ] && echo "<5>handover: $*" > "$_HO_R/dev/kmsg" 2>/dev/null
     return 0
 }
 
@@ -37,27 +41,27 @@ _ho_resolve() {
     case "$1" in
         phys:*)
             _ho_want=$((${1#phys:}))
-            for _ho_d in /sys/bus/dax/devices/dax*; do
+            for _ho_d in "$_HO_R"/sys/bus/dax/devices/dax*; do
                 [ -r "$_ho_d/resource" ] || continue
                 read -r _ho_r < "$_ho_d/resource"
-                [ "$((_ho_r))" = "$_ho_want" ] && { echo "/dev/${_ho_d##*/}"; return; }
+                [ "$((_ho_r))" = "$_ho_want" ] && { echo "$_HO_R/dev/${_ho_d##*/}"; return; }
             done
-            for _ho_d in /sys/class/block/pmem*; do
+            for _ho_d in "$_HO_R"/sys/class/block/pmem*; do
                 [ -e "$_ho_d" ] || continue
                 _ho_r=""
                 for _ho_p in "$_ho_d"/device/pfn*/resource; do
                     [ -r "$_ho_p" ] && read -r _ho_r < "$_ho_p"
                 done
                 [ -z "$_ho_r" ] && [ -r "$_ho_d/device/resource" ] && read -r _ho_r < "$_ho_d/device/resource"
-                [ -n "$_ho_r" ] && [ "$((_ho_r))" = "$_ho_want" ] && { echo "/dev/${_ho_d##*/}"; return; }
+                [ -n "$_ho_r" ] && [ "$((_ho_r))" = "$_ho_want" ] && { echo "$_HO_R/dev/${_ho_d##*/}"; return; }
             done ;;
-        *) [ -e "$1" ] && echo "$1" ;;
+        *) [ -e "$_HO_R$1" ] && echo "$_HO_R$1" ;;
     esac
 }
 
 handover_boot() {
     _ho_region="" _ho_policy=report _ho_token="" _ho_wait=10
-    for _ho_w in $(cat /proc/cmdline); do
+    for _ho_w in $(cat "$_HO_R/proc/cmdline"); do
         case "$_ho_w" in
             handover.region=*) _ho_region="${_ho_w#handover.region=}" ;;
             handover.policy=*) _ho_policy="${_ho_w#handover.policy=}" ;;
@@ -66,11 +70,13 @@ handover_boot() {
         esac
     done
     [ -n "$_ho_region" ] || return 0
-    mkdir -p /run/handover
+    mkdir -p "$_HO_RUN"
     _ho_t0=$(_ho_up)
     _ho_log "checking saved state in $_ho_region (policy $_ho_policy) uptime=$_ho_t0"
     case "$_ho_policy" in report|abort) ;; *) _ho_log "unknown policy '$_ho_policy': using report"; _ho_policy=report ;; esac
-    for _ho_m in $HANDOVER_MODULES; do modprobe -q "$_ho_m" 2>/dev/null; done
+    if [ -z "$_HO_R" ]; then
+        for _ho_m in $HANDOVER_MODULES; do modprobe -q "$_ho_m" 2>/dev/null; done
+    fi
     _ho_dev="" _ho_i=0
     while :; do
         _ho_dev=$(_ho_resolve "$_ho_region")
@@ -81,41 +87,42 @@ handover_boot() {
     _ho_rc=0
     if [ -z "$_ho_dev" ]; then
         _ho_rc=3
-        echo "handover: region $_ho_region: no such device after ${_ho_wait}s" > /run/handover/load.err
+        echo "handover: region $_ho_region: no such device after ${_ho_wait}s" > "$_HO_RUN/load.err"
     else
         # report: compare only (the kernel is not told anything); abort: handover load tells
         # a patched kernel accept (match) or abort (mismatch) itself
         _ho_co=""; [ "$_ho_policy" = report ] && _ho_co="--check-only"
         handover load --region "$_ho_dev" $_ho_co ${_ho_token:+--token "$_ho_token"} \
-            --result-dir /run/handover > /run/handover/load.txt 2> /run/handover/load.err || _ho_rc=$?
+            ${_HO_R:+--sysroot "$_HO_R"} \
+            --result-dir "$_HO_RUN" > "$_HO_RUN/load.txt" 2> "$_HO_RUN/load.err" || _ho_rc=$?
     fi
     _ho_action=none
     if [ "$_ho_rc" != 0 ] && [ "$_ho_policy" = abort ]; then
-        if [ -w /sys/kernel/handover/decision ]; then
+        if [ -w "$_HO_R/sys/kernel/handover/decision" ]; then
             # load wrote abort already on a mismatch (6); for any other failure write it here
-            [ "$_ho_rc" = 6 ] || echo abort > /sys/kernel/handover/decision 2>/dev/null
+            [ "$_ho_rc" = 6 ] || echo abort > "$_HO_R/sys/kernel/handover/decision" 2>/dev/null
             _ho_action=abort
         else
             _ho_action="none (stock kernel: no /sys/kernel/handover/decision)"
         fi
-    elif [ "$_ho_rc" = 0 ] && [ "$_ho_policy" = abort ] && [ -w /sys/kernel/handover/decision ]; then
+    elif [ "$_ho_rc" = 0 ] && [ "$_ho_policy" = abort ] && [ -w "$_HO_R/sys/kernel/handover/decision" ]; then
         _ho_action=accept
     fi
-    if [ ! -s /run/handover/result.json ]; then
-        _ho_e=$(_ho_last /run/handover/load.err)
+    if [ ! -s "$_HO_RUN/result.json" ]; then
+        _ho_e=$(_ho_last "$_HO_RUN/load.err")
         while :; do case "$_ho_e" in *[\"\\]*) _ho_e="${_ho_e%%[\"\\]*}'${_ho_e#*[\"\\]}" ;; *) break ;; esac; done
         printf '{"ok": false, "exit_code": %s, "error": "%s"}\n' "$_ho_rc" "$_ho_e" \
-            > /run/handover/result.json
+            > "$_HO_RUN/result.json"
     fi
     _ho_t1=$(_ho_up)
     printf '{"region": "%s", "device": "%s", "policy": "%s", "rc": %s, "action": "%s", "uptime_start": %s, "uptime_end": %s}\n' \
         "$_ho_region" "$_ho_dev" "$_ho_policy" "$_ho_rc" "$_ho_action" "$_ho_t0" "$_ho_t1" \
-        > /run/handover/boot.json
+        > "$_HO_RUN/boot.json"
     case "$_ho_rc" in
-        0|6) _ho_log "$(_ho_last /run/handover/load.txt)" ;;
+        0|6) _ho_log "$(_ho_last "$_HO_RUN/load.txt")" ;;
         *) _ho_log "NOT CHECKED (exit $_ho_rc)" ;;
     esac
-    if [ "$_ho_rc" != 0 ]; then _ho_e=$(_ho_last /run/handover/load.err); _ho_log "${_ho_e#handover: }"; fi
+    if [ "$_ho_rc" != 0 ]; then _ho_e=$(_ho_last "$_HO_RUN/load.err"); _ho_log "${_ho_e#handover: }"; fi
     _ho_log "done rc=$_ho_rc policy=$_ho_policy action=$_ho_action uptime=$_ho_t1; boot continues"
     unset _ho_region _ho_policy _ho_token _ho_wait _ho_w _ho_t0 _ho_t1 _ho_m _ho_dev _ho_i \
         _ho_rc _ho_co _ho_action _ho_e _ho_u _ho_rest \

@@ -83,7 +83,7 @@ echo 0000:00:03.0 > /sys/bus/pci/drivers_probe
 {region_setup}
 python3 -m handover region init {region} --force > /dev/null
 python3 -m handover arm --kernel /payload/lab/vmlinuz --initrd /payload/e2e-initrd.img \
-    --region {region} --token {token} --pass-token --policy {policy} {extra} \
+    --region {region} --token {token} --pass-token --policy {policy} --kexec-mode {mode} {extra} \
     --append 'root=LABEL={label} rootfstype=ext4 ro {next_append}' --json > "$LAB_OUT/arm.json"
 python3 -m handover inspect {region} --limit 3 > "$LAB_OUT/inspect.txt" 2>&1 || true
 echo 'python3 -m handover arm --exec' > /lab/exec
@@ -194,8 +194,10 @@ BUILDERS = {"initramfs-tools": build_mkinitramfs, "dracut": build_dracut}
 
 def initrd(kind: str, k: lab.Kernel, with_hook: bool = True) -> tuple[Path, dict]:
     """The cached initrd of ``kind`` for kernel ``k`` (rebuilt when our files change)."""
+    from handover import initramfs as rt
+    # the packages come from the interpreter running this (another venv: another image)
     key = _key(kind, with_hook, k.version, INITRAMFS_CONF, INITRAMFS_MODULES, DRACUT_MODULES,
-               INITRAMFS_DIR, REPO / "handover")
+               sorted(str(p) for p in rt.py_packages().values()), INITRAMFS_DIR, REPO / "handover")
     d = lab.cache_dir() / "e2e"
     d.mkdir(exist_ok=True)
     out = d / f"{kind}-{'hook' if with_hook else 'plain'}-{k.version}-{key}.img"
@@ -274,7 +276,8 @@ def _console_times(workdir: Path) -> list[tuple[float, str]]:
 
 
 def run_cycle(kind: str = "initramfs-tools", pmem: str = "legacy", stale: bool = False,
-              policy: str = "report", timeout: float = 300, echo: bool = False) -> Cycle:
+              policy: str = "report", timeout: float = 300, echo: bool = False,
+              kexec_mode: str = "l") -> Cycle:
     ensure_tools()
     k = lab.fetch_kernel()
     img, facts = initrd(kind, k)
@@ -282,7 +285,8 @@ def run_cycle(kind: str = "initramfs-tools", pmem: str = "legacy", stale: bool =
     setup, region = REGION_SETUP[pmem]
     extra = f"--test-alter-bar {STALE_BAR}" if stale else ""
     script = PHASE1.format(region_setup=setup, region=region, token=TOKEN, policy=policy,
-                           extra=extra, label=ROOT_LABEL, next_append=NEXT_APPEND[kind])
+                           extra=extra, label=ROOT_LABEL, next_append=NEXT_APPEND[kind],
+                           mode=kexec_mode)
     # snapshot=on: writable for the guest (dracut's fsck opens it read-write), never changed
     qargs = ["-drive", f"if=none,id=root,file={root},format=raw,snapshot=on",
              "-device", "virtio-blk-pci,drive=root,iommu_platform=on,disable-legacy=on,addr=07.0"]

@@ -4,8 +4,9 @@ initramfs-tools (mkinitramfs) or dracut with our hook / module, whose boot scrip
 `handover load` and writes /run/handover/result.json before the boot goes on to the root
 file system's /sbin/init (tests/system/e2e.py explains the set-up).
 
-Runs: initramfs-tools + legacy memmap= pmem (raw /dev/pmem0), initramfs-tools + QEMU NVDIMM
-in devdax mode, dracut + legacy pmem, and a stale state (initramfs-tools, policy=abort).
+Runs: initramfs-tools + legacy memmap= pmem (raw /dev/pmem0, kexec -l), initramfs-tools +
+QEMU NVDIMM in devdax mode (kexec -s -l), dracut + legacy pmem, and a stale state
+(initramfs-tools, policy=abort).
 Each prints its phase timings.  Plus the images themselves, checked with lsinitramfs /
 lsinitrd, and the systemd unit with systemd-analyze verify.
 """
@@ -67,10 +68,11 @@ def test_initramfs_tools_legacy_pmem_match():
     assert lab.LEGACY_PMEM_MEMMAP in c.guest.phases[1].cmdline
 
 
-def test_initramfs_tools_nvdimm_devdax_match():
-    c = _cycle(kind="initramfs-tools", pmem="nvdimm")
+def test_initramfs_tools_nvdimm_devdax_match_kexec_file_load():
+    c = _cycle(kind="initramfs-tools", pmem="nvdimm", kexec_mode="s")
     _assert_match(c, "/dev/dax0.0")
     assert "memmap=" not in c.arm["cmdline"]
+    assert c.arm["kexec_command"][:3] == ["kexec", "-s", "-l"]
 
 
 def test_dracut_legacy_pmem_match():

@@ -97,6 +97,8 @@ def test_patched_kernel_validates_and_reports(patched):
     res.check()
     p1, p2 = res.phases[0], res.phases[1]
     saved = json.loads(p1.files["save.json"])
+    print("/sys/kernel/handover/status after kexec:\n" + p2.files["status.txt"].decode())
+    print(p2.files["dmesg-handover.txt"].decode())
     status = _status(p2.files["status.txt"].decode())
     assert status.get("state") == "valid", p2.files["status.txt"].decode() + p2.dmesg[-3000:]
     assert status["region"] == "0x4000000@0x30000000"
@@ -150,7 +152,7 @@ def test_state_is_in_a_real_crash_dump(patched):
 
     bz = Path(patched["bzImage"])
     res = lab.run_guest([SAVE, ARM_KDUMP, READ_VMCORE], pmem="legacy",
-                        kexec_append=f"handover={REGION} crashkernel=256M",
+                        kexec_append=f"handover={REGION} crashkernel=448M",
                         files={"lab/vmlinuz.2": bz, "lab/vmlinuz.3": bz}, timeout=600)
     for name, secs in res.timings.items():
         print(f"  {name}: {secs:.1f} s")

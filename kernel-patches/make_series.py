@@ -120,6 +120,24 @@ kernels. Add read-only (root) attributes with the live values.""",
 ]
 PATCHES += PATCHES_EXTRA
 
+PATCHES += [
+    ("0004-iommu-vt-d-keep-the-interrupt-remapping-table-of-a-handed-over-state.patch",
+     "iommu/vt-d: keep the interrupt-remapping table of a handed-over state",
+     """A kexec leaves interrupt remapping enabled, and a kdump kernel keeps the old
+entries (iommu_load_old_irte) while any other kernel disables it. Keep them
+also when a validated handover state describes the unit with the same IRTA and
+reserved its table before the page allocator started: devices kept alive
+across the kexec go on raising interrupts through their old entries, and new
+vectors get fresh indices as in kdump. Any other unit is treated as before.""",
+     [edit("drivers/iommu/intel/irq_remapping.c", '#include "../irq_remapping.h"\n',
+           '#include <linux/handover.h>\n\n#include "../irq_remapping.h"\n'),
+      edit("drivers/iommu/intel/irq_remapping.c",
+           "\tif (ir_pre_enabled(iommu)) {\n\t\tif (!is_kdump_kernel()) {\n",
+           "\tif (ir_pre_enabled(iommu)) {\n\t\tif (!is_kdump_kernel() &&\n"
+           "\t\t    !handover_keep_ir(iommu->name, iommu->reg_phys,\n"
+           "\t\t\t\t      dmar_readq(iommu->reg + DMAR_IRTA_REG))) {\n")]),
+]
+
 
 def git(tree: str, *args: str, **kw) -> str:
     return subprocess.run(["git", "-C", tree, *args], check=True, capture_output=True, text=True,

@@ -34,7 +34,7 @@ APT = ["linux-source-6.12", "build-essential", "bc", "bison", "flex", "libelf-de
        "ccache", "cpio", "kmod"]
 CONFIG_ON = ["INTEL_IOMMU", "IRQ_REMAP", "IOMMU_DEBUGFS", "INTEL_IOMMU_DEBUGFS", "KEXEC", "KEXEC_FILE",
              "CRASH_DUMP", "X86_PMEM_LEGACY", "LIBNVDIMM", "BLK_DEV_PMEM", "ND_BTT",
-             "TRANSPARENT_HUGEPAGE", "ZONE_DEVICE", "DEV_DAX", "DEV_DAX_PMEM", "ACPI_NFIT", "VFIO",
+             "TRANSPARENT_HUGEPAGE", "MEMORY_HOTPLUG", "MEMORY_HOTREMOVE", "ZONE_DEVICE", "DEV_DAX", "DEV_DAX_PMEM", "ACPI_NFIT", "VFIO",
              "VFIO_PCI", "VFIO_IOMMU_TYPE1", "E1000E", "VIRTIO_BLK", "VIRTIO_PCI", "BLK_DEV_INITRD",
              "DEBUG_FS", "DEBUG_INFO_NONE", "PROC_KCORE", "CRC32", "IKCONFIG", "IKCONFIG_PROC",
              "HANDOVER"]
@@ -109,8 +109,15 @@ def apply(check_only: bool = False) -> None:
         sh("git", "checkout", "-q", "-f", base, cwd=TREE)
     # drop files the series added last time, keep everything else untouched
     sh("git", "reset", "-q", "--hard", base, cwd=TREE)
-    for d in ("lib/handover",):
-        shutil.rmtree(os.path.join(TREE, d), ignore_errors=True)
+    # the files the series creates (untracked, and ignored by Debian's .gitignore: -x)
+    created = []
+    for p in series():
+        with open(p) as f:
+            created += [ln.split(" b/", 1)[1].strip() for ln in f if ln.startswith("diff --git ")]
+    created = [c for c in created if not subprocess.run(
+        ["git", "ls-files", "--error-unmatch", c], cwd=TREE, capture_output=True).returncode == 0]
+    if created:
+        sh("git", "clean", "-f", "-q", "-x", "--", *created, cwd=TREE)
     for p in series():
         sh("git", "apply", "--check", p, cwd=TREE)
         if not check_only:

@@ -163,3 +163,36 @@ def test_state_is_in_a_real_crash_dump(patched):
     verify = json.loads(p1.files["verify.json"])
     assert doc["source"]["kind"] == "vmcore"
     assert doc["generation"] == verify["generation"] and doc["format"] == verify["format"]
+
+
+NOTHING = "true\n"
+
+
+def test_patched_kernels_keep_the_ir_table(patched):
+    """Patched -> patched: the old kernel's save reads IRTA from sysfs (patch 0003) and
+    reserves the IR table; the next kernel keeps the old IRTEs (patch 0004) instead of
+    disabling interrupt remapping, and says so. (Stock -> patched keeps the stock behaviour:
+    the stock kernel's state has no IRTA.)"""
+    from tests.system import lab
+
+    bz = Path(patched["bzImage"])
+    res = lab.run_guest([NOTHING, SAVE, REPORT], pmem="legacy", kexec_append=f"handover={REGION}",
+                        files={"lab/vmlinuz.2": bz, "lab/vmlinuz.3": bz}, timeout=600)
+    res.check()
+    p2, p3 = res.phases[1], res.phases[2]
+    saved = json.loads(p2.files["save.json"])
+    status = _status(p3.files["status.txt"].decode())
+    print(p3.files["status.txt"].decode() + p3.files["dmesg-handover.txt"].decode())
+    assert status["state"] == "valid"
+    assert status["ir_tables_kept"] == "1", p3.dmesg[-3000:]
+    assert "keeping the interrupt-remapping table" in p3.files["dmesg-handover.txt"].decode()
+    assert "not in kdump mode" not in p3.dmesg
+    assert saved["counts"].get("reserved", 0) >= 2  # the region and the IR table at least
+
+
+def test_stock_state_does_not_keep_ir(patched):
+    res = _run(patched, SAVE)
+    res.check()
+    msg = res.phases[1].files["dmesg-handover.txt"].decode()
+    assert "interrupt remapping not kept: IRTA was not captured" in msg, msg
+    assert _status(res.phases[1].files["status.txt"].decode())["ir_tables_kept"] == "0"

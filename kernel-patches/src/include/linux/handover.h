@@ -17,9 +17,11 @@
 #ifdef CONFIG_HANDOVER
 void __init handover_reserve(void);
 bool handover_state_valid(void);
+bool handover_keep_ir(const char *name, u64 reg_phys, u64 irta);
 #else
 static inline void handover_reserve(void) { }
 static inline bool handover_state_valid(void) { return false; }
+static inline bool handover_keep_ir(const char *name, u64 reg_phys, u64 irta) { return false; }
 #endif
 
 #endif /* _LINUX_HANDOVER_H */

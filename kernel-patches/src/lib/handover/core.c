@@ -233,6 +233,56 @@ bool handover_state_valid(void)
 	return ho_state == HO_ST_VALID || ho_state == HO_ST_ACCEPTED;
 }
 
+/*
+ * Interrupt remapping on the unit at @reg_phys was left enabled by the previous kernel,
+ * with table register @irta. Keep its entries (the caller loads them as a kdump kernel
+ * does) only when the validated state describes this unit with the same IRTA and IR on,
+ * and reserved the whole table; otherwise the caller disables IR as on any other boot.
+ */
+static u32 ho_ir_kept;
+
+bool handover_keep_ir(const char *name, u64 reg_phys, u64 irta)
+{
+	const struct ho_section *us, *rs;
+	const char *why = "not in the handed-over state";
+
+	if (!handover_state_valid())
+		return false;
+	us = ho_find_section(&ho_view, HO_SEC_UNIT);
+	rs = ho_find_section(&ho_view, HO_SEC_RESERVED);
+	for (u32 i = 0; us && i < us->count; i++) {
+		const u8 *r = ho_record(&ho_view, us, i);
+		u64 table = irta & ~0xfffULL, size = 16ULL << ((irta & 0xf) + 1);
+
+		if (ho_get_le64(r + HO_UNIT_OFF_REG_BASE) != reg_phys)
+			continue;
+		why = "IRTA was not captured";
+		if (!(ho_get_le32(r + HO_UNIT_OFF_PRESENT) & HO_UNIT_P_IRTA) ||
+		    !(ho_get_le32(r + HO_UNIT_OFF_FLAGS) & HO_UNIT_F_IRE))
+			break;
+		why = "IRTA differs from the saved one";
+		if (ho_get_le64(r + HO_UNIT_OFF_IRTA) != irta)
+			break;
+		why = "the IR table is not among the reserved ranges";
+		for (u32 j = 0; rs && j < rs->count; j++) {
+			const u8 *q = ho_record(&ho_view, rs, j);
+			u64 start = ho_get_le64(q + HO_RESERVED_OFF_START);
+			u64 len = ho_get_le64(q + HO_RESERVED_OFF_SIZE);
+
+			if (ho_get_le16(q + HO_RESERVED_OFF_KIND) == HO_RES_IR_TABLE &&
+			    start <= table && table + size <= start + len) {
+				pr_info("%s: keeping the interrupt-remapping table at %#llx (%llu entries)\n",
+					name, table, size / 16);
+				ho_ir_kept++;
+				return true;
+			}
+		}
+		break;
+	}
+	pr_info("%s: interrupt remapping not kept: %s\n", name, why);
+	return false;
+}
+
 /* ---- sysfs ---------------------------------------------------------------------------- */
 static u32 ho_count(unsigned int type)
 {
@@ -270,6 +320,7 @@ static ssize_t status_show(struct kobject *k, struct kobj_attribute *a, char *bu
 				     ho_count(HO_SEC_BRIDGE), ho_count(HO_SEC_RESERVED));
 		len += sysfs_emit_at(buf, len, "reserved_ranges: %llu\nreserved_bytes: %llu\nreserved_skipped: %llu\n",
 				     ho_reserved_count, ho_reserved_bytes, ho_reserved_skipped);
+		len += sysfs_emit_at(buf, len, "ir_tables_kept: %u\n", ho_ir_kept);
 	}
 	mutex_unlock(&ho_lock);
 	return len;

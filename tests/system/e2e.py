@@ -82,9 +82,9 @@ echo vfio-pci > /sys/bus/pci/devices/0000:00:03.0/driver_override
 echo 0000:00:03.0 > /sys/bus/pci/drivers_probe
 {region_setup}
 python3 -m handover region init {region} --force > /dev/null
-python3 -m handover arm --kernel /payload/lab/vmlinuz --initrd /payload/e2e-initrd.img \
+python3 -m handover arm --kernel {next_kernel} --initrd /payload/e2e-initrd.img \
     --region {region} --token {token} --pass-token --policy {policy} --kexec-mode {mode} {extra} \
-    --append 'root=LABEL={label} rootfstype=ext4 ro {next_append}' --json > "$LAB_OUT/arm.json"
+    --append 'root=LABEL={label} rootfstype={fstype} ro {next_append}' --json > "$LAB_OUT/arm.json"
 python3 -m handover inspect {region} --limit 3 > "$LAB_OUT/inspect.txt" 2>&1 || true
 echo 'python3 -m handover arm --exec' > /lab/exec
 """
@@ -204,7 +204,7 @@ def initrd(kind: str, k: lab.Kernel, with_hook: bool = True) -> tuple[Path, dict
     facts_f = out.with_suffix(".json")
     if out.exists() and facts_f.exists():
         return out, json.loads(facts_f.read_text())
-    for old in d.glob(f"{kind}-{'hook' if with_hook else 'plain'}-*"):
+    for old in d.glob(f"{kind}-{'hook' if with_hook else 'plain'}-{k.version}-*"):
         old.unlink()
     facts = BUILDERS[kind](k, out, with_hook)
     facts.pop("log", None)
@@ -222,6 +222,74 @@ def list_initrd(kind: str, img: Path) -> list[str]:
     # lsinitrd prints `ls -l` lines (after a header): the name is the 9th field
     return [f[8] for f in (ln.split() for ln in lines)
             if len(f) >= 9 and f[0][:1] in "-dlcbps" and len(f[0]) == 10]
+
+
+#: For a root file system without symlinks (vfat): busybox applets installed into a tmpfs.
+VFAT_PRELUDE = r"""#!/bin/busybox sh
+/bin/busybox mount -t tmpfs tmpfs /tmp
+/bin/busybox mkdir -p /tmp/bb
+/bin/busybox --install -s /tmp/bb
+PATH=/tmp/bb
+"""
+VFAT_LABEL = "HOROOT"
+
+
+def vfat_rootfs() -> Path:
+    """A 16 MiB vfat image (label HOROOT) with busybox and ROOT_INIT: for the patched lab
+    kernel, which has vfat but no ext4 and no modules (tools/kernel.py)."""
+    init = VFAT_PRELUDE + ROOT_INIT.replace("SLOT", str(lab.RESULT_SLOT_MB)).split("\n", 1)[1]
+    init = init.replace("mount -t tmpfs tmpfs /tmp\n", "", 1)
+    out = lab.cache_dir() / "e2e" / f"rootfs-vfat-{_key(init, Path('/bin/busybox'))}.img"
+    if out.exists():
+        return out
+    out.parent.mkdir(exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.unlink(missing_ok=True)
+    with tempfile.TemporaryDirectory() as td:
+        f = Path(td) / "init"
+        f.write_text(init)
+        subprocess.run(["mkfs.vfat", "-C", "-n", VFAT_LABEL, str(tmp), "16384"], check=True,
+                       capture_output=True)
+        env = dict(os.environ, MTOOLS_SKIP_CHECK="1")
+        for d in ("proc", "sys", "dev", "run", "tmp", "sbin", "bin"):
+            subprocess.run(["mmd", "-i", str(tmp), f"::/{d}"], check=True, env=env)
+        subprocess.run(["mcopy", "-i", str(tmp), str(f), "::/sbin/init"], check=True, env=env)
+        subprocess.run(["mcopy", "-i", str(tmp), "/bin/busybox", "::/bin/busybox"], check=True, env=env)
+    tmp.replace(out)
+    return out
+
+
+def patched_kernel(stale_ok: bool = False) -> lab.Kernel | None:
+    """The patched lab kernel (tools/kernel.py build) as a lab.Kernel tree that mkinitramfs
+    can use (boot/vmlinuz-V, boot/config-V, lib/modules/V with modules.builtin; no modules),
+    or None when it has not been built (``stale_ok``: or is older than the patches)."""
+    sys.path.insert(0, str(REPO / "tools"))
+    try:
+        import kernel as kt
+    finally:
+        sys.path.pop(0)
+    p = kt.built() or (kt.paths() if stale_ok else None)
+    if p is None or not os.path.exists(p["bzImage"]):
+        return None
+    build = Path(p["build"])
+    release = (build / "include/config/kernel.release").read_text().strip()
+    root = lab.cache_dir() / "e2e" / f"ktree-{release}"
+    k = lab.Kernel(release, root)
+    stamp = root / ".complete"
+    src_mtime = str(os.path.getmtime(p["bzImage"]))
+    if stamp.exists() and stamp.read_text() == src_mtime:
+        return k
+    shutil.rmtree(root, ignore_errors=True)
+    (root / "boot").mkdir(parents=True)
+    k.modules.mkdir(parents=True)
+    shutil.copy2(p["bzImage"], k.vmlinuz)
+    shutil.copy2(build / ".config", k.config)
+    for n in ("modules.builtin", "modules.builtin.modinfo"):
+        shutil.copy2(build / n, k.modules / n)
+    (k.modules / "modules.order").write_text("")
+    subprocess.run(["depmod", "-b", str(root), release], check=True, capture_output=True)
+    stamp.write_text(src_mtime)
+    return k
 
 
 def rootfs() -> Path:
@@ -277,22 +345,32 @@ def _console_times(workdir: Path) -> list[tuple[float, str]]:
 
 def run_cycle(kind: str = "initramfs-tools", pmem: str = "legacy", stale: bool = False,
               policy: str = "report", timeout: float = 300, echo: bool = False,
-              kexec_mode: str = "l") -> Cycle:
+              kexec_mode: str = "l", next_kernel: lab.Kernel | None = None) -> Cycle:
+    """One cycle; ``next_kernel``: kexec into this kernel (e.g. ``patched_kernel()``) instead
+    of the lab's Debian kernel, with an initramfs built for it and a vfat root."""
     ensure_tools()
     k = lab.fetch_kernel()
-    img, facts = initrd(kind, k)
-    root = rootfs()
+    files = {}
+    if next_kernel is None:
+        img, facts = initrd(kind, k)
+        root, label, fstype, kpath = rootfs(), ROOT_LABEL, "ext4", "/payload/lab/vmlinuz"
+    else:
+        lab.ensure_host_packages({"dosfstools": "/usr/sbin/mkfs.vfat", "mtools": "/usr/bin/mcopy"})
+        img, facts = initrd(kind, next_kernel)
+        root, label, fstype, kpath = vfat_rootfs(), VFAT_LABEL, "vfat", "/payload/e2e-vmlinuz"
+        files["e2e-vmlinuz"] = next_kernel.vmlinuz
+    files["e2e-initrd.img"] = img
     setup, region = REGION_SETUP[pmem]
     extra = f"--test-alter-bar {STALE_BAR}" if stale else ""
     script = PHASE1.format(region_setup=setup, region=region, token=TOKEN, policy=policy,
-                           extra=extra, label=ROOT_LABEL, next_append=NEXT_APPEND[kind],
-                           mode=kexec_mode)
+                           extra=extra, label=label, next_append=NEXT_APPEND[kind],
+                           mode=kexec_mode, next_kernel=kpath, fstype=fstype)
     # snapshot=on: writable for the guest (dracut's fsck opens it read-write), never changed
     qargs = ["-drive", f"if=none,id=root,file={root},format=raw,snapshot=on",
              "-device", "virtio-blk-pci,drive=root,iommu_platform=on,disable-legacy=on,addr=07.0"]
     # two "phases": the lab runs the first; the second kernel's root init fills slot 2
     res = lab.run_guest([script, "# run by the real initramfs + root init\n"], pmem=pmem,
-                        files={"e2e-initrd.img": img}, qemu_args=qargs, timeout=timeout,
+                        files=files, qemu_args=qargs, timeout=timeout,
                         echo=echo)
     p1, p2 = res.phases
     if p1.rc != 0:

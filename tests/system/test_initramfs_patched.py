@@ -11,27 +11,18 @@ kernel is built (make kernel; HANDOVER_BUILD_KERNEL=1 builds it here, 15-25 min)
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 from tests.system import e2e, lab
+from tests.system.test_kernel_handover import patched  # noqa: F401 (fixture: built, or skip)
 
 pytestmark = [pytest.mark.system, pytest.mark.kernel]
 
 
 @pytest.fixture(scope="module")
-def kernel():
-    k = e2e.patched_kernel()
-    if k is None:
-        if os.environ.get("HANDOVER_BUILD_KERNEL") != "1":
-            pytest.skip("patched kernel not built (or older than the patches): make kernel")
-        import sys
-        sys.path.insert(0, str(e2e.REPO / "tools"))
-        import kernel as kt
-        kt.build(os.cpu_count() or 2)
-        k = e2e.patched_kernel()
-    return k
+def kernel(patched):
+    """The lab tree of the kernel that test_kernel_handover's fixture builds or skips for."""
+    return e2e.patched_kernel()
 
 
 def _cycle(k, **kw) -> e2e.Cycle:

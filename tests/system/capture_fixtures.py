@@ -91,6 +91,11 @@ PROFILES = {
     "debian-6.12-legacy-pmem-kdump": dict(pmem="legacy", scripts=[SETUP_THEN_KEXEC, CAPTURE_ONLY],
                                           kexec_mode="p",
                                           kexec_append="irqpoll nr_cpus=1 reset_devices"),
+    # the patched kernel (tools/kernel.py: linux-source-6.12 + kernel-patches/, built with
+    # CONFIG_INTEL_IOMMU_DEBUGFS=y), reached by kexec from the stock one: the full capture,
+    # debugfs iommu/intel/* and the 0003 sysfs registers included
+    "handover-6.12-debugfs": dict(pmem="legacy", scripts=["true\n", SCRIPT], kexec_mode="l",
+                                  patched=True),
 }
 
 
@@ -98,6 +103,15 @@ def capture(name: str, out_root: Path, timeout: float = 180) -> Path:
     kw = dict(PROFILES[name])
     scripts = kw.pop("scripts", [SCRIPT])
     files = {"vfio_edu.py": GUEST / "vfio_edu.py", "capture_sysfs.py": GUEST / "capture_sysfs.py"}
+    patched = kw.pop("patched", False)
+    if patched:
+        sys.path.insert(0, str(lab.REPO / "tools"))
+        import kernel as kbuild
+
+        built = kbuild.built()
+        if built is None:
+            raise SystemExit(f"{name}: build the patched kernel first (make kernel)")
+        files["lab/vmlinuz.2"] = Path(built["bzImage"])
     res = lab.run_guest(scripts, files=files, timeout=timeout, **kw)
     res.check()
     ph = res.phases[-1]
@@ -111,13 +125,18 @@ def capture(name: str, out_root: Path, timeout: float = 180) -> Path:
         (dest / "_capture/phase1-stdout.txt").write_text(res.phases[0].stdout)
         (dest / "_capture/phase1-dmesg.txt").write_text(res.phases[0].dmesg)
         vfio = dest / "_capture/phase1-stdout.txt"
+    kernel_note = (f"Debian `linux-image-{osrelease}` (stock, unpatched; `uname -r` = `{osrelease}`)"
+                   if not patched else
+                   f"`{osrelease}` built by `tools/kernel.py` from Debian's linux-source-6.12 "
+                   f"(6.12.117) + `kernel-patches/` (CONFIG_INTEL_IOMMU_DEBUGFS=y, everything "
+                   f"built in), booted by kexec from the stock Debian kernel (phase 1 does nothing)")
     (dest / "CAPTURED.md").write_text(f"""# Captured fixture `{name}`
 
 Real sysfs/procfs state of a QEMU guest, copied by `tests/system/capture_fixtures.py`
 (re-run: `/opt/handover-venv/bin/python -m tests.system.capture_fixtures {name}`).
 
 - Captured: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}
-- Guest kernel: Debian `linux-image-{osrelease}` (stock, unpatched; `uname -r` = `{osrelease}`)
+- Guest kernel: {kernel_note}
 - Kernel command line: `{ph.cmdline.strip()}`
 - QEMU (TCG, {_qemu_version()}):
   ```

@@ -139,6 +139,41 @@ vectors get fresh indices as in kdump. Any other unit is treated as before.""",
 ]
 
 
+PATCHES += [
+    ("0005-handover-keep-DMA-translation-for-keepalive-devices-across-kexec.patch",
+     "handover: keep DMA translation for keepalive devices across kexec",
+     """Old kernel: `handover arm` names the keepalive devices in
+/sys/kernel/handover/keepalive. While any is armed, the kexec shutdown path
+leaves VT-d translation (and interrupt remapping) on, and does not clear bus
+mastering of those devices and of the bridges above them; everything else
+shuts down as before.
+
+New kernel: when translation was left on and a validated handover state holds
+the unit with the same RTADDR and reserved its root table, copy the context
+entries as a kdump kernel does instead of disabling translation. Any other
+unit is treated as before.""",
+     [edit("drivers/iommu/intel/iommu.c", '#include <linux/crash_dump.h>\n',
+           '#include <linux/crash_dump.h>\n#include <linux/handover.h>\n'),
+      edit("drivers/iommu/intel/iommu.c",
+           "\t\tif (translation_pre_enabled(iommu) && !is_kdump_kernel()) {\n",
+           "\t\tif (translation_pre_enabled(iommu) && !is_kdump_kernel() &&\n"
+           "\t\t    !handover_keep_translation(iommu->name, iommu->reg_phys,\n"
+           "\t\t\t\t\t       dmar_readq(iommu->reg + DMAR_RTADDR_REG))) {\n"),
+      edit("drivers/iommu/intel/iommu.c",
+           "\t/* Make sure the IOMMUs are switched off */\n\tintel_disable_iommus();\n",
+           "\t/* Make sure the IOMMUs are switched off, unless devices are kept alive */\n"
+           "\tif (handover_armed())\n"
+           "\t\tpr_info(\"handover armed: DMA translation left on for the next kernel\\n\");\n"
+           "\telse\n\t\tintel_disable_iommus();\n"),
+      edit("drivers/pci/pci-driver.c", "#include <linux/kexec.h>\n",
+           "#include <linux/handover.h>\n#include <linux/kexec.h>\n"),
+      edit("drivers/pci/pci-driver.c",
+           "\tif (kexec_in_progress && (pci_dev->current_state <= PCI_D3hot))\n",
+           "\tif (kexec_in_progress && (pci_dev->current_state <= PCI_D3hot) &&\n"
+           "\t    !handover_keepalive_pci(pci_dev))\n")]),
+]
+
+
 def git(tree: str, *args: str, **kw) -> str:
     return subprocess.run(["git", "-C", tree, *args], check=True, capture_output=True, text=True,
                           **kw).stdout

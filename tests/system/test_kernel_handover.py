@@ -196,3 +196,49 @@ def test_stock_state_does_not_keep_ir(patched):
     msg = res.phases[1].files["dmesg-handover.txt"].decode()
     assert "interrupt remapping not kept: IRTA was not captured" in msg, msg
     assert _status(res.phases[1].files["status.txt"].decode())["ir_tables_kept"] == "0"
+
+
+SAVE_ARM_LIVE = r"""
+set -e
+echo vfio-pci > /sys/bus/pci/devices/0000:00:03.0/driver_override
+echo 0000:00:03.0 > /sys/bus/pci/drivers_probe
+# edu live through VFIO: a DMA mapping (context entry, domain, page tables) and MSI
+python3 vfio_edu.py 0000:00:03.0 /tmp/vfio-ready /tmp/vfio-stop > /tmp/vfio-holder.log 2>&1 &
+i=0; while [ ! -f /tmp/vfio-ready ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done
+cat /tmp/vfio-ready > "$LAB_OUT/vfio-ready.txt"
+python3 -m handover region init /dev/pmem0 --force
+python3 -m handover save --region /dev/pmem0 --json > "$LAB_OUT/save.json"
+python3 -m handover inspect --json /dev/pmem0 > "$LAB_OUT/inspect.json"
+echo 0000:00:03.0 > /sys/kernel/handover/keepalive
+cat /sys/kernel/handover/keepalive > "$LAB_OUT/keepalive.txt"
+"""
+
+REPORT_DMAR = REPORT + r"""
+dmesg | grep -E 'DMAR' > "$LAB_OUT/dmar.txt" || true
+"""
+
+
+def test_patched_kernels_keep_dma_translation(patched):
+    """Patched -> patched with edu live under VFIO and armed as keepalive: the old kernel
+    leaves translation on (patch 0005), the new one copies the context entries of the
+    handed-over unit instead of disabling translation, and keeps the IR table (0004)."""
+    from tests.system import lab
+
+    bz = Path(patched["bzImage"])
+    files = {"lab/vmlinuz.2": bz, "lab/vmlinuz.3": bz,
+             "vfio_edu.py": ROOT / "tests" / "system" / "guest" / "vfio_edu.py"}
+    res = lab.run_guest([NOTHING, SAVE_ARM_LIVE, REPORT_DMAR], pmem="legacy",
+                        kexec_append=f"handover={REGION}", files=files, timeout=600)
+    res.check()
+    p2, p3 = res.phases[1], res.phases[2]
+    assert p2.files["keepalive.txt"].decode().split() == ["0000:00:03.0"]
+    state = json.loads(p2.files["inspect.json"])
+    assert state["counts"]["contexts"] >= 1 and state["counts"]["irtes"] >= 1
+    dmar = p3.files["dmar.txt"].decode()
+    status = _status(p3.files["status.txt"].decode())
+    print(p3.files["status.txt"].decode() + p3.files["dmesg-handover.txt"].decode() + dmar)
+    assert status["state"] == "valid"
+    assert "Translation already enabled - trying to copy translation structures" in dmar
+    assert "Copied translation tables from previous kernel for dmar0" in dmar
+    assert "not in kdump mode" not in dmar
+    assert status["dma_tables_kept"] == "1" and status["ir_tables_kept"] == "1"

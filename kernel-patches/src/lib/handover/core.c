@@ -16,6 +16,7 @@
  *	blob      (0400) the validated RAM copy of the state
  *	formats   (0444) the format versions this kernel reads
  *	decision  (0644) "accept" or "abort": written by `handover load` in the initramfs
+ *	keepalive (0644) on the old kernel: the devices a kexec must leave running
  */
 #define pr_fmt(fmt) "handover: " fmt
 
@@ -29,6 +30,7 @@
 #include <linux/kobject.h>
 #include <linux/memblock.h>
 #include <linux/mutex.h>
+#include <linux/pci.h>
 #include <linux/string.h>
 #include <linux/sysfs.h>
 #include <linux/vmcore_info.h>
@@ -234,17 +236,18 @@ bool handover_state_valid(void)
 }
 
 /*
- * Interrupt remapping on the unit at @reg_phys was left enabled by the previous kernel,
- * with table register @irta. Keep its entries (the caller loads them as a kdump kernel
- * does) only when the validated state describes this unit with the same IRTA and IR on,
- * and reserved the whole table; otherwise the caller disables IR as on any other boot.
+ * A register of the unit at @reg_phys still holds what the previous kernel programmed
+ * (@value, masked with ~0xfff gives a table of @size bytes). The structures it points to
+ * may be kept only when the validated state describes this unit with the same value, the
+ * register was captured with its enable flag set, and the whole table is among the ranges
+ * reserved before the page allocator started.
  */
-static u32 ho_ir_kept;
-
-bool handover_keep_ir(const char *name, u64 reg_phys, u64 irta)
+static bool ho_unit_keep(const char *name, const char *what, u64 reg_phys, unsigned int off,
+			 u32 present_bit, u32 flag_bit, u64 value, u64 size, unsigned int kind)
 {
 	const struct ho_section *us, *rs;
 	const char *why = "not in the handed-over state";
+	u64 table = value & ~0xfffULL;
 
 	if (!handover_state_valid())
 		return false;
@@ -252,34 +255,83 @@ bool handover_keep_ir(const char *name, u64 reg_phys, u64 irta)
 	rs = ho_find_section(&ho_view, HO_SEC_RESERVED);
 	for (u32 i = 0; us && i < us->count; i++) {
 		const u8 *r = ho_record(&ho_view, us, i);
-		u64 table = irta & ~0xfffULL, size = 16ULL << ((irta & 0xf) + 1);
 
 		if (ho_get_le64(r + HO_UNIT_OFF_REG_BASE) != reg_phys)
 			continue;
-		why = "IRTA was not captured";
-		if (!(ho_get_le32(r + HO_UNIT_OFF_PRESENT) & HO_UNIT_P_IRTA) ||
-		    !(ho_get_le32(r + HO_UNIT_OFF_FLAGS) & HO_UNIT_F_IRE))
+		why = "the register was not captured with the feature on";
+		if (!(ho_get_le32(r + HO_UNIT_OFF_PRESENT) & present_bit) ||
+		    !(ho_get_le32(r + HO_UNIT_OFF_FLAGS) & flag_bit))
 			break;
-		why = "IRTA differs from the saved one";
-		if (ho_get_le64(r + HO_UNIT_OFF_IRTA) != irta)
+		why = "the register differs from the saved one";
+		if (ho_get_le64(r + off) != value)
 			break;
-		why = "the IR table is not among the reserved ranges";
+		why = "its table is not among the reserved ranges";
 		for (u32 j = 0; rs && j < rs->count; j++) {
 			const u8 *q = ho_record(&ho_view, rs, j);
 			u64 start = ho_get_le64(q + HO_RESERVED_OFF_START);
 			u64 len = ho_get_le64(q + HO_RESERVED_OFF_SIZE);
 
-			if (ho_get_le16(q + HO_RESERVED_OFF_KIND) == HO_RES_IR_TABLE &&
+			if (ho_get_le16(q + HO_RESERVED_OFF_KIND) == kind &&
 			    start <= table && table + size <= start + len) {
-				pr_info("%s: keeping the interrupt-remapping table at %#llx (%llu entries)\n",
-					name, table, size / 16);
-				ho_ir_kept++;
+				pr_info("%s: keeping the %s at %#llx\n", name, what, table);
 				return true;
 			}
 		}
 		break;
 	}
-	pr_info("%s: interrupt remapping not kept: %s\n", name, why);
+	pr_info("%s: %s not kept: %s\n", name, what, why);
+	return false;
+}
+
+static u32 ho_ir_kept, ho_dma_kept;
+
+/* interrupt remapping left enabled by the previous kernel: keep its IRTEs? */
+bool handover_keep_ir(const char *name, u64 reg_phys, u64 irta)
+{
+	bool keep = ho_unit_keep(name, "interrupt-remapping table", reg_phys, HO_UNIT_OFF_IRTA,
+				 HO_UNIT_P_IRTA, HO_UNIT_F_IRE, irta, 16ULL << ((irta & 0xf) + 1),
+				 HO_RES_IR_TABLE);
+
+	ho_ir_kept += keep;
+	return keep;
+}
+
+/* DMA translation left enabled by the previous kernel: copy its context entries? */
+bool handover_keep_translation(const char *name, u64 reg_phys, u64 rtaddr)
+{
+	bool keep = ho_unit_keep(name, "DMA-remapping root table", reg_phys, HO_UNIT_OFF_RTADDR,
+				 HO_UNIT_P_RTADDR, HO_UNIT_F_TE, rtaddr, 4096, HO_RES_ROOT_TABLE);
+
+	ho_dma_kept += keep;
+	return keep;
+}
+
+/* ---- the old kernel: which devices a kexec must leave running ------------------------- */
+#define HO_MAX_KEEPALIVE 64
+static u32 ho_keep[HO_MAX_KEEPALIVE];
+static int ho_nkeep;
+
+bool handover_armed(void)
+{
+	return READ_ONCE(ho_nkeep) > 0;
+}
+
+/* @pdev is a keepalive device, or a bridge on the path to one (its bus range holds one) */
+bool handover_keepalive_pci(struct pci_dev *pdev)
+{
+	u32 seg = pci_domain_nr(pdev->bus);
+	u32 me = seg << 16 | pdev->bus->number << 8 | pdev->devfn;
+
+	for (int i = 0; i < READ_ONCE(ho_nkeep); i++) {
+		u32 k = ho_keep[i], kbus = (k >> 8) & 0xff;
+
+		if (k == me)
+			return true;
+		if (pdev->subordinate && (k >> 16) == seg &&
+		    kbus >= pdev->subordinate->busn_res.start &&
+		    kbus <= pdev->subordinate->busn_res.end)
+			return true;
+	}
 	return false;
 }
 
@@ -301,6 +353,8 @@ static ssize_t status_show(struct kobject *k, struct kobj_attribute *a, char *bu
 		len += sysfs_emit_at(buf, len, "region: %#llx@%#llx\n", ho_region_size, ho_region_phys);
 	if (ho_reason && *ho_reason)
 		len += sysfs_emit_at(buf, len, "reason: %s\n", ho_reason);
+	if (ho_nkeep)
+		len += sysfs_emit_at(buf, len, "armed: %d keepalive devices\n", ho_nkeep);
 	if (ho_state == HO_ST_REJECTED)
 		len += sysfs_emit_at(buf, len, "error: %s at offset %llu\n", ho_strerror(ho_error),
 				     ho_error_off);
@@ -320,7 +374,8 @@ static ssize_t status_show(struct kobject *k, struct kobj_attribute *a, char *bu
 				     ho_count(HO_SEC_BRIDGE), ho_count(HO_SEC_RESERVED));
 		len += sysfs_emit_at(buf, len, "reserved_ranges: %llu\nreserved_bytes: %llu\nreserved_skipped: %llu\n",
 				     ho_reserved_count, ho_reserved_bytes, ho_reserved_skipped);
-		len += sysfs_emit_at(buf, len, "ir_tables_kept: %u\n", ho_ir_kept);
+		len += sysfs_emit_at(buf, len, "ir_tables_kept: %u\ndma_tables_kept: %u\n",
+				     ho_ir_kept, ho_dma_kept);
 	}
 	mutex_unlock(&ho_lock);
 	return len;
@@ -360,6 +415,46 @@ static ssize_t decision_store(struct kobject *k, struct kobj_attribute *a, const
 	return ret;
 }
 
+static ssize_t keepalive_show(struct kobject *k, struct kobj_attribute *a, char *buf)
+{
+	int len = 0;
+
+	mutex_lock(&ho_lock);
+	for (int i = 0; i < ho_nkeep; i++)
+		len += sysfs_emit_at(buf, len, "%04x:%02x:%02x.%x\n", ho_keep[i] >> 16,
+				     (ho_keep[i] >> 8) & 0xff, (ho_keep[i] >> 3) & 0x1f, ho_keep[i] & 7);
+	mutex_unlock(&ho_lock);
+	return len;
+}
+
+/*
+ * `handover arm` writes one keepalive device ("ssss:bb:dd.f") per write, or "clear".
+ * While any is armed, a kexec leaves DMA translation on and does not clear bus mastering
+ * of those devices and their upstream bridges; everything else shuts down as before.
+ */
+static ssize_t keepalive_store(struct kobject *k, struct kobj_attribute *a, const char *buf,
+			       size_t count)
+{
+	unsigned int seg, bus, dev, fn;
+	int ret = count;
+
+	mutex_lock(&ho_lock);
+	if (sysfs_streq(buf, "clear")) {
+		WRITE_ONCE(ho_nkeep, 0);
+	} else if (sscanf(buf, "%x:%x:%x.%x", &seg, &bus, &dev, &fn) != 4 || seg > 0xffff ||
+		   bus > 0xff || dev > 0x1f || fn > 7) {
+		ret = -EINVAL;
+	} else if (ho_nkeep >= HO_MAX_KEEPALIVE) {
+		ret = -ENOSPC;
+	} else {
+		ho_keep[ho_nkeep] = seg << 16 | bus << 8 | dev << 3 | fn;
+		WRITE_ONCE(ho_nkeep, ho_nkeep + 1);
+		pr_info("armed: %04x:%02x:%02x.%x stays alive across kexec\n", seg, bus, dev, fn);
+	}
+	mutex_unlock(&ho_lock);
+	return ret;
+}
+
 static ssize_t blob_read(struct file *f, struct kobject *k, struct bin_attribute *a, char *buf,
 			 loff_t off, size_t count)
 {
@@ -373,10 +468,12 @@ static ssize_t blob_read(struct file *f, struct kobject *k, struct bin_attribute
 static struct kobj_attribute ho_status_attr = __ATTR_RO(status);
 static struct kobj_attribute ho_formats_attr = __ATTR_RO(formats);
 static struct kobj_attribute ho_decision_attr = __ATTR(decision, 0644, decision_show, decision_store);
+static struct kobj_attribute ho_keepalive_attr = __ATTR(keepalive, 0644, keepalive_show, keepalive_store);
 static struct bin_attribute ho_blob_attr = __BIN_ATTR(blob, 0400, blob_read, NULL, 0);
 
 static struct attribute *ho_attrs[] = {
-	&ho_status_attr.attr, &ho_formats_attr.attr, &ho_decision_attr.attr, NULL,
+	&ho_status_attr.attr, &ho_formats_attr.attr, &ho_decision_attr.attr,
+	&ho_keepalive_attr.attr, NULL,
 };
 static struct bin_attribute *ho_bin_attrs[] = { &ho_blob_attr, NULL };
 static const struct attribute_group ho_group = { .attrs = ho_attrs, .bin_attrs = ho_bin_attrs };

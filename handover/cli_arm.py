@@ -267,6 +267,7 @@ def arm(image, initrd, append, command_line, region, next_region, policy, device
                   "minor": minor, "kernel": image, "cmdline": cmdline,
                   "armed_at": time.time(), "generation": report.get("generation")}
         doc["marker"] = _write_marker(result_dir, marker)
+        doc["keepalive"] = arm_keepalive(sysroot, report.get("devices") or [])
     if as_json:
         _emit_json(doc)
     else:
@@ -278,6 +279,25 @@ def arm(image, initrd, append, command_line, region, next_region, policy, device
         _exec(sysroot, False)
     elif do_exec:
         click.echo("would run: " + shlex.join(exec_command(systemd_running(sysroot))), err=True)
+
+
+KEEPALIVE = "sys/kernel/handover/keepalive"
+
+
+def arm_keepalive(sysroot: str, devices: list[str]) -> dict:
+    """Tell a patched running kernel which devices its kexec must leave running (DMA
+    translation on, bus mastering kept: kernel-patches 0005). Feature-detected: on a stock
+    kernel the file does not exist and nothing changes."""
+    path = os.path.join(sysroot, KEEPALIVE)
+    if not os.path.exists(path):
+        return {"armed": False, "reason": f"/{KEEPALIVE} missing: kernel without handover patches"}
+    try:
+        for word in ["clear", *devices]:
+            with open(path, "w") as f:
+                f.write(word + "\n")
+    except OSError as e:
+        raise HandoverError(f"/{KEEPALIVE}: cannot arm {word}: {e.strerror}") from None
+    return {"armed": True, "devices": list(devices)}
 
 
 def _default_region() -> str:

@@ -178,3 +178,15 @@ def test_on_shutdown_gate(host, tmp_path):
     code, _, err = run("arm", "--on-shutdown", "--result-dir", rd, "--sysroot", root, "-q")
     assert code == 0 and "saved at shutdown: generation 1" in err, err
     assert run("region", "status", region)[0] == 0
+
+
+def test_arm_keepalive_feature_detected(tmp_path):
+    from handover.cli_arm import KEEPALIVE, arm_keepalive
+
+    assert arm_keepalive(str(tmp_path), ["0000:00:03.0"])["armed"] is False
+    f = tmp_path / KEEPALIVE
+    f.parent.mkdir(parents=True)
+    f.write_text("")
+    got = arm_keepalive(str(tmp_path), ["0000:00:03.0", "0000:00:04.0"])
+    assert got == {"armed": True, "devices": ["0000:00:03.0", "0000:00:04.0"]}
+    assert f.read_text() == "0000:00:04.0\n"  # one device per write, after a "clear"

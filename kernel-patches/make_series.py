@@ -140,25 +140,15 @@ vectors get fresh indices as in kdump. Any other unit is treated as before.""",
 
 
 PATCHES += [
-    ("0005-handover-keep-DMA-translation-for-keepalive-devices-across-kexec.patch",
-     "handover: keep DMA translation for keepalive devices across kexec",
-     """Old kernel: `handover arm` names the keepalive devices in
-/sys/kernel/handover/keepalive. While any is armed, the kexec shutdown path
-leaves VT-d translation (and interrupt remapping) on, and does not clear bus
-mastering of those devices and of the bridges above them; everything else
-shuts down as before.
-
-New kernel: when translation was left on and a validated handover state holds
-the unit with the same RTADDR and reserved its root table, copy the context
-entries as a kdump kernel does instead of disabling translation. Any other
-unit is treated as before.""",
+    ("0005-handover-leave-DMA-translation-and-bus-mastering-on-for-keepalive-devices.patch",
+     "handover: leave DMA translation and bus mastering on for keepalive devices",
+     """`handover arm` names the keepalive devices in /sys/kernel/handover/keepalive.
+While any is armed, the kexec shutdown path leaves VT-d translation (and
+interrupt remapping) on, and does not clear bus mastering of those devices and
+of the bridges above them; everything else shuts down as before. The next
+kernel still decides what to adopt.""",
      [edit("drivers/iommu/intel/iommu.c", '#include <linux/crash_dump.h>\n',
            '#include <linux/crash_dump.h>\n#include <linux/handover.h>\n'),
-      edit("drivers/iommu/intel/iommu.c",
-           "\t\tif (translation_pre_enabled(iommu) && !is_kdump_kernel()) {\n",
-           "\t\tif (translation_pre_enabled(iommu) && !is_kdump_kernel() &&\n"
-           "\t\t    !handover_keep_translation(iommu->name, iommu->reg_phys,\n"
-           "\t\t\t\t\t       dmar_readq(iommu->reg + DMAR_RTADDR_REG))) {\n"),
       edit("drivers/iommu/intel/iommu.c",
            "\t/* Make sure the IOMMUs are switched off */\n\tintel_disable_iommus();\n",
            "\t/* Make sure the IOMMUs are switched off, unless devices are kept alive */\n"

@@ -20,17 +20,12 @@ struct pci_dev;
 void __init handover_reserve(void);
 bool handover_state_valid(void);
 bool handover_keep_ir(const char *name, u64 reg_phys, u64 irta);
-bool handover_keep_translation(const char *name, u64 reg_phys, u64 rtaddr);
 bool handover_armed(void);
 bool handover_keepalive_pci(struct pci_dev *pdev);
 #else
 static inline void handover_reserve(void) { }
 static inline bool handover_state_valid(void) { return false; }
 static inline bool handover_keep_ir(const char *name, u64 reg_phys, u64 irta) { return false; }
-static inline bool handover_keep_translation(const char *name, u64 reg_phys, u64 rtaddr)
-{
-	return false;
-}
 static inline bool handover_armed(void) { return false; }
 static inline bool handover_keepalive_pci(struct pci_dev *pdev) { return false; }
 #endif

@@ -283,7 +283,7 @@ static bool ho_unit_keep(const char *name, const char *what, u64 reg_phys, unsig
 	return false;
 }
 
-static u32 ho_ir_kept, ho_dma_kept;
+static u32 ho_ir_kept;
 
 /* interrupt remapping left enabled by the previous kernel: keep its IRTEs? */
 bool handover_keep_ir(const char *name, u64 reg_phys, u64 irta)
@@ -293,16 +293,6 @@ bool handover_keep_ir(const char *name, u64 reg_phys, u64 irta)
 				 HO_RES_IR_TABLE);
 
 	ho_ir_kept += keep;
-	return keep;
-}
-
-/* DMA translation left enabled by the previous kernel: copy its context entries? */
-bool handover_keep_translation(const char *name, u64 reg_phys, u64 rtaddr)
-{
-	bool keep = ho_unit_keep(name, "DMA-remapping root table", reg_phys, HO_UNIT_OFF_RTADDR,
-				 HO_UNIT_P_RTADDR, HO_UNIT_F_TE, rtaddr, 4096, HO_RES_ROOT_TABLE);
-
-	ho_dma_kept += keep;
 	return keep;
 }
 
@@ -374,8 +364,7 @@ static ssize_t status_show(struct kobject *k, struct kobj_attribute *a, char *bu
 				     ho_count(HO_SEC_BRIDGE), ho_count(HO_SEC_RESERVED));
 		len += sysfs_emit_at(buf, len, "reserved_ranges: %llu\nreserved_bytes: %llu\nreserved_skipped: %llu\n",
 				     ho_reserved_count, ho_reserved_bytes, ho_reserved_skipped);
-		len += sysfs_emit_at(buf, len, "ir_tables_kept: %u\ndma_tables_kept: %u\n",
-				     ho_ir_kept, ho_dma_kept);
+		len += sysfs_emit_at(buf, len, "ir_tables_kept: %u\n", ho_ir_kept);
 	}
 	mutex_unlock(&ho_lock);
 	return len;

@@ -208,6 +208,13 @@ class Unit:
     irtes: dict | None = None                      # index -> (lo, hi); None = not readable
     contexts: list | None = None                   # dicts; None = not readable
 
+    def status_from_gsts(self, source: str) -> None:
+        """TES (bit 31) and IRES (bit 25) of a GSTS value in regs."""
+        if "gsts" in self.regs:
+            self.dma_enabled = bool(self.regs["gsts"] >> 31 & 1)
+            self.ir_enabled = bool(self.regs["gsts"] >> 25 & 1)
+            self.ir_enabled_source = f"{source} GSTS.IRES"
+
 
 @dataclass
 class PciDev:

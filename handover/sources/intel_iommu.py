@@ -52,10 +52,7 @@ class IntelIommuSysfs(Source):
                 if v is not None:
                     u.regs[reg] = v
                     u.reg_source[reg] = self.name
-            if "gsts" in u.regs:
-                u.dma_enabled = bool(u.regs["gsts"] >> 31 & 1)
-                u.ir_enabled = bool(u.regs["gsts"] >> 25 & 1)
-                u.ir_enabled_source = f"{self.name} GSTS.IRES"
+            u.status_from_gsts(self.name)
             ver = sr.try_text(f"{d}/version")
             if ver:
                 try:

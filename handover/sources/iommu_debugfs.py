@@ -273,10 +273,7 @@ class IntelIommuDebugfs(Source):
                                       f"debugfs {kname}={v:#x} differs from sysfs {u.regs[attr]:#x}")
                         u.regs[attr] = v
                         u.reg_source[attr] = self.name
-                if "gsts" in u.regs:
-                    u.dma_enabled = bool(u.regs["gsts"] >> 31 & 1)
-                    u.ir_enabled = bool(u.regs["gsts"] >> 25 & 1)
-                    u.ir_enabled_source = f"{self.name} GSTS.IRES"
+                u.status_from_gsts(self.name)
             for reg in DEBUGFS_ITEMS[:6]:
                 attr = reg.split(".")[1]
                 missing = [u.name for u in host.units.values() if attr not in u.regs]

@@ -169,12 +169,20 @@ def verify(source: str, generation: int | None, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Differences as JSON.")
 @click.option("--meta", "include_meta", is_flag=True,
               help="Also report creation time, generation and boot id.")
+@click.option("--generation-a", "gen_a", type=int, default=None, metavar="N",
+              help="For a region A: this generation instead of the newest valid one.")
+@click.option("--generation-b", "gen_b", type=int, default=None, metavar="N",
+              help="For a region B: this generation instead of the newest valid one.")
 @handle_errors
-def diff(a: str, b: str, as_json: bool, include_meta: bool) -> None:
-    """What changed between two saved states, per object (exit 0 same, 1 different)."""
+def diff(a: str, b: str, as_json: bool, include_meta: bool, gen_a: int | None,
+         gen_b: int | None) -> None:
+    """What changed between two saved states, per object (exit 0 same, 1 different).
+
+    A and B are blob files or regions; `diff R R --generation-a 3` compares a region's
+    generation 3 with its newest."""
     from . import render, source as src
 
-    la, lb = src.load(a), src.load(b)
+    la, lb = src.load(a, gen_a), src.load(b, gen_b)
     changes = render.diff_states(la.state, lb.state, include_meta=include_meta)
     if as_json:
         _emit_json({"same": not changes, "a": la.info, "b": lb.info, "changes": changes})

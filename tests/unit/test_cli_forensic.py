@@ -137,3 +137,25 @@ def test_console_script_subprocess():
     r = subprocess.run([sys.executable, "-m", "handover", "inspect", "/nonexistent/x"],
                        capture_output=True, text=True)
     assert r.returncode == 3 and r.stdout == "" and len(r.stderr.splitlines()) == 1
+
+
+def test_diff_two_generations_of_one_region(tmp_path):
+    from handover import pmem
+    from handover.formats.model import Table
+
+    reg = tmp_path / "region"
+    pmem.init(str(reg), size=8 << 20)
+    st = decode(open(TINY, "rb").read())
+    pmem.commit(str(reg), encode(st))
+    rows = list(st.bars)
+    rows[0] = rows[0]._replace(size=rows[0].size * 2)
+    st.bars = Table.from_rows(st.bars.spec, rows)
+    pmem.commit(str(reg), encode(st))
+    code, out, _ = run("diff", "--json", "--generation-a", "1", str(reg), str(reg))
+    d = json.loads(out)
+    assert code == 1 and d["a"]["generation"] == 1 and d["b"]["generation"] == 2
+    assert [c["fields"] for c in d["changes"]] == [{"size": ["0x100000", "0x200000"]}]
+    code, _, _ = run("diff", str(reg), str(reg))
+    assert code == 0
+    code, _, err = run("diff", "--generation-a", "7", str(reg), str(reg))
+    assert code == 3, err

@@ -136,14 +136,12 @@ def inspect(source: str | None, generation: int | None, vmcore: str | None, as_j
 def verify(source: str, generation: int | None, as_json: bool) -> None:
     """Check integrity (magic, CRCs, bounds, references) and version only."""
     from . import source as src
-    from .formats import codec
     from .formats.enums import section_name
 
     loaded = src.load(source, generation)
     _source_note(loaded.info)
     st = loaded.state
-    hdr = codec.read_header(loaded.blob)
-    secs = codec.read_sections(loaded.blob, hdr)
+    hdr, secs = st.header, st.sections
     if as_json:
         _emit_json({
             "ok": True, "format": f"{st.version[0]}.{st.version[1]}", "generation": st.generation,

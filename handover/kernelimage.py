@@ -118,7 +118,7 @@ def _decompress(kind: str, data: bytes) -> bytes | None:
             r = subprocess.run([tool, "-dc"], input=data, capture_output=True, timeout=120)
             return r.stdout or None
     except (OSError, EOFError, lzma.LZMAError, zlib.error, ValueError, subprocess.SubprocessError):
-        return None
+        pass
     return None
 
 

@@ -20,20 +20,13 @@ class Loaded:
         return bool(self.info.get("fallback"))
 
 
-def _region_api():
-    try:
-        from . import pmem  # noqa: F401
-        return pmem if hasattr(pmem, "probe") and hasattr(pmem, "read_latest") else None
-    except ImportError:
-        return None
-
-
 def read_blob(path: str, generation: int | None = None) -> tuple[bytes, dict]:
     """Return (blob, info) without decoding it."""
     if not os.path.exists(path):
         raise NoStateError(f"no saved state: {path} does not exist")
-    pmem = _region_api()
-    if pmem is not None and pmem.probe(path):
+    from . import pmem
+
+    if pmem.probe(path):
         r = pmem.read_latest(path, generation=generation)
         info = {"kind": "region", "path": path, "generation": r.generation, "slot": r.slot,
                 "fallback": bool(r.fallback), "reason": r.reason}

@@ -10,6 +10,7 @@ in the kernel (``__KERNEL__``) and in freestanding user space (only <stdint.h>/<
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import sys
@@ -52,9 +53,15 @@ def _fields(struct_):
     return out
 
 
+@functools.lru_cache(maxsize=1)
+def _structs_source() -> str:
+    with open(os.path.join(os.path.dirname(__file__), "structs.py")) as f:
+        return f.read()
+
+
 def _comments(block_start: str) -> dict[str, str]:
     """Field comments of one definition in structs.py (kernel names and bits)."""
-    src = open(os.path.join(os.path.dirname(__file__), "structs.py")).read()
+    src = _structs_source()
     i = src.index(block_start)
     j = src.find("\n)\n", i)
     block = src[i:j if j > 0 else None]

@@ -227,13 +227,14 @@ def decode(blob, *, check_refs: bool = True) -> State:
     """Verify and decode ``blob`` (bytes-like). Raises a HandoverError on any defect."""
     hdr = read_header(blob)
     entries = read_sections(blob, hdr)
-    st = State(version=(hdr["major"], hdr["minor"]), generation=hdr["generation"])
+    st = State(version=(hdr["major"], hdr["minor"]), generation=hdr["generation"], header=hdr)
     absent = set()
     by_type = {int(t): v for t, v in SECTION_LAYOUT.items()}
     for e in entries:
         stype, off, length = e["type"], e["offset"], e["length"]
         where = _where(e["index"], stype, off)
         data = e.pop("data")
+        st.sections.append(e)
         layout = by_type.get(stype)
         if layout is None:
             if e["flags"] & SEC_F_REQUIRED:

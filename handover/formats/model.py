@@ -133,6 +133,8 @@ class State:
     # filled by the decoder
     version: tuple[int, int] = (0, 0)
     generation: int = 0
+    header: dict = field(default_factory=dict)      # the verified file header
+    sections: list = field(default_factory=list)    # the verified section table (no data)
     unknown_sections: list = field(default_factory=list)
 
     def table(self, attr: str) -> Table:
@@ -210,18 +212,4 @@ _NONE_DEFAULT = {"unit": 0xFFFF, "physfn": 0xFFFFFFFF, "iommu_group": 0xFFFFFFFF
 def _default(spec: RecordSpec, name: str):
     if name in _NONE_DEFAULT and spec.name not in ("unit", "irte", "domain", "context"):
         return _NONE_DEFAULT[name]
-    fmt_field = _field_fmt(spec, name)
-    return b"" if fmt_field.endswith("s") else 0
-
-
-def _field_fmt(spec: RecordSpec, name: str) -> str:
-    import re
-
-    parts = re.findall(r"\d*[A-Za-z]", spec.fmt[1:])
-    names = iter(spec.fields)
-    for p in parts:
-        if p.endswith("x"):
-            continue
-        if next(names) == name:
-            return p
-    raise KeyError(name)
+    return b"" if spec.codes[name].endswith("s") else 0

@@ -99,6 +99,7 @@ class RecordSpec:
     key: tuple[str, ...]            # fields that order and identify records
     since: dict[str, int] = field(default_factory=dict)  # field -> minor that added it
     fields: tuple[str, ...] = ()
+    codes: dict = field(default_factory=dict)  # field -> struct code ("H", "Q", "16s", ...)
     fmt: str = ""
     size: int = 0
     tuple_type: type = tuple
@@ -114,10 +115,9 @@ class RecordSpec:
             if sc.name is None:  # Padding
                 fmt += f"{sc.sizeof()}x"
                 continue
-            if inner in _FMT:
-                fmt += _FMT[inner]
-            else:  # Bytes(n)
-                fmt += f"{inner.sizeof()}s"
+            code = _FMT[inner] if inner in _FMT else f"{inner.sizeof()}s"  # else Bytes(n)
+            fmt += code
+            self.codes[sc.name] = code
             names.append(sc.name)
         self.fields = tuple(names)
         self.fmt = fmt

@@ -25,10 +25,7 @@ def _field_strategy(code: str):
 
 
 def _record_strategy(spec):
-    import re
-
-    codes = [c for c in re.findall(r"\d*[A-Za-z]", spec.fmt[1:]) if not c.endswith("x")]
-    return S.tuples(*[_field_strategy(c) for c in codes])
+    return S.tuples(*[_field_strategy(spec.codes[f]) for f in spec.fields])
 
 
 meta_values = S.recursive(

@@ -1,6 +1,6 @@
 """``handover save``, ``handover load`` and ``handover capture-sysroot``: the live host.
 
-Registered into the main CLI by ``handover.cli._register_optional``.
+Registered into the main CLI lazily by ``handover.cli._LAZY_COMMANDS``.
 """
 
 from __future__ import annotations

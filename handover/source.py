@@ -24,13 +24,26 @@ def read_blob(path: str, generation: int | None = None) -> tuple[bytes, dict]:
     """Return (blob, info) without decoding it."""
     if not os.path.exists(path):
         raise NoStateError(f"no saved state: {path} does not exist")
-    from . import pmem
+    if _head(path) != MAGIC:  # a blob file needs no region layer (spares its import)
+        from . import pmem
 
-    if pmem.probe(path):
-        r = pmem.read_latest(path, generation=generation)
-        info = {"kind": "region", "path": path, "generation": r.generation, "slot": r.slot,
-                "fallback": bool(r.fallback), "reason": r.reason}
-        return r.blob, info
+        if pmem.probe(path):
+            r = pmem.read_latest(path, generation=generation)
+            info = {"kind": "region", "path": path, "generation": r.generation, "slot": r.slot,
+                    "fallback": bool(r.fallback), "reason": r.reason}
+            return r.blob, info
+    return _read_file(path), {"kind": "file", "path": path, "fallback": False}
+
+
+def _head(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(MAGIC))
+    except OSError:  # e.g. device-dax: mmap only; the region layer knows how to read it
+        return b""
+
+
+def _read_file(path: str) -> bytes:
     try:
         with open(path, "rb") as f:
             f.seek(0, os.SEEK_END)
@@ -46,7 +59,7 @@ def read_blob(path: str, generation: int | None = None) -> tuple[bytes, dict]:
                 blob = f.read(size)
     except OSError as e:
         raise HandoverError(f"cannot read {path}: {e.strerror or e}") from None
-    return blob, {"kind": "file", "path": path, "fallback": False}
+    return blob
 
 
 def load(path: str, generation: int | None = None, *, check_refs: bool = True,

@@ -10,7 +10,7 @@ HANDOVER_VENV ?= $(HOME)/.cache/handover/venv
 VPY := $(HANDOVER_VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: venv test test-unit test-system test-kernel kernel demo bench vectors clean-venv
+.PHONY: venv test test-unit test-system test-kernel test-keepalive kernel demo bench bench-keepalive vectors clean-venv
 
 $(VPY): pyproject.toml
 	@echo "handover: setting up $(HANDOVER_VENV)" >&2
@@ -38,11 +38,19 @@ kernel: $(VPY)
 test-kernel: $(VPY)
 	HANDOVER_BUILD_KERNEL=1 $(VPY) -m pytest -ra -s -m kernel $(PYTEST_ARGS) tests
 
+# issue 7's proof alone: a device kept alive across kexec, and the fallback (needs the kernel)
+test-keepalive: $(VPY)
+	HANDOVER_BUILD_KERNEL=1 $(VPY) -m pytest -ra -s -m kernel $(PYTEST_ARGS) tests/system/test_keepalive.py
+
 demo: $(VPY)
 	$(VPY) tools/demo.py
 
 bench: $(VPY)
 	$(VPY) benchmarks/bench_format.py
+
+# kexec -> keepalive device usable, and the boot time the patches add against the stock kernel
+bench-keepalive: $(VPY)
+	$(VPY) benchmarks/bench_keepalive_kexec.py
 
 vectors: $(VPY)
 	$(VPY) -m tests.vectors.make_vectors

@@ -126,7 +126,8 @@ PATCHES += [
      """A kexec leaves interrupt remapping enabled, and a kdump kernel keeps the old
 entries (iommu_load_old_irte) while any other kernel disables it. Keep them
 also when a validated handover state describes the unit with the same IRTA and
-reserved its table before the page allocator started: devices kept alive
+reserved its table before the page allocator started, and the unit's
+capabilities are the saved ones: devices kept alive
 across the kexec go on raising interrupts through their old entries, and new
 vectors get fresh indices as in kdump. Any other unit is treated as before.""",
      [edit("drivers/iommu/intel/irq_remapping.c", '#include "../irq_remapping.h"\n',
@@ -134,7 +135,7 @@ vectors get fresh indices as in kdump. Any other unit is treated as before.""",
       edit("drivers/iommu/intel/irq_remapping.c",
            "\tif (ir_pre_enabled(iommu)) {\n\t\tif (!is_kdump_kernel()) {\n",
            "\tif (ir_pre_enabled(iommu)) {\n\t\tif (!is_kdump_kernel() &&\n"
-           "\t\t    !handover_keep_ir(iommu->name, iommu->reg_phys,\n"
+           "\t\t    !handover_keep_ir(iommu->name, iommu->reg_phys, iommu->cap, iommu->ecap,\n"
            "\t\t\t\t      dmar_readq(iommu->reg + DMAR_IRTA_REG))) {\n")]),
 ]
 
@@ -164,6 +165,392 @@ kernel still decides what to adopt.""",
 ]
 
 
+ADOPT_TABLES = """/*
+ * handover: adopt in place the root table the previous kernel left translating, for the
+ * keepalive devices of a validated state (handover_keep_dma() checked the unit, RTADDR and
+ * that the root table was reserved before the page allocator started). Their context
+ * entries stay exactly as they are, marked copied, their domain IDs reserved; every other
+ * entry, and the root entry of every bus whose context table was not reserved, is cleared,
+ * so those devices start from fresh state. Legacy mode only. Returns the entries kept.
+ */
+static int handover_adopt_tables(struct intel_iommu *iommu)
+{
+	u64 rtaddr = dmar_readq(iommu->reg + DMAR_RTADDR_REG);
+	struct root_entry *rt;
+	int bus, devfn, kept = 0;
+
+	if ((rtaddr & DMA_RTADDR_SMT) || sm_supported(iommu))
+		return -EOPNOTSUPP;
+	iommu->copied_tables = bitmap_zalloc(BIT_ULL(16), GFP_KERNEL);
+	if (!iommu->copied_tables)
+		return -ENOMEM;
+	rt = phys_to_virt(rtaddr & VTD_PAGE_MASK);
+	for (bus = 0; bus < 256; bus++) {
+		phys_addr_t ctp = root_entry_lctp(&rt[bus]);
+		struct context_entry *ce;
+
+		if (!ctp)
+			continue;
+		if (!handover_keep_context_table(ctp)) {
+			rt[bus].lo = rt[bus].hi = 0;
+			continue;
+		}
+		ce = phys_to_virt(ctp);
+		for (devfn = 0; devfn < 256; devfn++) {
+			if (!context_present(&ce[devfn]))
+				continue;
+			if (handover_keep_context(iommu->name, iommu->segment, bus, devfn,
+						  ce[devfn].lo, ce[devfn].hi)) {
+				set_bit(context_domain_id(&ce[devfn]), iommu->domain_ids);
+				set_context_copied(iommu, bus, devfn);
+				kept++;
+			} else {
+				context_clear_entry(&ce[devfn]);
+			}
+		}
+		__iommu_flush_cache(iommu, ce, VTD_PAGE_SIZE);
+	}
+	if (!kept)
+		return -ENOENT;
+	iommu_free_page(iommu->root_entry);
+	iommu->root_entry = rt;
+	__iommu_flush_cache(iommu, rt, VTD_PAGE_SIZE);
+	return kept;
+}
+
+/* handover release of an adopted device: drop its old context entry (fresh state on attach) */
+static void handover_release_context(struct pci_dev *pdev)
+{
+	struct device_domain_info *info = dev_iommu_priv_get(&pdev->dev);
+	struct intel_iommu *iommu = info ? info->iommu : NULL;
+	struct context_entry *context;
+
+	if (!iommu)
+		return;
+	spin_lock(&iommu->lock);
+	context = iommu_context_addr(iommu, info->bus, info->devfn, 1);
+	if (context)
+		copied_context_tear_down(iommu, context, info->bus, info->devfn);
+	spin_unlock(&iommu->lock);
+}
+
+static int __init init_dmars(void)
+{"""
+
+CONTEXT_HELD = """/*
+ * handover: the context entry of a keepalive device, adopted from the previous kernel,
+ * goes on translating with the old tables whatever domain is attached, until the
+ * handover releases the device.
+ */
+static bool context_held(struct intel_iommu *iommu, u8 bus, u8 devfn)
+{
+	return !is_kdump_kernel() && context_copied(iommu, bus, devfn) &&
+	       handover_context_held(iommu->segment, bus, devfn);
+}
+
+static void copied_context_tear_down(struct intel_iommu *iommu,"""
+
+TAKE_IRTE = """/*
+ * handover: a held keepalive device sets up its MSI or MSI-X vector again (its new
+ * owner enabled interrupts): give the vector the IRTE index it had in the previous
+ * kernel. The entry is still allocated (the adopted table's present entries are), so the
+ * device's remappable message keeps its handle and its interrupts go on arriving through
+ * the same entry, which now points at the new vector. Single-vector allocations only.
+ */
+static int handover_take_irte(struct intel_iommu *iommu, struct irq_2_iommu *irq_iommu,
+			      struct irq_alloc_info *info, unsigned int nr_irqs)
+{
+	unsigned long flags;
+	int index;
+
+	if (is_kdump_kernel() || nr_irqs != 1 || !info->desc ||
+	    (info->type != X86_IRQ_ALLOC_TYPE_PCI_MSI &&
+	     info->type != X86_IRQ_ALLOC_TYPE_PCI_MSIX))
+		return -1;
+	index = handover_irte_index(msi_desc_to_pci_dev(info->desc), iommu->reg_phys,
+				    info->type == X86_IRQ_ALLOC_TYPE_PCI_MSIX,
+				    info->desc->msi_index);
+	if (index < 0 || index >= INTR_REMAP_TABLE_ENTRIES)
+		return -1;
+	raw_spin_lock_irqsave(&irq_2_ir_lock, flags);
+	if (!test_bit(index, iommu->ir_table->bitmap)) {
+		index = -1;	/* freed since: allocate as usual */
+	} else {
+		irq_iommu->iommu = iommu;
+		irq_iommu->irte_index = index;
+		irq_iommu->sub_handle = 0;
+		irq_iommu->irte_mask = 0;
+	}
+	raw_spin_unlock_irqrestore(&irq_2_ir_lock, flags);
+	return index;
+}"""
+
+I = "drivers/iommu/intel/iommu.c"
+R = "drivers/iommu/intel/irq_remapping.c"
+PATCHES += [
+    ("0006-iommu-vt-d-adopt-the-tables-of-keepalive-devices-in-place.patch",
+     "iommu/vt-d: adopt the DMA and IR tables of keepalive devices in place",
+     """When the previous kernel left translation on (a handover was armed) and a
+validated state describes the unit with the same register base, capabilities
+and RTADDR, and reserved the root table: keep translation on and adopt the
+root table in place. In it, keep exactly the context entries of keepalive
+devices that equal the saved ones and whose context and page tables were
+reserved; mark them copied and reserve their domain IDs. Every other entry is
+cleared, so other devices get fresh state, attached at probe (only adopted
+devices defer their attach). An adopted entry survives later attaches (default
+domain, vfio's domain) until the handover releases the device. A held device
+whose entry was not adopted is released. The IR table a validated state kept
+(0004) is likewise adopted in place, so IRTA and the IRTEs keepalive devices
+signal through stay where the state recorded them, and when a held device's
+new owner sets up an MSI or MSI-X vector again, the vector gets the IRTE index
+it had before: the device's message keeps its handle. debugfs shows copied
+(adopted or kdump) context entries: they are what the hardware uses.
+Legacy (non-scalable) mode only; kdump is unchanged.""",
+     [edit(I, "\treturn translation_pre_enabled(info->iommu) && !info->domain;\n",
+           "\treturn translation_pre_enabled(info->iommu) && !info->domain &&\n"
+           "\t       (is_kdump_kernel() || context_copied(info->iommu, info->bus, info->devfn));\n"),
+      edit(I, """	ret = 0;
+	if (context_present(context) && !context_copied(iommu, bus, devfn))
+		goto out_unlock;
+
+	copied_context_tear_down(iommu, context, bus, devfn);
+	context_clear_entry(context);
+
+	context_set_domain_id(context, did);
+""", """	ret = 0;
+	if (context_present(context) && !context_copied(iommu, bus, devfn))
+		goto out_unlock;
+	if (context_held(iommu, bus, devfn))
+		goto out_unlock;
+
+	copied_context_tear_down(iommu, context, bus, devfn);
+	context_clear_entry(context);
+
+	context_set_domain_id(context, did);
+"""),
+      edit(I, """	if (context_present(context) && !context_copied(iommu, bus, devfn)) {
+		spin_unlock(&iommu->lock);
+		return 0;
+	}
+
+	copied_context_tear_down(iommu, context, bus, devfn);
+	context_clear_entry(context);
+	context_set_domain_id(context, FLPT_DEFAULT_DID);
+""", """	if ((context_present(context) && !context_copied(iommu, bus, devfn)) ||
+	    context_held(iommu, bus, devfn)) {
+		spin_unlock(&iommu->lock);
+		return 0;
+	}
+
+	copied_context_tear_down(iommu, context, bus, devfn);
+	context_clear_entry(context);
+	context_set_domain_id(context, FLPT_DEFAULT_DID);
+"""),
+      edit(I, "static void copied_context_tear_down(struct intel_iommu *iommu,", CONTEXT_HELD),
+      edit(I, "static int __init init_dmars(void)\n{", ADOPT_TABLES),
+      edit(I, """		if (translation_pre_enabled(iommu) && !is_kdump_kernel()) {
+			iommu_disable_translation(iommu);""", """		if (translation_pre_enabled(iommu) && !is_kdump_kernel() &&
+		    !handover_keep_dma(iommu->name, iommu->reg_phys, iommu->cap, iommu->ecap,
+				       dmar_readq(iommu->reg + DMAR_RTADDR_REG))) {
+			iommu_disable_translation(iommu);"""),
+      edit(I, """			pr_info("Translation already enabled - trying to copy translation structures\\n");
+
+			ret = copy_translation_tables(iommu);
+			if (ret) {""", """			pr_info("Translation already enabled - trying to copy translation structures\\n");
+
+			if (is_kdump_kernel()) {
+				ret = copy_translation_tables(iommu);
+			} else {
+				ret = handover_adopt_tables(iommu);
+				if (ret > 0) {
+					pr_info("%s: adopted the root table of the previous kernel in place (%d keepalive context entries)\\n",
+						iommu->name, ret);
+					handover_register_iommu_release(handover_release_context);
+				}
+				ret = ret > 0 ? 0 : ret;
+			}
+			if (ret) {"""),
+      edit(I, """		intel_svm_check(iommu);
+	}
+""", """		intel_svm_check(iommu);
+	}
+
+	/* a keepalive device whose translation was not adopted must not run on */
+	handover_release_unadopted();
+"""),
+      edit(R, """	irt_phys = irta & VTD_PAGE_MASK;
+	size     = INTR_REMAP_TABLE_ENTRIES*sizeof(struct irte);
+
+	/* Map the old IR table */""", """	irt_phys = irta & VTD_PAGE_MASK;
+	size     = INTR_REMAP_TABLE_ENTRIES*sizeof(struct irte);
+
+	/*
+	 * handover (not kdump): the table was reserved before the page allocator started
+	 * and handover_keep_ir() checked it; adopt it in place, so the IRTEs keepalive
+	 * devices signal through never move, and IRTA stays what the state recorded.
+	 */
+	if (!is_kdump_kernel()) {
+		iommu_free_pages(iommu->ir_table->base, INTR_REMAP_PAGE_ORDER);
+		iommu->ir_table->base = phys_to_virt(irt_phys);
+		goto mark_used;
+	}
+
+	/* Map the old IR table */"""),
+      edit(R, """	__iommu_flush_cache(iommu, iommu->ir_table->base, size);
+
+	/*
+	 * Now check the table for used entries and mark those as
+	 * allocated in the bitmap
+	 */""", """	__iommu_flush_cache(iommu, iommu->ir_table->base, size);
+	memunmap(old_ir_table);
+
+mark_used:
+	/*
+	 * Now check the table for used entries and mark those as
+	 * allocated in the bitmap
+	 */"""),
+      edit(R, """			bitmap_set(iommu->ir_table->bitmap, i, 1);
+	}
+
+	memunmap(old_ir_table);
+
+	return 0;""", """			bitmap_set(iommu->ir_table->bitmap, i, 1);
+	}
+
+	return 0;"""),
+      edit(R, "static int qi_flush_iec(struct intel_iommu *iommu, int index, int mask)\n{",
+           TAKE_IRTE + "\n\nstatic int qi_flush_iec(struct intel_iommu *iommu, int index, int mask)\n{"),
+      edit(R, """	index = alloc_irte(iommu, &data->irq_2_iommu, nr_irqs);
+	if (index < 0) {""", """	index = handover_take_irte(iommu, &data->irq_2_iommu, info, nr_irqs);
+	if (index < 0)
+		index = alloc_irte(iommu, &data->irq_2_iommu, nr_irqs);
+	if (index < 0) {"""),
+      edit("drivers/iommu/intel/debugfs.c", """		context = iommu_context_addr(iommu, bus, devfn, 0);
+		if (!context)
+			return;
+
+		if (!context_present(context))
+			continue;
+
+		tbl_wlk.bus = bus;""", """		/*
+		 * An entry copied from the previous kernel (kdump, or adopted by a
+		 * handover) is what the hardware uses: show it too. Its table exists,
+		 * so asking to "allocate" only looks it up.
+		 */
+		context = iommu_context_addr(iommu, bus, devfn,
+					     context_copied(iommu, bus, devfn));
+		if (!context)
+			return;
+
+		if (!context_present(context))
+			continue;
+
+		tbl_wlk.bus = bus;""")]),
+]
+
+V = "drivers/vfio/pci/vfio_pci_core.c"
+M = "drivers/pci/msi/pcidev_msi.c"
+P = "drivers/pci/probe.c"
+PATCHES += [
+    ("0007-PCI-vfio-pci-leave-keepalive-devices-running-and-check-their-owner.patch",
+     "PCI, vfio-pci: leave keepalive devices running, and let only their owner open them",
+     """A keepalive device of a validated handover state, found at enumeration with
+its saved identity (vendor, device, class, revision), is held
+(lib/handover/core.c, an early fixup): its BARs are taken from the state and
+marked fixed instead of being sized by writing them, and its MSI/MSI-X enable
+bits are left set. A held device is not reset, not stripped of bus mastering
+and not put into idle D3 by vfio-pci, and opening it through a vfio group
+requires the previous owner's token (vf_token=<uuid>, checked against the
+salted SHA-256 in the state). A device the previous kernel left
+bus-mastering that is not held, or a held device released because `handover
+load` aborted or its translation was not adopted, is stopped (bus mastering,
+MSI, MSI-X off) and reset when it has a reset method.""",
+     [edit(P, "#include <linux/hypervisor.h>\n", "#include <linux/handover.h>\n#include <linux/hypervisor.h>\n"),
+      edit(P, """	for (pos = 0; pos < howmany; pos++) {
+		struct resource *res = &dev->resource[pos];
+		reg = PCI_BASE_ADDRESS_0 + (pos << 2);
+		pos += __pci_read_base(dev, pci_bar_unknown, res, reg);
+	}
+
+	if (rom) {
+		struct resource *res = &dev->resource[PCI_ROM_RESOURCE];
+		dev->rom_base_reg = rom;
+""", """	for (pos = 0; pos < howmany; pos++) {
+		struct resource *res = &dev->resource[pos];
+		reg = PCI_BASE_ADDRESS_0 + (pos << 2);
+		/* a keepalive device: no sizing writes, the BAR comes from the state */
+		if (handover_pci_bar(dev, pos, res)) {
+			pos += !!(res->flags & IORESOURCE_MEM_64);
+			continue;
+		}
+		pos += __pci_read_base(dev, pci_bar_unknown, res, reg);
+	}
+
+	if (rom) {
+		struct resource *res = &dev->resource[PCI_ROM_RESOURCE];
+		dev->rom_base_reg = rom;
+		if (handover_pci_bar(dev, PCI_ROM_RESOURCE, res))
+			return;
+"""),
+      edit(M, '#include "../pci.h"\n', '#include <linux/handover.h>\n#include "../pci.h"\n'),
+      edit(M, """	pci_read_config_word(dev, dev->msi_cap + PCI_MSI_FLAGS, &ctrl);
+	if (ctrl & PCI_MSI_FLAGS_ENABLE) {""", """	pci_read_config_word(dev, dev->msi_cap + PCI_MSI_FLAGS, &ctrl);
+	/* a keepalive device goes on signalling through its handed-over IRTEs */
+	if ((ctrl & PCI_MSI_FLAGS_ENABLE) && !handover_pci_held(dev)) {"""),
+      edit(M, """	pci_read_config_word(dev, dev->msix_cap + PCI_MSIX_FLAGS, &ctrl);
+	if (ctrl & PCI_MSIX_FLAGS_ENABLE) {""", """	pci_read_config_word(dev, dev->msix_cap + PCI_MSIX_FLAGS, &ctrl);
+	if ((ctrl & PCI_MSIX_FLAGS_ENABLE) && !handover_pci_held(dev)) {"""),
+      edit(V, "#include <linux/iommufd.h>\n", "#include <linux/iommufd.h>\n#include <linux/handover.h>\n"),
+      edit(V, """	/* Don't allow our initial saved state to include busmaster */
+	pci_clear_master(pdev);
+
+	ret = pci_enable_device(pdev);
+	if (ret)
+		goto out_power;
+
+	/* If reset fails because of the device lock, fail this path entirely */
+	ret = pci_try_reset_function(pdev);
+	if (ret == -EAGAIN)
+		goto out_disable_device;
+""", """	/* Don't allow our initial saved state to include busmaster */
+	if (!handover_pci_held(pdev))
+		pci_clear_master(pdev);
+
+	ret = pci_enable_device(pdev);
+	if (ret)
+		goto out_power;
+
+	/* If reset fails because of the device lock, fail this path entirely */
+	if (handover_pci_held(pdev)) {
+		/* kept alive across kexec: its DMA and interrupts are in flight */
+		pci_info(pdev, "handover: keepalive device opened without a reset\\n");
+		ret = -EBUSY;
+	} else {
+		ret = pci_try_reset_function(pdev);
+	}
+	if (ret == -EAGAIN)
+		goto out_disable_device;
+"""),
+      edit(V, "\tvdev->disable_idle_d3 = disable_idle_d3;\n",
+           "\t/* a keepalive device is never put into D3 while idle */\n"
+           "\tvdev->disable_idle_d3 = disable_idle_d3 || handover_pci_held(vdev->pdev);\n"),
+      edit(V, """	ret = vfio_pci_validate_vf_token(vdev, vf_token, &uuid);
+	if (ret)
+		return ret;
+
+	return 1; /* Match */""", """	/* a keepalive device: only its previous owner, with its token, may open it */
+	ret = handover_pci_open(vdev->pdev, vf_token ? uuid.b : NULL);
+	if (ret)
+		return ret;
+
+	ret = vfio_pci_validate_vf_token(vdev, vf_token, &uuid);
+	if (ret)
+		return ret;
+
+	return 1; /* Match */""")]),
+]
+
+
 def git(tree: str, *args: str, **kw) -> str:
     return subprocess.run(["git", "-C", tree, *args], check=True, capture_output=True, text=True,
                           **kw).stdout
@@ -172,7 +559,7 @@ def git(tree: str, *args: str, **kw) -> str:
 def build(tree: str, out: str) -> list[str]:
     base = git(tree, "rev-list", "--max-parents=0", "HEAD").split()[0]
     git(tree, "checkout", "-q", "-f", base)
-    git(tree, "clean", "-q", "-f", "-d", "lib/handover", "include/linux")
+    git(tree, "clean", "-q", "-f", "-d", "-x", "lib/handover", "include/linux")
     env = dict(os.environ, GIT_AUTHOR_DATE=DATE, GIT_COMMITTER_DATE=DATE)
     name, email = AUTHOR.rsplit(" <", 1)
     for fname, subject, body, steps in PATCHES:
@@ -194,7 +581,7 @@ def build(tree: str, out: str) -> list[str]:
     with open(os.path.join(out, "series"), "w") as f:
         f.write("".join(n + "\n" for n in names))
     git(tree, "checkout", "-q", "-f", base)
-    git(tree, "clean", "-q", "-f", "-d", "lib/handover")
+    git(tree, "clean", "-q", "-f", "-d", "-x", "lib/handover", "include/linux")
     return names
 
 

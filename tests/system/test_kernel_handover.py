@@ -222,8 +222,8 @@ def test_armed_kexec_leaves_translation_on(patched):
     """Patched -> patched with edu live under VFIO and armed as keepalive (patch 0005): the
     old kernel's kexec leaves DMA translation on (the new kernel finds TES set), the state
     carries edu's context entry and IRTEs from debugfs, and the new kernel keeps the IR
-    table (0004). Adopting the translation tables is not done yet (issue 7): the new kernel
-    disables translation as a stock kernel does, and boots."""
+    table (0004) and adopts the root table in place (0006) instead of disabling translation
+    as a stock kernel does. The device-level proof is tests/system/test_keepalive.py."""
     from tests.system import lab
 
     bz = Path(patched["bzImage"])
@@ -240,6 +240,9 @@ def test_armed_kexec_leaves_translation_on(patched):
     status = _status(p3.files["status.txt"].decode())
     print(p3.files["status.txt"].decode() + p3.files["dmesg-handover.txt"].decode() + dmar)
     assert status["state"] == "valid" and status["ir_tables_kept"] == "1"
-    # TES was still set when the new kernel looked: the old one left translation on
-    assert "Translation was enabled for dmar0 but we are not in kdump mode" in dmar
+    # TES was still set when the new kernel looked: the old one left translation on, and
+    # the new one kept it instead of disabling it
+    assert "Translation was enabled for dmar0 but we are not in kdump mode" not in dmar
+    assert "dmar0: adopted the root table of the previous kernel in place" in dmar
+    assert status["root_tables_kept"] == "1"
     assert "Copied IR table for dmar0 from previous kernel" in dmar

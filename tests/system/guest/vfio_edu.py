@@ -2,7 +2,11 @@
 
 Runs inside the lab guest (Debian python3.11, stdlib only).  Usage::
 
-    python3 vfio_edu.py 0000:00:03.0 READY_FILE STOP_FILE
+    python3 vfio_edu.py 0000:00:03.0 READY_FILE STOP_FILE [BUFFER]
+
+BUFFER (optional) is a file to map as the DMA buffer instead of anonymous memory: a
+device-dax node (/dev/daxN.M), whose memory survives a kexec, as guest RAM does in a VMM
+fast restart.
 
 It binds nothing itself (the caller sets driver_override and probes vfio-pci first).  It:
   1. opens the device's IOMMU group through a type1 container,
@@ -33,7 +37,7 @@ IOVA, BUF = 0x100000, 2 << 20
 EDU_DMA_BUF = 0x40000
 
 
-def main(bdf: str, ready: str, stop: str) -> None:
+def main(bdf: str, ready: str, stop: str, buffer: str | None = None) -> None:
     report = []
     group = os.path.basename(os.readlink(f"/sys/bus/pci/devices/{bdf}/iommu_group"))
     cfd = os.open("/dev/vfio/vfio", os.O_RDWR)
@@ -46,7 +50,12 @@ def main(bdf: str, ready: str, stop: str) -> None:
     fcntl.ioctl(cfd, SET_IOMMU, TYPE1v2)
     dfd = fcntl.ioctl(gfd, GROUP_GET_DEVICE_FD, bytearray(bdf.encode() + b"\0"))
     # DMA buffer
-    buf = mmap.mmap(-1, BUF, mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
+    if buffer:
+        bfd = os.open(buffer, os.O_RDWR)
+        buf = mmap.mmap(bfd, BUF, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        report.append(f"buffer={buffer}")
+    else:
+        buf = mmap.mmap(-1, BUF, mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
     vaddr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
     fcntl.ioctl(cfd, IOMMU_MAP_DMA, bytearray(struct.pack("IIQQQ", 32, 3, vaddr, IOVA, BUF)))
     report.append(f"dma_map iova={IOVA:#x} size={BUF:#x}")
@@ -96,6 +105,7 @@ def main(bdf: str, ready: str, stop: str) -> None:
     dma(EDU_DMA_BUF, IOVA + 4096, 1 | 2)  # from edu to PCI (RAM)
     ok = bytes(buf[4096:4096 + 64]) == pattern
     report.append(f"dma_roundtrip={'ok' if ok else 'MISMATCH'}")
+    report.append(f"pattern={pattern.hex()}")
     # interrupt: edu raises MSI when 0x60 is written; acknowledge via 0x64
     wr(0x60, 0x1)
     r, _, _ = select.select([efd], [], [], 5)
@@ -113,4 +123,4 @@ def main(bdf: str, ready: str, stop: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:5])

@@ -20,6 +20,9 @@
  */
 #define pr_fmt(fmt) "handover: " fmt
 
+#include <crypto/algapi.h>
+#include <crypto/sha2.h>
+#include <linux/bitmap.h>
 #include <linux/crc32.h>
 #include <linux/elfnote.h>
 #include <linux/handover.h>
@@ -73,6 +76,8 @@ static u64 ho_reserved_count, ho_reserved_bytes, ho_reserved_skipped;
 static struct ho_view ho_view;		/* points into the RAM copy */
 static const char *ho_reason = "";
 static DEFINE_MUTEX(ho_lock);
+
+static void __init ho_kept_init(void);
 
 static int __init handover_param(char *arg)
 {
@@ -218,6 +223,7 @@ void __init handover_reserve(void)
 			ho_state = HO_ST_VALID;
 			ho_reason = tried > 1 ? "newest slot damaged, older generation used" : "";
 			ho_reserve_ranges();
+			ho_kept_init();
 			pr_info("state %u.%u generation %llu (%llu bytes at %#llx) valid; reserved %llu ranges (%llu bytes)%s\n",
 				ho_view.major, ho_view.minor, ho_gen, ho_blob_len, ho_blob_phys,
 				ho_reserved_count, ho_reserved_bytes,
@@ -235,6 +241,23 @@ bool handover_state_valid(void)
 	return ho_state == HO_ST_VALID || ho_state == HO_ST_ACCEPTED;
 }
 
+/* [@phys, @phys + @size) lies inside one reserved range of @kind */
+static bool ho_reserved_holds(u64 phys, u64 size, unsigned int kind)
+{
+	const struct ho_section *rs = ho_find_section(&ho_view, HO_SEC_RESERVED);
+
+	for (u32 j = 0; rs && j < rs->count; j++) {
+		const u8 *q = ho_record(&ho_view, rs, j);
+		u64 start = ho_get_le64(q + HO_RESERVED_OFF_START);
+		u64 len = ho_get_le64(q + HO_RESERVED_OFF_SIZE);
+
+		if (ho_get_le16(q + HO_RESERVED_OFF_KIND) == kind && start <= phys &&
+		    phys + size <= start + len)
+			return true;
+	}
+	return false;
+}
+
 /*
  * A register of the unit at @reg_phys still holds what the previous kernel programmed
  * (@value, masked with ~0xfff gives a table of @size bytes). The structures it points to
@@ -242,22 +265,28 @@ bool handover_state_valid(void)
  * register was captured with its enable flag set, and the whole table is among the ranges
  * reserved before the page allocator started.
  */
-static bool ho_unit_keep(const char *name, const char *what, u64 reg_phys, unsigned int off,
-			 u32 present_bit, u32 flag_bit, u64 value, u64 size, unsigned int kind)
+static bool ho_unit_keep(const char *name, const char *what, u64 reg_phys, u64 cap, u64 ecap,
+			 unsigned int off, u32 present_bit, u32 flag_bit, u64 value, u64 size,
+			 unsigned int kind)
 {
-	const struct ho_section *us, *rs;
+	const struct ho_section *us;
 	const char *why = "not in the handed-over state";
 	u64 table = value & ~0xfffULL;
 
 	if (!handover_state_valid())
 		return false;
 	us = ho_find_section(&ho_view, HO_SEC_UNIT);
-	rs = ho_find_section(&ho_view, HO_SEC_RESERVED);
 	for (u32 i = 0; us && i < us->count; i++) {
 		const u8 *r = ho_record(&ho_view, us, i);
 
 		if (ho_get_le64(r + HO_UNIT_OFF_REG_BASE) != reg_phys)
 			continue;
+		why = "its capabilities differ from the saved ones (other hardware)";
+		if ((ho_get_le32(r + HO_UNIT_OFF_PRESENT) & HO_UNIT_P_CAP &&
+		     ho_get_le64(r + HO_UNIT_OFF_CAP) != cap) ||
+		    (ho_get_le32(r + HO_UNIT_OFF_PRESENT) & HO_UNIT_P_ECAP &&
+		     ho_get_le64(r + HO_UNIT_OFF_ECAP) != ecap))
+			break;
 		why = "the register was not captured with the feature on";
 		if (!(ho_get_le32(r + HO_UNIT_OFF_PRESENT) & present_bit) ||
 		    !(ho_get_le32(r + HO_UNIT_OFF_FLAGS) & flag_bit))
@@ -266,16 +295,9 @@ static bool ho_unit_keep(const char *name, const char *what, u64 reg_phys, unsig
 		if (ho_get_le64(r + off) != value)
 			break;
 		why = "its table is not among the reserved ranges";
-		for (u32 j = 0; rs && j < rs->count; j++) {
-			const u8 *q = ho_record(&ho_view, rs, j);
-			u64 start = ho_get_le64(q + HO_RESERVED_OFF_START);
-			u64 len = ho_get_le64(q + HO_RESERVED_OFF_SIZE);
-
-			if (ho_get_le16(q + HO_RESERVED_OFF_KIND) == kind &&
-			    start <= table && table + size <= start + len) {
-				pr_info("%s: keeping the %s at %#llx\n", name, what, table);
-				return true;
-			}
+		if (ho_reserved_holds(table, size, kind)) {
+			pr_info("%s: keeping the %s at %#llx\n", name, what, table);
+			return true;
 		}
 		break;
 	}
@@ -286,14 +308,358 @@ static bool ho_unit_keep(const char *name, const char *what, u64 reg_phys, unsig
 static u32 ho_ir_kept;
 
 /* interrupt remapping left enabled by the previous kernel: keep its IRTEs? */
-bool handover_keep_ir(const char *name, u64 reg_phys, u64 irta)
+bool handover_keep_ir(const char *name, u64 reg_phys, u64 cap, u64 ecap, u64 irta)
 {
-	bool keep = ho_unit_keep(name, "interrupt-remapping table", reg_phys, HO_UNIT_OFF_IRTA,
+	bool keep = ho_unit_keep(name, "interrupt-remapping table", reg_phys, cap, ecap, HO_UNIT_OFF_IRTA,
 				 HO_UNIT_P_IRTA, HO_UNIT_F_IRE, irta, 16ULL << ((irta & 0xf) + 1),
 				 HO_RES_IR_TABLE);
 
 	ho_ir_kept += keep;
 	return keep;
+}
+
+/* ---- the new kernel: the keepalive devices of a validated state ------------------------- */
+#define HO_MAX_KEPT 64
+
+enum ho_kept_state {
+	HO_KEPT_LISTED,		/* named by the state, not met yet */
+	HO_KEPT_HELD,		/* found with the saved identity: not touched by enumeration */
+	HO_KEPT_RELEASED,	/* given back: disabled, reset if possible, fresh IOMMU state */
+};
+
+static const char *const ho_kept_names[] = {
+	[HO_KEPT_LISTED] = "listed", [HO_KEPT_HELD] = "held", [HO_KEPT_RELEASED] = "released",
+};
+
+struct ho_kept {
+	u32 sbdf;
+	enum ho_kept_state state;
+	bool adopted;		/* its context entry was adopted from the previous kernel */
+	u16 did;
+	const u8 *rec;		/* its DEVICE record in the RAM copy */
+	struct pci_dev *pdev;
+	const char *why;	/* why it was released */
+};
+
+#define HO_MAX_VECTORS 4096
+static DECLARE_BITMAP(ho_vector_taken, HO_MAX_VECTORS);
+static struct ho_kept ho_kept[HO_MAX_KEPT];
+static int ho_nkept;
+static void (*ho_iommu_release)(struct pci_dev *pdev);
+
+static void __init ho_kept_init(void)
+{
+	const struct ho_section *s = ho_find_section(&ho_view, HO_SEC_DEVICE);
+
+	for (u32 i = 0; s && i < s->count && ho_nkept < HO_MAX_KEPT; i++) {
+		const u8 *r = ho_record(&ho_view, s, i);
+
+		if (!(ho_get_le16(r + HO_DEVICE_OFF_FLAGS) & HO_DEV_F_KEEPALIVE))
+			continue;
+		ho_kept[ho_nkept].sbdf = ho_get_le32(r + HO_DEVICE_OFF_SBDF);
+		ho_kept[ho_nkept].rec = r;
+		ho_nkept++;
+	}
+}
+
+static struct ho_kept *ho_kept_find(u32 sbdf)
+{
+	for (int i = 0; i < ho_nkept; i++)
+		if (ho_kept[i].sbdf == sbdf)
+			return &ho_kept[i];
+	return NULL;
+}
+
+static u32 ho_sbdf(struct pci_dev *pdev)
+{
+	return (u32)pci_domain_nr(pdev->bus) << 16 | pdev->bus->number << 8 | pdev->devfn;
+}
+
+/* translation left on by the previous kernel: adopt its root table in place? */
+static u32 ho_root_kept;
+
+bool handover_keep_dma(const char *name, u64 reg_phys, u64 cap, u64 ecap, u64 rtaddr)
+{
+	bool keep = ho_nkept && ho_unit_keep(name, "root table", reg_phys, cap, ecap,
+					     HO_UNIT_OFF_RTADDR, HO_UNIT_P_RTADDR, HO_UNIT_F_TE,
+					     rtaddr, 4096, HO_RES_ROOT_TABLE);
+
+	ho_root_kept += keep;
+	return keep;
+}
+
+/* a context table the root table points to was reserved as one */
+bool handover_keep_context_table(u64 phys)
+{
+	return handover_state_valid() && ho_reserved_holds(phys, 4096, HO_RES_CONTEXT_TABLE);
+}
+
+/*
+ * The live legacy-mode context entry (@lo, @hi) of @seg:@bus:@devfn: keep it (adopt the
+ * previous kernel's translation) only for a keepalive device whose saved entry is the
+ * same and whose second-level page-table root was reserved.
+ */
+bool handover_keep_context(const char *name, u16 seg, u8 bus, u8 devfn, u64 lo, u64 hi)
+{
+	const struct ho_section *cs = ho_find_section(&ho_view, HO_SEC_CONTEXT);
+	u32 sbdf = (u32)seg << 16 | bus << 8 | devfn;
+	struct ho_kept *k = ho_kept_find(sbdf);
+	const char *why = "no saved context entry";
+
+	if (!k || k->state == HO_KEPT_RELEASED)
+		return false;
+	for (u32 i = 0; cs && i < cs->count; i++) {
+		const u8 *r = ho_record(&ho_view, cs, i);
+
+		if (ho_get_le32(r + HO_CONTEXT_OFF_SBDF) != sbdf ||
+		    ho_get_le32(r + HO_CONTEXT_OFF_PASID))
+			continue;
+		why = "the live context entry differs from the saved one";
+		if (ho_get_le64(r + HO_CONTEXT_OFF_LO) != lo || ho_get_le64(r + HO_CONTEXT_OFF_HI) != hi)
+			break;
+		why = "its page-table root is not among the reserved ranges";
+		/* translation type 2 (pass-through) has no page table */
+		if (((lo >> 2) & 3) != 2 && !ho_reserved_holds(lo & ~0xfffULL, 4096, HO_RES_PAGE_TABLE))
+			break;
+		k->adopted = true;
+		k->did = (hi >> 8) & 0xffff;
+		pr_info("%s: %04x:%02x:%02x.%x: adopted the context entry (domain %u, page tables at %#llx)\n",
+			name, seg, bus, PCI_SLOT(devfn), PCI_FUNC(devfn), k->did, lo & ~0xfffULL);
+		return true;
+	}
+	k->why = why;
+	pr_warn("%s: %04x:%02x:%02x.%x: context entry not adopted: %s\n", name, seg, bus,
+		PCI_SLOT(devfn), PCI_FUNC(devfn), why);
+	return false;
+}
+
+/* the adopted context of @seg:@bus:@devfn must survive attaches (until a release) */
+bool handover_context_held(u16 seg, u8 bus, u8 devfn)
+{
+	struct ho_kept *k = ho_kept_find((u32)seg << 16 | bus << 8 | devfn);
+
+	return k && k->adopted && k->state != HO_KEPT_RELEASED && ho_state != HO_ST_ABORTED;
+}
+
+void handover_register_iommu_release(void (*fn)(struct pci_dev *pdev))
+{
+	ho_iommu_release = fn;
+}
+
+/* a device the kernel must leave running: found with its saved identity, not released */
+bool handover_pci_held(struct pci_dev *pdev)
+{
+	struct ho_kept *k = ho_kept_find(ho_sbdf(pdev));
+
+	return k && k->state == HO_KEPT_HELD && k->pdev == pdev;
+}
+
+/* enumeration of a held device: its BARs come from the state, never from sizing writes */
+bool handover_pci_bar(struct pci_dev *pdev, int index, struct resource *res)
+{
+	const struct ho_section *bs = ho_find_section(&ho_view, HO_SEC_BAR);
+	u32 sbdf = ho_sbdf(pdev);
+
+	if (!handover_pci_held(pdev))
+		return false;
+	for (u32 i = 0; bs && i < bs->count; i++) {
+		const u8 *r = ho_record(&ho_view, bs, i);
+		u64 start = ho_get_le64(r + HO_BAR_OFF_START), size = ho_get_le64(r + HO_BAR_OFF_SIZE);
+
+		if (ho_get_le32(r + HO_BAR_OFF_SBDF) != sbdf || r[HO_BAR_OFF_INDEX] != index)
+			continue;
+		res->name = pci_name(pdev);
+		res->flags = ho_get_le64(r + HO_BAR_OFF_RES_FLAGS);
+		if (!size || (res->flags & IORESOURCE_UNSET)) {
+			res->flags = 0;
+			return true;
+		}
+		/* x86: bus addresses are CPU addresses; never move it */
+		res->start = start;
+		res->end = start + size - 1;
+		res->flags |= IORESOURCE_PCI_FIXED;
+		pci_info(pdev, "handover: BAR %d %pR taken from the state\n", index, res);
+		return true;
+	}
+	return false;
+}
+
+/*
+ * The IRTE index MSI (@msix false) or MSI-X vector @msi_index of a held device used in the
+ * previous kernel, on the unit at @reg_phys; each saved vector is handed out once.
+ * -1 when unknown.
+ */
+int handover_irte_index(struct pci_dev *pdev, u64 reg_phys, bool msix, unsigned int msi_index)
+{
+	const struct ho_section *vs = ho_find_section(&ho_view, HO_SEC_VECTOR);
+	const struct ho_section *us = ho_find_section(&ho_view, HO_SEC_UNIT);
+	u32 sbdf = ho_sbdf(pdev);
+	int unit = -1;
+
+	if (!handover_pci_held(pdev) || !vs)
+		return -1;
+	for (u32 i = 0; us && i < us->count; i++) {
+		const u8 *r = ho_record(&ho_view, us, i);
+
+		if (ho_get_le64(r + HO_UNIT_OFF_REG_BASE) == reg_phys)
+			unit = ho_get_le16(r + HO_UNIT_OFF_UNIT);
+	}
+	for (u32 i = 0; i < vs->count && i < HO_MAX_VECTORS; i++) {
+		const u8 *r = ho_record(&ho_view, vs, i);
+		u8 fl = r[HO_VECTOR_OFF_FLAGS];
+
+		if (ho_get_le32(r + HO_VECTOR_OFF_SBDF) != sbdf ||
+		    r[HO_VECTOR_OFF_KIND] != (msix ? HO_VEC_MSIX : HO_VEC_MSI) ||
+		    ho_get_le32(r + HO_VECTOR_OFF_VECTOR) != msi_index ||
+		    ho_get_le16(r + HO_VECTOR_OFF_UNIT) != unit || !(fl & HO_VEC_F_IRTE_KNOWN) ||
+		    (fl & HO_VEC_F_POSTED) || ho_get_le16(r + HO_VECTOR_OFF_SUB_HANDLE) ||
+		    test_and_set_bit(i, ho_vector_taken))
+			continue;
+		pci_info(pdev, "handover: %s vector %u keeps IRTE %u\n", msix ? "MSI-X" : "MSI",
+			 msi_index, ho_get_le32(r + HO_VECTOR_OFF_IRTE_INDEX));
+		return ho_get_le32(r + HO_VECTOR_OFF_IRTE_INDEX);
+	}
+	return -1;
+}
+
+/* stop a device the previous kernel left running: no DMA, no interrupts */
+static void ho_pci_quiesce(struct pci_dev *pdev)
+{
+	u16 cmd, ctrl;
+
+	pci_read_config_word(pdev, PCI_COMMAND, &cmd);
+	pci_write_config_word(pdev, PCI_COMMAND, (cmd & ~PCI_COMMAND_MASTER) | PCI_COMMAND_INTX_DISABLE);
+	if (pdev->msi_cap || pci_find_capability(pdev, PCI_CAP_ID_MSI)) {
+		int pos = pdev->msi_cap ?: pci_find_capability(pdev, PCI_CAP_ID_MSI);
+
+		pci_read_config_word(pdev, pos + PCI_MSI_FLAGS, &ctrl);
+		pci_write_config_word(pdev, pos + PCI_MSI_FLAGS, ctrl & ~PCI_MSI_FLAGS_ENABLE);
+	}
+	if (pdev->msix_cap || pci_find_capability(pdev, PCI_CAP_ID_MSIX)) {
+		int pos = pdev->msix_cap ?: pci_find_capability(pdev, PCI_CAP_ID_MSIX);
+
+		pci_read_config_word(pdev, pos + PCI_MSIX_FLAGS, &ctrl);
+		pci_write_config_word(pdev, pos + PCI_MSIX_FLAGS, ctrl & ~PCI_MSIX_FLAGS_ENABLE);
+	}
+}
+
+/*
+ * Before the BARs are read: a device of a handover boot either is a keepalive device found
+ * with its saved identity (held: enumeration leaves it running), or, if the previous
+ * kernel left it bus-mastering, is stopped here and reset once it is added.
+ */
+static void ho_pci_early(struct pci_dev *pdev)
+{
+	struct ho_kept *k;
+	const char *why = NULL;
+	u16 cmd;
+
+	if (!ho_region_size || pdev->hdr_type != PCI_HEADER_TYPE_NORMAL)
+		return;
+	k = ho_kept_find(ho_sbdf(pdev));
+	if (k && k->state == HO_KEPT_LISTED) {
+		const u8 *r = k->rec;
+
+		if (ho_state == HO_ST_ABORTED)
+			why = "the handover was aborted";
+		else if (pdev->vendor != ho_get_le16(r + HO_DEVICE_OFF_VENDOR) ||
+			 pdev->device != ho_get_le16(r + HO_DEVICE_OFF_DEVICE) ||
+			 pdev->class != (ho_get_le32(r + HO_DEVICE_OFF_CLASS) & 0xffffff) ||
+			 pdev->revision != r[HO_DEVICE_OFF_REVISION])
+			why = "its identity differs from the saved one";
+		if (!why) {
+			k->state = HO_KEPT_HELD;
+			k->pdev = pdev;
+			pci_info(pdev, "handover: keepalive device held (BARs, MSI, bus mastering untouched)\n");
+			return;
+		}
+		k->state = HO_KEPT_RELEASED;
+		k->why = why;
+	}
+	pci_read_config_word(pdev, PCI_COMMAND, &cmd);
+	if (!(cmd & PCI_COMMAND_MASTER))
+		return;
+	if (!why)
+		why = handover_state_valid() ? "not a keepalive device of the state" :
+		      "no valid state";
+	ho_pci_quiesce(pdev);
+	pci_warn(pdev, "handover: left bus-mastering by the previous kernel but not adopted (%s): stopped\n",
+		 why);
+	if (k)
+		k->pdev = pdev;
+}
+DECLARE_PCI_FIXUP_EARLY(PCI_ANY_ID, PCI_ANY_ID, ho_pci_early);
+
+static void ho_release_one(struct ho_kept *k, const char *why)
+{
+	struct pci_dev *pdev = k->pdev;
+	int ret;
+
+	k->state = HO_KEPT_RELEASED;
+	k->why = why;
+	if (!pdev)
+		return;
+	ho_pci_quiesce(pdev);
+	if (k->adopted && ho_iommu_release)
+		ho_iommu_release(pdev);
+	ret = pci_reset_function(pdev);
+	pci_warn(pdev, "handover: released (%s): bus mastering and MSI off, %s\n", why,
+		 ret ? "no reset method" : "reset");
+}
+
+/* a listed device stopped during enumeration: reset it now that it can be */
+static void ho_pci_final(struct pci_dev *pdev)
+{
+	struct ho_kept *k = ho_kept_find(ho_sbdf(pdev));
+
+	if (k && k->state == HO_KEPT_RELEASED && k->pdev == pdev)
+		ho_release_one(k, k->why);
+}
+DECLARE_PCI_FIXUP_FINAL(PCI_ANY_ID, PCI_ANY_ID, ho_pci_final);
+
+/*
+ * Opening a held device through vfio-pci: only the previous owner may, with the token
+ * whose salted SHA-256 the state holds. 0: not a held device; 1: token accepted;
+ * -EPERM: refused.
+ */
+int handover_pci_open(struct pci_dev *pdev, const u8 *token)
+{
+	struct ho_kept *k = ho_kept_find(ho_sbdf(pdev));
+	u8 buf[32], digest[32];
+
+	if (!k || k->state != HO_KEPT_HELD || k->pdev != pdev)
+		return 0;
+	if (!(ho_get_le16(k->rec + HO_DEVICE_OFF_FLAGS) & HO_DEV_F_TOKEN))
+		return 1;
+	if (!token) {
+		pci_warn(pdev, "handover: open refused: a keepalive device needs its owner token (vf_token=)\n");
+		return -EPERM;
+	}
+	memcpy(buf, k->rec + HO_DEVICE_OFF_TOKEN_SALT, 16);
+	memcpy(buf + 16, token, 16);
+	sha256(buf, sizeof(buf), digest);
+	if (crypto_memneq(digest, k->rec + HO_DEVICE_OFF_TOKEN_HASH, 32)) {
+		pci_warn(pdev, "handover: open refused: the token is not the owner's\n");
+		return -EPERM;
+	}
+	pci_info(pdev, "handover: owner token accepted\n");
+	return 1;
+}
+
+/* `handover load` aborted, or the kernel gave up: every held device goes back to normal */
+static void ho_release_all(const char *why)
+{
+	for (int i = 0; i < ho_nkept; i++)
+		if (ho_kept[i].state != HO_KEPT_RELEASED)
+			ho_release_one(&ho_kept[i], why);
+}
+
+/* after the IOMMU took over: a held device without an adopted context entry is released */
+void handover_release_unadopted(void)
+{
+	for (int i = 0; i < ho_nkept; i++)
+		if (ho_kept[i].state == HO_KEPT_HELD && !ho_kept[i].adopted)
+			ho_release_one(&ho_kept[i], ho_kept[i].why ?: "its DMA translation was not adopted");
 }
 
 /* ---- the old kernel: which devices a kexec must leave running ------------------------- */
@@ -364,7 +730,20 @@ static ssize_t status_show(struct kobject *k, struct kobj_attribute *a, char *bu
 				     ho_count(HO_SEC_BRIDGE), ho_count(HO_SEC_RESERVED));
 		len += sysfs_emit_at(buf, len, "reserved_ranges: %llu\nreserved_bytes: %llu\nreserved_skipped: %llu\n",
 				     ho_reserved_count, ho_reserved_bytes, ho_reserved_skipped);
-		len += sysfs_emit_at(buf, len, "ir_tables_kept: %u\n", ho_ir_kept);
+		len += sysfs_emit_at(buf, len, "ir_tables_kept: %u\nroot_tables_kept: %u\n",
+				     ho_ir_kept, ho_root_kept);
+		for (int i = 0; i < ho_nkept; i++) {
+			const struct ho_kept *k = &ho_kept[i];
+
+			len += sysfs_emit_at(buf, len, "device: %04x:%02x:%02x.%x %s", k->sbdf >> 16,
+					     (k->sbdf >> 8) & 0xff, (k->sbdf >> 3) & 0x1f, k->sbdf & 7,
+					     ho_kept_names[k->state]);
+			if (k->adopted)
+				len += sysfs_emit_at(buf, len, " adopted domain=%u", k->did);
+			if (k->state == HO_KEPT_RELEASED && k->why)
+				len += sysfs_emit_at(buf, len, " (%s)", k->why);
+			len += sysfs_emit_at(buf, len, "\n");
+		}
 	}
 	mutex_unlock(&ho_lock);
 	return len;
@@ -384,6 +763,7 @@ static ssize_t decision_show(struct kobject *k, struct kobj_attribute *a, char *
 static ssize_t decision_store(struct kobject *k, struct kobj_attribute *a, const char *buf,
 			      size_t count)
 {
+	bool release = false;
 	int ret = count;
 
 	mutex_lock(&ho_lock);
@@ -395,12 +775,16 @@ static ssize_t decision_store(struct kobject *k, struct kobj_attribute *a, const
 	} else if (sysfs_streq(buf, "abort")) {
 		if (ho_state == HO_ST_VALID || ho_state == HO_ST_ACCEPTED) {
 			ho_state = HO_ST_ABORTED;
-			pr_warn("handover aborted from user space\n");
+			ho_reason = "aborted from user space";
+			pr_warn("handover aborted from user space: releasing the keepalive devices\n");
+			release = true;
 		}
 	} else {
 		ret = -EINVAL;
 	}
 	mutex_unlock(&ho_lock);
+	if (release)
+		ho_release_all("the handover was aborted");
 	return ret;
 }
 

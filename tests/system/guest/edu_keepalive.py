@@ -1,0 +1,176 @@
+"""Guest-side helper: use QEMU's edu device in the kernel a keepalive kexec booted.
+
+Runs inside the lab guest (Debian python3.11, stdlib only), next to vfio_edu.py, whose
+constants it reuses. The previous kernel's vfio_edu.py mapped BUFFER (a device-dax node) at
+IOVA 0x100000 and left edu with bus mastering and MSI on. Usage::
+
+    python3 edu_keepalive.py probe BDF BUFFER OUT.json
+        No driver: edu's BAR0 through sysfs resource0. Reads what the previous kernel's DMA
+        left in BUFFER, then makes edu DMA with the OLD IOVA (RAM -> edu -> RAM) and checks
+        the bytes land in BUFFER, then raises edu's MSI (it travels through the old IRTE).
+    python3 edu_keepalive.py owner BDF BUFFER OUT.json TOKEN WRONG_TOKEN
+        The new owner through vfio-pci: opening without a token and with WRONG_TOKEN must
+        fail, with TOKEN must work. Without any new DMA mapping it makes edu DMA with the old
+        IOVA again, then arms MSI with an eventfd and waits for edu's interrupt.
+
+Every step's outcome goes into OUT.json; the exit status is 0 whatever they are (the test
+judges), unless the helper itself breaks.
+"""
+
+import errno
+import fcntl
+import json
+import mmap
+import os
+import select
+import struct
+import sys
+import time
+
+from vfio_edu import (CONFIG_REGION, DEVICE_GET_REGION_INFO, DEVICE_SET_IRQS, EDU_DMA_BUF,
+                      GROUP_GET_DEVICE_FD, GROUP_SET_CONTAINER, IOVA, IRQ_ACTION_TRIGGER,
+                      IRQ_DATA_EVENTFD, MSI_INDEX, SET_IOMMU, TYPE1v2)
+
+BUF = 2 << 20
+PRE_OFF, SRC_OFF, DST_OFF, OWNER_SRC, OWNER_DST = 4096, 8192, 12288, 16384, 20480
+
+
+class Edu:
+    def __init__(self, bar):
+        self.bar = bar
+
+    def rd(self, off, fmt="<I"):
+        return struct.unpack_from(fmt, self.bar, off)[0]
+
+    def wr(self, off, val, fmt="<I"):
+        struct.pack_into(fmt, self.bar, off, val)
+
+    def dma(self, src, dst, cmd, n=64):
+        self.wr(0x80, src, "<Q")
+        self.wr(0x88, dst, "<Q")
+        self.wr(0x90, n, "<Q")
+        self.wr(0x98, cmd, "<Q")
+        t = time.monotonic()
+        while self.rd(0x98, "<Q") & 1:
+            if time.monotonic() - t > 5:
+                return False
+            time.sleep(0.001)
+        return True
+
+    def roundtrip(self, buf, src_off, dst_off):
+        """RAM (old IOVA) -> edu -> RAM (old IOVA); True when the bytes arrived."""
+        pattern = os.urandom(64)
+        buf[src_off:src_off + 64] = pattern
+        buf[dst_off:dst_off + 64] = bytes(64)
+        done = self.dma(IOVA + src_off, EDU_DMA_BUF + 0x100, 1) and \
+            self.dma(EDU_DMA_BUF + 0x100, IOVA + dst_off, 1 | 2)
+        return done and bytes(buf[dst_off:dst_off + 64]) == pattern
+
+
+def _buffer(path):
+    fd = os.open(path, os.O_RDWR)
+    return mmap.mmap(fd, BUF, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+
+
+def _config(bdf):
+    with open(f"/sys/bus/pci/devices/{bdf}/config", "rb") as f:
+        return f.read(256)
+
+
+def _msi(cfg):
+    """(enabled, address, data) of the MSI capability, from raw config bytes."""
+    pos = cfg[0x34]
+    while pos:
+        cap_id, nxt = cfg[pos], cfg[pos + 1]
+        if cap_id == 0x05:
+            ctrl = struct.unpack_from("<H", cfg, pos + 2)[0]
+            lo = struct.unpack_from("<I", cfg, pos + 4)[0]
+            if ctrl & 0x80:
+                hi, data = struct.unpack_from("<IH", cfg, pos + 8)
+                return bool(ctrl & 1), hi << 32 | lo, data
+            return bool(ctrl & 1), lo, struct.unpack_from("<H", cfg, pos + 8)[0]
+        pos = nxt
+    return None
+
+
+def probe(bdf, buffer, out):
+    rep = {}
+    buf = _buffer(buffer)
+    rep["preserved"] = bytes(buf[PRE_OFF:PRE_OFF + 64]).hex()
+    cfg = _config(bdf)
+    rep["command"] = struct.unpack_from("<H", cfg, 4)[0]
+    rep["msi"] = _msi(cfg)
+    fd = os.open(f"/sys/bus/pci/devices/{bdf}/resource0", os.O_RDWR | os.O_SYNC)
+    edu = Edu(mmap.mmap(fd, 4096, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE))
+    rep["edu_id"] = edu.rd(0)
+    rep["dma_old_iova"] = edu.roundtrip(buf, SRC_OFF, DST_OFF)
+    print("@@LAB EDU-DMA-OK phase=%s" % os.environ.get("LAB_PHASE", "?") if rep["dma_old_iova"]
+          else "edu DMA with the old IOVA failed", flush=True)
+    # MSI through the old IRTE: nothing in this kernel owns its vector yet
+    edu.wr(0x60, 0x1)
+    time.sleep(0.2)
+    rep["irq_status_after_raise"] = edu.rd(0x24)
+    edu.wr(0x64, edu.rd(0x24))
+    with open(out, "w") as f:
+        json.dump(rep, f, indent=1)
+
+
+def owner(bdf, buffer, out, token, wrong):
+    rep = {}
+    group = os.path.basename(os.readlink(f"/sys/bus/pci/devices/{bdf}/iommu_group"))
+    cfd = os.open("/dev/vfio/vfio", os.O_RDWR)
+    gfd = os.open(f"/dev/vfio/{group}", os.O_RDWR)
+    fcntl.ioctl(gfd, GROUP_SET_CONTAINER, bytearray(struct.pack("i", cfd)))
+    fcntl.ioctl(cfd, SET_IOMMU, TYPE1v2)
+    dfd = None
+    for label, name in (("no_token", bdf), ("wrong_token", f"{bdf} vf_token={wrong}"),
+                        ("owner_token", f"{bdf} vf_token={token}")):
+        try:
+            dfd = fcntl.ioctl(gfd, GROUP_GET_DEVICE_FD, bytearray(name.encode() + b"\0"))
+            rep[label] = "opened"
+        except OSError as e:
+            rep[label] = errno.errorcode.get(e.errno, str(e.errno))
+            dfd = None
+        if dfd is not None and label != "owner_token":
+            os.close(dfd)
+            dfd = None
+    if dfd is None:
+        with open(out, "w") as f:
+            json.dump(rep, f, indent=1)
+        return
+
+    def region(index):
+        ri = bytearray(struct.pack("IIIIQQ", 32, 0, index, 0, 0, 0))
+        fcntl.ioctl(dfd, DEVICE_GET_REGION_INFO, ri)
+        return struct.unpack("IIIIQQ", ri)[4:]
+
+    _, cfg_off = region(CONFIG_REGION)
+    rep["command_at_open"] = struct.unpack("<H", os.pread(dfd, 2, cfg_off + 4))[0]
+    size, off = region(0)
+    edu = Edu(mmap.mmap(dfd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=off))
+    buf = _buffer(buffer)
+    # no VFIO_IOMMU_MAP_DMA: the adopted translation still maps the old IOVA
+    rep["dma_old_iova"] = edu.roundtrip(buf, OWNER_SRC, OWNER_DST)
+    efd = os.eventfd(0, os.EFD_NONBLOCK)
+    fcntl.ioctl(dfd, DEVICE_SET_IRQS,
+                bytearray(struct.pack("IIIIIi", 24, IRQ_DATA_EVENTFD | IRQ_ACTION_TRIGGER,
+                                      MSI_INDEX, 0, 1, efd)))
+    rep["msi_after_owner"] = _msi(_config(bdf))
+    try:
+        with open("/sys/kernel/debug/iommu/intel/ir_translation_struct") as f:
+            rep["ir_translation"] = f.read()
+    except OSError as e:
+        rep["ir_translation"] = f"unreadable: {e}"
+    edu.wr(0x60, 0x1)
+    r, _, _ = select.select([efd], [], [], 5)
+    rep["msi_eventfd"] = "ok" if r else "timeout"
+    edu.wr(0x64, edu.rd(0x24))
+    print("@@LAB EDU-OWNER-OK phase=%s" % os.environ.get("LAB_PHASE", "?") if
+          rep["dma_old_iova"] and r else "edu owner check failed", flush=True)
+    with open(out, "w") as f:
+        json.dump(rep, f, indent=1)
+
+
+if __name__ == "__main__":
+    cmd, args = sys.argv[1], sys.argv[2:]
+    {"probe": probe, "owner": owner}[cmd](*args)

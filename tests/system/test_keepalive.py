@@ -1,0 +1,201 @@
+"""A passthrough device kept alive across kexec (issue 7), proven in the QEMU lab.
+
+Own command: ``make test-keepalive`` (= ``pytest -m kernel tests/system/test_keepalive.py``;
+also part of ``make test-kernel``). It needs the patched kernel (``make kernel``).
+
+Scenario, on the patched kernel both sides:
+  phase 1  Debian's stock kernel: nothing; kexec into the patched kernel.
+  phase 2  the old kernel. A second legacy pmem range becomes a device-dax namespace (its
+           memory survives a kexec, as a VMM's guest RAM does). edu is bound to vfio-pci;
+           vfio_edu.py maps 2 MiB of the dax device at IOVA 0x100000, runs a DMA round trip
+           and an MSI, and stays open. ``handover save --token`` writes the state,
+           /sys/kernel/handover/keepalive arms edu, and the kexec leaves translation, IR and
+           edu's bus mastering on.
+  phase 3  the new kernel, booted with handover=. It must adopt the root table in place,
+           edu's context entry (same domain ID) and IRTE, leave edu's BARs, MSI and bus
+           mastering alone, and give every other device fresh IOMMU state (the virtio disks
+           keep working: the results of this phase are written through one). Then, with no
+           driver, edu DMAs with the OLD IOVA into the dax buffer and raises its MSI through
+           the old IRTE; ``handover load`` accepts; the new owner opens edu through vfio-pci
+           only with the token, DMAs with the old IOVA again (no new mapping) and gets its
+           MSI on an eventfd.
+The fallback run ends phase 3 differently: ``handover load`` with a wrong token rejects the
+state, the kernel releases edu (bus mastering and MSI off, its adopted context entry dropped)
+and the boot goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from tests.system.test_kernel_handover import REGION, ROOT, _status, patched  # noqa: F401
+
+pytestmark = [pytest.mark.system, pytest.mark.kernel]
+
+TOKEN = "8c1f3a52-6b0e-4d7a-9e21-5f4c2b9d7a10"
+WRONG = "00000000-1111-2222-3333-444444444444"
+EDU = "0000:00:03.0"
+DAX_RANGE = "memmap=32M!0x38000000"
+
+OLD_KERNEL = r"""
+set -e
+# the DMA buffer: a device-dax namespace on the second legacy pmem range
+for r in /sys/bus/nd/devices/region*; do
+  [ "$(cat $r/resource)" = "0x38000000" ] && ns=namespace${r##*region}.0
+done
+ndctl create-namespace -f -e "$ns" -m devdax -a 4K | tee "$LAB_OUT/ndctl.json" >&2
+dax=$(ls /dev/dax* | head -1)
+echo "$dax" > "$LAB_OUT/dax.txt"
+echo vfio-pci > /sys/bus/pci/devices/0000:00:03.0/driver_override
+echo 0000:00:03.0 > /sys/bus/pci/drivers_probe
+python3 vfio_edu.py 0000:00:03.0 /tmp/vfio-ready /tmp/vfio-stop "$dax" > /tmp/vfio-holder.log 2>&1 &
+i=0; while [ ! -f /tmp/vfio-ready ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done
+cat /tmp/vfio-holder.log >&2
+cat /tmp/vfio-ready > "$LAB_OUT/vfio-ready.txt"
+python3 -m handover region init /dev/pmem0 --force
+python3 -m handover save --region /dev/pmem0 --token TOKEN --json > "$LAB_OUT/save.json"
+python3 -m handover inspect --json /dev/pmem0 > "$LAB_OUT/inspect.json"
+echo 0000:00:03.0 > /sys/kernel/handover/keepalive
+cat /sys/class/iommu/dmar0/intel-iommu/rtaddr > "$LAB_OUT/rtaddr.txt"
+cat /sys/kernel/debug/iommu/intel/dmar_translation_struct > "$LAB_OUT/dmar_translation.txt" 2>&1 || true
+cat /sys/kernel/debug/iommu/intel/ir_translation_struct > "$LAB_OUT/ir_translation.txt" 2>&1 || true
+cat /sys/bus/pci/devices/0000:00:03.0/resource > "$LAB_OUT/edu-resource.txt"
+""".replace("TOKEN", TOKEN)
+
+NEW_KERNEL_COMMON = r"""
+cat /sys/kernel/handover/status > "$LAB_OUT/status.txt" 2>&1
+cat /sys/class/iommu/dmar0/intel-iommu/rtaddr > "$LAB_OUT/rtaddr.txt"
+cat /sys/class/iommu/dmar0/intel-iommu/gsts > "$LAB_OUT/gsts.txt"
+cat /sys/kernel/debug/iommu/intel/dmar_translation_struct > "$LAB_OUT/dmar_translation.txt" 2>&1 || true
+cat /sys/kernel/debug/iommu/intel/ir_translation_struct > "$LAB_OUT/ir_translation.txt" 2>&1 || true
+cat /sys/bus/pci/devices/0000:00:03.0/resource > "$LAB_OUT/edu-resource.txt"
+dax=$(ls /dev/dax* | head -1)
+"""
+
+NEW_KERNEL_KEEP = NEW_KERNEL_COMMON + r"""
+python3 edu_keepalive.py probe 0000:00:03.0 "$dax" "$LAB_OUT/probe.json"
+python3 -m handover load --region /dev/pmem0 --token TOKEN --json > "$LAB_OUT/load.json" 2>"$LAB_OUT/load.err" || echo "load rc=$?" >> "$LAB_OUT/load.err"
+echo vfio-pci > /sys/bus/pci/devices/0000:00:03.0/driver_override
+echo 0000:00:03.0 > /sys/bus/pci/drivers_probe
+python3 edu_keepalive.py owner 0000:00:03.0 "$dax" "$LAB_OUT/owner.json" TOKEN WRONG
+cat /sys/kernel/handover/status > "$LAB_OUT/status-end.txt" 2>&1
+dmesg > "$LAB_OUT/dmesg.txt"
+""".replace("TOKEN", TOKEN).replace("WRONG", WRONG)
+
+NEW_KERNEL_REJECT = NEW_KERNEL_COMMON + r"""
+python3 -m handover load --region /dev/pmem0 --token WRONG --json > "$LAB_OUT/load.json" 2>"$LAB_OUT/load.err" || echo "load rc=$?" >> "$LAB_OUT/load.err"
+cat /sys/kernel/handover/status > "$LAB_OUT/status-end.txt" 2>&1
+cat /sys/kernel/debug/iommu/intel/dmar_translation_struct > "$LAB_OUT/dmar_translation-end.txt" 2>&1 || true
+od -An -tx2 -j4 -N2 /sys/bus/pci/devices/0000:00:03.0/config > "$LAB_OUT/command-end.txt"
+dmesg > "$LAB_OUT/dmesg.txt"
+""".replace("WRONG", WRONG)
+
+
+def _run(patched, last):  # noqa: F811
+    from tests.system import lab
+
+    bz = Path(patched["bzImage"])
+    files = {"lab/vmlinuz.2": bz, "lab/vmlinuz.3": bz,
+             "vfio_edu.py": ROOT / "tests" / "system" / "guest" / "vfio_edu.py",
+             "edu_keepalive.py": ROOT / "tests" / "system" / "guest" / "edu_keepalive.py"}
+    res = lab.run_guest(["true\n", OLD_KERNEL, last], pmem="legacy",
+                        kexec_append=f"handover={REGION} {DAX_RANGE}", files=files, timeout=900)
+    res.check()
+    return res
+
+
+def _text(phase, name):
+    return phase.files[name].decode(errors="replace")
+
+
+def _edu_context(dump: str) -> str:
+    """edu's context entry ("hi:lo") from dmar_translation_struct; "" when absent."""
+    for ln in dump.splitlines():
+        f = ln.split()
+        if len(f) >= 3 and f[0] == "00:03.0":
+            return f[2]
+    return ""
+
+
+def _edu_irtes(dump: str) -> set:
+    """The IRTEs whose source id is edu (index, vector, high, low) from ir_translation_struct."""
+    return {" ".join(ln.split()) for ln in dump.splitlines()
+            if len(ln.split()) >= 6 and ln.split()[1] == "00:03.0"}
+
+
+def _handle(addr: int) -> int:
+    """The IRTE handle of a remappable-format MSI address (VT-d 5.1.5.2)."""
+    assert addr & 0x10, f"MSI address {addr:#x} is not in remappable format"
+    return (addr >> 5) & 0x7FFF | ((addr >> 2) & 1) << 15
+
+
+def _kexec_to(res, marker):
+    t = {(n, re.search(r"phase=(\d+)", r).group(1) if re.search(r"phase=(\d+)", r) else "")
+         : s for s, n, r in res.markers}
+    a, b = t.get(("KEXEC-EXEC", "2")), t.get((marker, "3"))
+    return round(b - a, 2) if a is not None and b is not None else None
+
+
+def test_keepalive_device_survives_kexec(patched):  # noqa: F811
+    res = _run(patched, NEW_KERNEL_KEEP)
+    old, new = res.phases[1], res.phases[2]
+    print(_text(new, "status.txt"))
+    print("\n".join(ln for ln in _text(new, "dmesg.txt").splitlines()
+                    if re.search(r"handover|DMAR|DMA-?R|vector|edu|00:03.0", ln)))
+    print(_text(new, "probe.json"), _text(new, "owner.json"), _text(new, "load.err"))
+    for k in ("kexec -e -> /init (phase 3)",):
+        print(k, res.timings.get(k))
+    print("kexec -e -> edu DMA with old IOVA:", _kexec_to(res, "EDU-DMA-OK"), "s")
+    print("kexec -e -> new owner DMA + MSI:", _kexec_to(res, "EDU-OWNER-OK"), "s")
+    assert "dma_roundtrip=ok" in _text(old, "vfio-ready.txt")
+    status = _status(_text(new, "status.txt"))
+    assert status["state"] == "valid"
+    assert status["root_tables_kept"] == "1" and status["ir_tables_kept"] == "1"
+    assert re.search(r"device: 0000:00:03.0 held adopted domain=\d+", _text(new, "status.txt"))
+    # the root table, edu's context entry (domain ID, page tables) and IRTEs are the saved ones
+    assert _text(new, "rtaddr.txt") == _text(old, "rtaddr.txt")
+    ctx_old = _edu_context(_text(old, "dmar_translation.txt"))
+    assert ctx_old and _edu_context(_text(new, "dmar_translation.txt")) == ctx_old
+    irte_old = _edu_irtes(_text(old, "ir_translation.txt"))
+    assert irte_old and irte_old <= _edu_irtes(_text(new, "ir_translation.txt"))
+    # BARs did not move; bus mastering and MSI stayed on; the buffer survived
+    assert _text(new, "edu-resource.txt") == _text(old, "edu-resource.txt")
+    probe = json.loads(new.files["probe.json"])
+    assert probe["command"] & 0x4 and probe["msi"][0]
+    pattern = re.search(r"pattern=([0-9a-f]+)", _text(old, "vfio-ready.txt")).group(1)
+    assert probe["preserved"] == pattern
+    # DMA with the old IOVA after kexec lands in the preserved buffer
+    assert probe["dma_old_iova"] is True
+    # the new owner: token required, old IOVA still mapped, MSI delivered
+    owner = json.loads(new.files["owner.json"])
+    assert owner["no_token"] == "EPERM" and owner["wrong_token"] == "EPERM"
+    assert owner["owner_token"] == "opened" and owner["command_at_open"] & 0x4
+    assert owner["dma_old_iova"] is True and owner["msi_eventfd"] == "ok"
+    # ... through the IRTE edu used before the kexec: the message keeps its handle
+    saved = [v for v in json.loads(old.files["inspect.json"])["vectors"]
+             if v["device"] == EDU and v["kind"] == "MSI"]
+    assert saved and "IRTE_KNOWN" in saved[0]["flags"]
+    assert _handle(probe["msi"][1]) == saved[0]["irte_index"]
+    assert owner["msi_after_owner"][0] and _handle(owner["msi_after_owner"][1]) == saved[0]["irte_index"]
+    new_irte = [ln for ln in _edu_irtes(owner["ir_translation"])
+                if ln.split()[0] == str(saved[0]["irte_index"])]
+    assert new_irte, "edu's IRTE index is not in use after the owner enabled MSI"
+
+
+def test_rejected_state_releases_the_device(patched):  # noqa: F811
+    res = _run(patched, NEW_KERNEL_REJECT)
+    new = res.phases[2]
+    print(_text(new, "status-end.txt"), _text(new, "load.err"))
+    print("\n".join(ln for ln in _text(new, "dmesg.txt").splitlines() if "handover" in ln))
+    assert "load rc=6" in _text(new, "load.err")
+    end = _status(_text(new, "status-end.txt"))
+    assert end["state"] == "aborted"
+    assert re.search(r"device: 0000:00:03.0 released .*\(the handover was aborted\)",
+                     _text(new, "status-end.txt"))
+    assert not int(_text(new, "command-end.txt").split()[0], 16) & 0x4
+    assert not _edu_context(_text(new, "dmar_translation-end.txt"))
+    assert "handover: released (the handover was aborted)" in _text(new, "dmesg.txt")

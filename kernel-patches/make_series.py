@@ -210,8 +210,10 @@ static int handover_adopt_tables(struct intel_iommu *iommu)
 		}
 		__iommu_flush_cache(iommu, ce, VTD_PAGE_SIZE);
 	}
-	if (!kept)
+	if (!kept) {
+		pr_warn("%s: handover: no keepalive context entry to adopt\\n", iommu->name);
 		return -ENOENT;
+	}
 	iommu_free_page(iommu->root_entry);
 	iommu->root_entry = rt;
 	__iommu_flush_cache(iommu, rt, VTD_PAGE_SIZE);

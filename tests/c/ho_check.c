@@ -5,6 +5,9 @@
  *   ho_check FILE...        one verdict line per file
  *   ho_check --stream       stdin holds records of (u64 little-endian length, bytes);
  *                           one verdict line per record on stdout
+ *   ho_check --ranges FILE  the verdict, then one "<start> <size> <kind>" line (hex, hex,
+ *                           decimal) per range the kernel reserves (ho_preserved_ranges),
+ *                           then "skipped <n>"
  *
  * A verdict line is "OK <major>.<minor> <nsections>" or "<ERROR_NAME> <offset>".
  */
@@ -24,6 +27,12 @@ static void verdict(const unsigned char *buf, unsigned long long n)
 		printf("OK %u.%u %u\n", v.major, v.minor, v.nsections);
 	else
 		printf("%s %llu\n", ho_strerror(rc), (unsigned long long)off);
+}
+
+static void print_range(void *ctx, ho_u64 start, ho_u64 size, unsigned int kind)
+{
+	(void)ctx;
+	printf("%llx %llx %u\n", (unsigned long long)start, (unsigned long long)size, kind);
 }
 
 static unsigned char *read_all(FILE *f, size_t n)
@@ -63,7 +72,9 @@ int main(int argc, char **argv)
 		fflush(stdout);
 		return 0;
 	}
-	for (int i = 1; i < argc; i++) {
+	int ranges = argc == 3 && !strcmp(argv[1], "--ranges");
+
+	for (int i = 1 + ranges; i < argc; i++) {
 		FILE *f = fopen(argv[i], "rb");
 		long n;
 		unsigned char *buf;
@@ -77,6 +88,13 @@ int main(int argc, char **argv)
 		if (!buf)
 			return 2;
 		verdict(buf, (unsigned long long)n);
+		if (ranges) {
+			static struct ho_view v;
+			ho_u64 off;
+
+			if (ho_parse(buf, (ho_u64)n, &v, &off) == HO_OK)
+				printf("skipped %u\n", ho_preserved_ranges(&v, print_range, NULL));
+		}
 		free(buf);
 	}
 	return 0;

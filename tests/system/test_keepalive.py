@@ -19,9 +19,13 @@ Scenario, on the patched kernel both sides:
            the old IRTE; ``handover load`` accepts; the new owner opens edu through vfio-pci
            only with the token, DMAs with the old IOVA again (no new mapping) and gets its
            MSI on an eventfd.
-The fallback run ends phase 3 differently: ``handover load`` with a wrong token rejects the
-state, the kernel releases edu (bus mastering and MSI off, its adopted context entry dropped)
-and the boot goes on.
+The fallback runs end differently. ``handover load`` with a wrong token rejects the state in
+the initramfs: the kernel releases edu (bus mastering and MSI off, its adopted context entry
+dropped, reset if it had a method) and the boot goes on. Or the kernel rejects it itself,
+before anything is adopted: a state whose inside is corrupt (refused by the parser), or one
+whose device identity differs from the device found at enumeration; edu, left bus-mastering
+by the armed kexec, is stopped during enumeration and translation is disabled as on a stock
+kernel.
 """
 
 from __future__ import annotations
@@ -66,6 +70,28 @@ cat /sys/kernel/debug/iommu/intel/ir_translation_struct > "$LAB_OUT/ir_translati
 cat /sys/bus/pci/devices/0000:00:03.0/resource > "$LAB_OUT/edu-resource.txt"
 """.replace("TOKEN", TOKEN)
 
+# after the save in the old kernel: replace the state with a damaged one (new generation)
+SPOIL = {
+    "corrupt": r"""
+python3 - <<'EOF'
+from handover.pmem import commit, read_latest
+blob = bytearray(read_latest("/dev/pmem0").blob)
+blob[600] ^= 0x40          # inside a section: its CRC no longer matches
+commit("/dev/pmem0", bytes(blob))
+EOF
+""",
+    "identity": r"""
+python3 - <<'EOF'
+from handover.formats.codec import decode, encode
+from handover.formats.model import Table
+from handover.pmem import commit, read_latest
+st = decode(read_latest("/dev/pmem0").blob)
+st.devices = Table.from_rows(st.devices.spec, [d._replace(device=0x11e9) for d in st.devices])
+commit("/dev/pmem0", encode(st))
+EOF
+""",
+}
+
 NEW_KERNEL_COMMON = r"""
 cat /sys/kernel/handover/status > "$LAB_OUT/status.txt" 2>&1
 cat /sys/class/iommu/dmar0/intel-iommu/rtaddr > "$LAB_OUT/rtaddr.txt"
@@ -95,14 +121,22 @@ dmesg > "$LAB_OUT/dmesg.txt"
 """.replace("WRONG", WRONG)
 
 
-def _run(patched, last):  # noqa: F811
+NEW_KERNEL_KERNEL_REJECTS = r"""
+cat /sys/kernel/handover/status > "$LAB_OUT/status.txt" 2>&1
+cat /sys/class/iommu/dmar0/intel-iommu/gsts > "$LAB_OUT/gsts.txt"
+od -An -tx2 -j4 -N2 /sys/bus/pci/devices/0000:00:03.0/config > "$LAB_OUT/command-end.txt"
+dmesg > "$LAB_OUT/dmesg.txt"
+"""
+
+
+def _run(patched, last, spoil: str = ""):  # noqa: F811
     from tests.system import lab
 
     bz = Path(patched["bzImage"])
     files = {"lab/vmlinuz.2": bz, "lab/vmlinuz.3": bz,
              "vfio_edu.py": ROOT / "tests" / "system" / "guest" / "vfio_edu.py",
              "edu_keepalive.py": ROOT / "tests" / "system" / "guest" / "edu_keepalive.py"}
-    res = lab.run_guest(["true\n", OLD_KERNEL, last], pmem="legacy",
+    res = lab.run_guest(["true\n", OLD_KERNEL + spoil, last], pmem="legacy",
                         kexec_append=f"handover={REGION} {DAX_RANGE}", files=files, timeout=900)
     res.check()
     return res
@@ -125,6 +159,14 @@ def _edu_irtes(dump: str) -> set:
     """The IRTEs whose source id is edu (index, vector, high, low) from ir_translation_struct."""
     return {" ".join(ln.split()) for ln in dump.splitlines()
             if len(ln.split()) >= 6 and ln.split()[1] == "00:03.0"}
+
+
+IORESOURCE_PCI_FIXED = 0x10
+
+
+def _resources(text: str) -> list:
+    """(start, end, flags) per line of a sysfs `resource` file."""
+    return [tuple(int(x, 16) for x in ln.split()) for ln in text.splitlines() if ln.strip()]
 
 
 def _handle(addr: int) -> int:
@@ -163,7 +205,10 @@ def test_keepalive_device_survives_kexec(patched):  # noqa: F811
     irte_old = _edu_irtes(_text(old, "ir_translation.txt"))
     assert irte_old and irte_old <= _edu_irtes(_text(new, "ir_translation.txt"))
     # BARs did not move; bus mastering and MSI stayed on; the buffer survived
-    assert _text(new, "edu-resource.txt") == _text(old, "edu-resource.txt")
+    bars_old, bars_new = _resources(_text(old, "edu-resource.txt")), _resources(_text(new, "edu-resource.txt"))
+    assert [b[:2] for b in bars_new] == [b[:2] for b in bars_old]
+    # ... and the kernel marked them IORESOURCE_PCI_FIXED (never reassigned)
+    assert bars_new[0][2] == bars_old[0][2] | IORESOURCE_PCI_FIXED
     probe = json.loads(new.files["probe.json"])
     assert probe["command"] & 0x4 and probe["msi"][0]
     pattern = re.search(r"pattern=([0-9a-f]+)", _text(old, "vfio-ready.txt")).group(1)
@@ -199,3 +244,26 @@ def test_rejected_state_releases_the_device(patched):  # noqa: F811
     assert not int(_text(new, "command-end.txt").split()[0], 16) & 0x4
     assert not _edu_context(_text(new, "dmar_translation-end.txt"))
     assert "handover: released (the handover was aborted)" in _text(new, "dmesg.txt")
+
+
+@pytest.mark.parametrize("spoil", ["corrupt", "identity"])
+def test_kernel_rejects_and_stops_the_device(patched, spoil):  # noqa: F811
+    res = _run(patched, NEW_KERNEL_KERNEL_REJECTS, SPOIL[spoil])
+    new = res.phases[2]
+    text = _text(new, "status.txt")
+    dmesg = _text(new, "dmesg.txt")
+    print(text, "\n".join(ln for ln in dmesg.splitlines() if "handover" in ln or "DMAR" in ln))
+    status = _status(text)
+    if spoil == "corrupt":
+        assert status["state"] == "rejected" and status["error"].startswith("SECTION_CRC")
+        why = "no valid state"
+    else:
+        assert status["state"] == "valid"
+        why = "its identity differs from the saved one"
+        assert re.search(rf"device: 0000:00:03.0 released \({why}\)", text)
+    # edu was left bus-mastering by the armed kexec: stopped during enumeration, said why
+    assert (f"0000:00:03.0: handover: left bus-mastering by the previous kernel but not adopted "
+            f"({why}): stopped") in dmesg
+    assert not int(_text(new, "command-end.txt").split()[0], 16) & 0x4
+    # nothing adopted: no context entry kept, translation disabled as on a stock kernel
+    assert "adopted the context entry" not in dmesg

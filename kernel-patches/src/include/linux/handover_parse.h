@@ -48,6 +48,17 @@ static inline const ho_u8 *ho_record(const struct ho_view *v, const struct ho_se
 
 const char *ho_strerror(int err);
 
+/*
+ * The physical ranges the next kernel must keep out of its allocator, of a validated
+ * state: every RESERVED record, then the 4-KiB page of every posted-interrupt descriptor
+ * (a vCPU's pi_desc must stay where the IRTEs point even if the writer did not list its
+ * page). Calls @fn(ctx, start, size, kind) for each usable range; returns how many were
+ * skipped (zero size, or wrapping past the top of the address space).
+ */
+ho_u32 ho_preserved_ranges(const struct ho_view *v,
+			   void (*fn)(void *ctx, ho_u64 start, ho_u64 size, unsigned int kind),
+			   void *ctx);
+
 /* CRC32C of @len bytes continuing @crc (0 to start), as zlib-style crc32 functions do. */
 ho_u32 ho_crc32c(ho_u32 crc, const void *data, ho_u64 len);
 

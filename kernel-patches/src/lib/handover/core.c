@@ -159,23 +159,17 @@ static int __init ho_region_slots(struct ho_slot_desc *out)
 	return n;
 }
 
+static void __init ho_reserve_one(void *ctx, u64 start, u64 size, unsigned int kind)
+{
+	memblock_reserve(start, size);
+	ho_reserved_count++;
+	ho_reserved_bytes += size;
+}
+
+/* the RESERVED ranges and the pages of the posted-interrupt descriptors */
 static void __init ho_reserve_ranges(void)
 {
-	const struct ho_section *s = ho_find_section(&ho_view, HO_SEC_RESERVED);
-
-	for (u32 i = 0; s && i < s->count; i++) {
-		const u8 *r = ho_record(&ho_view, s, i);
-		u64 start = ho_get_le64(r + HO_RESERVED_OFF_START);
-		u64 size = ho_get_le64(r + HO_RESERVED_OFF_SIZE);
-
-		if (!size || start + size < start) {
-			ho_reserved_skipped++;
-			continue;
-		}
-		memblock_reserve(start, size);
-		ho_reserved_count++;
-		ho_reserved_bytes += size;
-	}
+	ho_reserved_skipped = ho_preserved_ranges(&ho_view, ho_reserve_one, NULL);
 }
 
 void __init handover_reserve(void)

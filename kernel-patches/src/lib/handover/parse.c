@@ -500,3 +500,34 @@ int ho_parse(const void *blob, ho_u64 n, struct ho_view *v, ho_u64 *err_off)
 	rc = ho_check_state(v, err_off);
 	return rc;
 }
+
+ho_u32 ho_preserved_ranges(const struct ho_view *v,
+			   void (*fn)(void *ctx, ho_u64 start, ho_u64 size, unsigned int kind),
+			   void *ctx)
+{
+	const struct ho_section *rs = ho_find_section(v, HO_SEC_RESERVED);
+	const struct ho_section *ps = ho_find_section(v, HO_SEC_PI_DESC);
+	ho_u32 skipped = 0;
+
+	for (ho_u32 i = 0; rs && i < rs->count; i++) {
+		const ho_u8 *r = ho_record(v, rs, i);
+		ho_u64 start = ho_get_le64(r + HO_RESERVED_OFF_START);
+		ho_u64 size = ho_get_le64(r + HO_RESERVED_OFF_SIZE);
+
+		if (!size || start + size < start) {
+			skipped++;
+			continue;
+		}
+		fn(ctx, start, size, ho_get_le16(r + HO_RESERVED_OFF_KIND));
+	}
+	for (ho_u32 i = 0; ps && i < ps->count; i++) {
+		ho_u64 phys = ho_get_le64(ho_record(v, ps, i) + HO_PI_DESC_OFF_PHYS);
+
+		if (phys > ~0ULL - 4096) {
+			skipped++;
+			continue;
+		}
+		fn(ctx, phys & ~0xfffULL, 4096, HO_RES_PI_DESC);
+	}
+	return skipped;
+}

@@ -23,7 +23,7 @@ The fallback runs end differently. ``handover load`` with a wrong token rejects 
 the initramfs: the kernel releases edu (bus mastering and MSI off, its adopted context entry
 dropped, reset if it had a method) and the boot goes on. Or the kernel rejects it itself,
 before anything is adopted: a state whose inside is corrupt (refused by the parser), or one
-whose device identity differs from the device found at enumeration; edu, left bus-mastering
+whose device identity or BAR differs from the device found at enumeration; edu, left bus-mastering
 by the armed kexec, is stopped during enumeration and translation is disabled as on a stock
 kernel.
 """
@@ -87,6 +87,16 @@ from handover.formats.model import Table
 from handover.pmem import commit, read_latest
 st = decode(read_latest("/dev/pmem0").blob)
 st.devices = Table.from_rows(st.devices.spec, [d._replace(device=0x11e9) for d in st.devices])
+commit("/dev/pmem0", encode(st))
+EOF
+""",
+    "bar": r"""
+python3 - <<'EOF'
+from handover.formats.codec import decode, encode
+from handover.formats.model import Table
+from handover.pmem import commit, read_latest
+st = decode(read_latest("/dev/pmem0").blob)
+st.bars = Table.from_rows(st.bars.spec, [b._replace(start=b.start + 0x100000) for b in st.bars])
 commit("/dev/pmem0", encode(st))
 EOF
 """,
@@ -246,7 +256,7 @@ def test_rejected_state_releases_the_device(patched):  # noqa: F811
     assert "handover: released (the handover was aborted)" in _text(new, "dmesg.txt")
 
 
-@pytest.mark.parametrize("spoil", ["corrupt", "identity"])
+@pytest.mark.parametrize("spoil", ["corrupt", "identity", "bar"])
 def test_kernel_rejects_and_stops_the_device(patched, spoil):  # noqa: F811
     res = _run(patched, NEW_KERNEL_KERNEL_REJECTS, SPOIL[spoil])
     new = res.phases[2]
@@ -259,7 +269,8 @@ def test_kernel_rejects_and_stops_the_device(patched, spoil):  # noqa: F811
         why = "no valid state"
     else:
         assert status["state"] == "valid"
-        why = "its identity differs from the saved one"
+        why = {"identity": "its identity differs from the saved one",
+               "bar": "a BAR differs from the saved one"}[spoil]
         assert re.search(rf"device: 0000:00:03.0 released \({why}\)", text)
     # edu was left bus-mastering by the armed kexec: stopped during enumeration, said why
     assert (f"0000:00:03.0: handover: left bus-mastering by the previous kernel but not adopted "

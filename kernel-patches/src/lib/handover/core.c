@@ -449,6 +449,22 @@ bool handover_pci_held(struct pci_dev *pdev)
 }
 
 /* enumeration of a held device: its BARs come from the state, never from sizing writes */
+/* the address BAR @index (PCI_ROM_RESOURCE: the ROM BAR) decodes, from config reads only */
+static u64 ho_pci_bar_live(struct pci_dev *pdev, int index, unsigned long flags)
+{
+	int pos = index == PCI_ROM_RESOURCE ? PCI_ROM_ADDRESS : PCI_BASE_ADDRESS_0 + 4 * index;
+	u32 lo, hi = 0;
+
+	pci_read_config_dword(pdev, pos, &lo);
+	if (index == PCI_ROM_RESOURCE)
+		return lo & PCI_ROM_ADDRESS_MASK;
+	if (lo & PCI_BASE_ADDRESS_SPACE_IO)
+		return lo & PCI_BASE_ADDRESS_IO_MASK;
+	if (flags & IORESOURCE_MEM_64)
+		pci_read_config_dword(pdev, pos + 4, &hi);
+	return (u64)hi << 32 | (lo & PCI_BASE_ADDRESS_MEM_MASK);
+}
+
 bool handover_pci_bar(struct pci_dev *pdev, int index, struct resource *res)
 {
 	const struct ho_section *bs = ho_find_section(&ho_view, HO_SEC_BAR);
@@ -537,6 +553,31 @@ static void ho_pci_quiesce(struct pci_dev *pdev)
 	}
 }
 
+/* every assigned BAR the state records for @pdev still decodes where the state says */
+static bool ho_pci_bars_match(struct pci_dev *pdev)
+{
+	const struct ho_section *bs = ho_find_section(&ho_view, HO_SEC_BAR);
+	u32 sbdf = ho_sbdf(pdev);
+
+	for (u32 i = 0; bs && i < bs->count; i++) {
+		const u8 *r = ho_record(&ho_view, bs, i);
+		u64 start = ho_get_le64(r + HO_BAR_OFF_START), flags = ho_get_le64(r + HO_BAR_OFF_RES_FLAGS);
+		int index = r[HO_BAR_OFF_INDEX];
+		u64 live;
+
+		if (ho_get_le32(r + HO_BAR_OFF_SBDF) != sbdf || index > PCI_ROM_RESOURCE ||
+		    !ho_get_le64(r + HO_BAR_OFF_SIZE) || (flags & IORESOURCE_UNSET))
+			continue;
+		live = ho_pci_bar_live(pdev, index, flags);
+		if (live != start) {
+			pci_warn(pdev, "handover: BAR %d decodes %#llx, the state says %#llx\n",
+				 index, live, start);
+			return false;
+		}
+	}
+	return true;
+}
+
 /*
  * Before the BARs are read: a device of a handover boot either is a keepalive device found
  * with its saved identity (held: enumeration leaves it running), or, if the previous
@@ -561,6 +602,8 @@ static void ho_pci_early(struct pci_dev *pdev)
 			 pdev->class != (ho_get_le32(r + HO_DEVICE_OFF_CLASS) & 0xffffff) ||
 			 pdev->revision != r[HO_DEVICE_OFF_REVISION])
 			why = "its identity differs from the saved one";
+		else if (!ho_pci_bars_match(pdev))
+			why = "a BAR differs from the saved one";
 		if (!why) {
 			k->state = HO_KEPT_HELD;
 			k->pdev = pdev;

@@ -61,13 +61,25 @@ i=0; while [ ! -f /tmp/vfio-ready ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1));
 cat /tmp/vfio-holder.log >&2
 cat /tmp/vfio-ready > "$LAB_OUT/vfio-ready.txt"
 python3 -m handover region init /dev/pmem0 --force
-python3 -m handover save --region /dev/pmem0 --token TOKEN --json > "$LAB_OUT/save.json"
+# the real arming: save, kexec-load the next kernel with handover=, name edu keepalive
+python3 -m handover arm --kernel /payload/lab/vmlinuz.3 --initrd /payload/lab/initrd.img \
+    --command-line "$(cat /payload/lab/cmdline.3)" --append handover.lab.phase=3 \
+    --region /dev/pmem0 --token TOKEN \
+    --json > "$LAB_OUT/arm.json"
 python3 -m handover inspect --json /dev/pmem0 > "$LAB_OUT/inspect.json"
-echo 0000:00:03.0 > /sys/kernel/handover/keepalive
+cat /sys/kernel/handover/keepalive > "$LAB_OUT/keepalive.txt"
 cat /sys/class/iommu/dmar0/intel-iommu/rtaddr > "$LAB_OUT/rtaddr.txt"
 cat /sys/kernel/debug/iommu/intel/dmar_translation_struct > "$LAB_OUT/dmar_translation.txt" 2>&1 || true
 cat /sys/kernel/debug/iommu/intel/ir_translation_struct > "$LAB_OUT/ir_translation.txt" 2>&1 || true
 cat /sys/bus/pci/devices/0000:00:03.0/resource > "$LAB_OUT/edu-resource.txt"
+# a DMA in flight across the kexec: edu holds a pattern; the last command before
+# `handover arm --exec` starts edu -> RAM (old IOVA) and does not wait (edu takes 100 ms)
+python3 edu_keepalive.py stage 0000:00:03.0 "$dax" "$LAB_OUT/inflight.json"
+cat > /lab/exec <<'EOF'
+python3 /payload/edu_keepalive.py kick 0000:00:03.0
+echo "@@LAB ARM-EXEC phase=2"
+exec python3 -m handover arm --exec
+EOF
 """.replace("TOKEN", TOKEN)
 
 # after the save in the old kernel: replace the state with a damaged one (new generation)
@@ -188,7 +200,7 @@ def _handle(addr: int) -> int:
 def _kexec_to(res, marker):
     t = {(n, re.search(r"phase=(\d+)", r).group(1) if re.search(r"phase=(\d+)", r) else "")
          : s for s, n, r in res.markers}
-    a, b = t.get(("KEXEC-EXEC", "2")), t.get((marker, "3"))
+    a, b = t.get(("ARM-EXEC", "2")), t.get((marker, "3"))
     return round(b - a, 2) if a is not None and b is not None else None
 
 
@@ -199,10 +211,9 @@ def test_keepalive_device_survives_kexec(patched):  # noqa: F811
     print("\n".join(ln for ln in _text(new, "dmesg.txt").splitlines()
                     if re.search(r"handover|DMAR|DMA-?R|vector|edu|00:03.0", ln)))
     print(_text(new, "probe.json"), _text(new, "owner.json"), _text(new, "load.err"))
-    for k in ("kexec -e -> /init (phase 3)",):
-        print(k, res.timings.get(k))
-    print("kexec -e -> edu DMA with old IOVA:", _kexec_to(res, "EDU-DMA-OK"), "s")
-    print("kexec -e -> new owner DMA + MSI:", _kexec_to(res, "EDU-OWNER-OK"), "s")
+    print("handover arm --exec -> /init:", _kexec_to(res, "INIT"), "s")
+    print("handover arm --exec -> edu DMA with the old IOVA:", _kexec_to(res, "EDU-DMA-OK"), "s")
+    print("handover arm --exec -> new owner's DMA + MSI:", _kexec_to(res, "EDU-OWNER-OK"), "s")
     assert "dma_roundtrip=ok" in _text(old, "vfio-ready.txt")
     status = _status(_text(new, "status.txt"))
     assert status["state"] == "valid"
@@ -223,6 +234,12 @@ def test_keepalive_device_survives_kexec(patched):  # noqa: F811
     assert probe["command"] & 0x4 and probe["msi"][0]
     pattern = re.search(r"pattern=([0-9a-f]+)", _text(old, "vfio-ready.txt")).group(1)
     assert probe["preserved"] == pattern
+    # a DMA started just before `kexec -e` landed in the preserved buffer
+    inflight = json.loads(old.files["inflight.json"])
+    assert inflight["staged"] and probe["inflight"] == inflight["pattern"]
+    arm = json.loads(old.files["arm.json"])
+    assert arm["keepalive"] == {"armed": True, "devices": [EDU]}
+    assert {"handover=0x4000000@0x30000000", DAX_RANGE} <= set(arm["cmdline"].split())
     # DMA with the old IOVA after kexec lands in the preserved buffer
     assert probe["dma_old_iova"] is True
     # the new owner: token required, old IOVA still mapped, MSI delivered

@@ -8,6 +8,12 @@ IOVA 0x100000 and left edu with bus mastering and MSI on. Usage::
         No driver: edu's BAR0 through sysfs resource0. Reads what the previous kernel's DMA
         left in BUFFER, then makes edu DMA with the OLD IOVA (RAM -> edu -> RAM) and checks
         the bytes land in BUFFER, then raises edu's MSI (it travels through the old IRTE).
+    python3 edu_keepalive.py stage BDF BUFFER OUT.json
+        Old kernel, before arming's kexec: put a random pattern into edu's own buffer (a
+        DMA with the IOVA), clear its destination in BUFFER, write the pattern to OUT.json.
+    python3 edu_keepalive.py kick BDF
+        The last command before `kexec -e`: start edu's DMA of that pattern to the old IOVA
+        and return without waiting (QEMU's edu completes a DMA 100 ms of guest time later).
     python3 edu_keepalive.py owner BDF BUFFER OUT.json TOKEN WRONG_TOKEN
         The new owner through vfio-pci: opening without a token and with WRONG_TOKEN must
         fail, with TOKEN must work. Without any new DMA mapping it makes edu DMA with the old
@@ -33,6 +39,7 @@ from vfio_edu import (CONFIG_REGION, DEVICE_GET_REGION_INFO, DEVICE_SET_IRQS, ED
 
 BUF = 2 << 20
 PRE_OFF, SRC_OFF, DST_OFF, OWNER_SRC, OWNER_DST = 4096, 8192, 12288, 16384, 20480
+INFLIGHT_SRC, INFLIGHT_DST, INFLIGHT_EDU = 24576, 28672, EDU_DMA_BUF + 0x800
 
 
 class Edu:
@@ -93,15 +100,41 @@ def _msi(cfg):
     return None
 
 
+def _bar0(bdf):
+    fd = os.open(f"/sys/bus/pci/devices/{bdf}/resource0", os.O_RDWR | os.O_SYNC)
+    return Edu(mmap.mmap(fd, 4096, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE))
+
+
+def stage(bdf, buffer, out):
+    buf = _buffer(buffer)
+    edu = _bar0(bdf)
+    pattern = os.urandom(64)
+    buf[INFLIGHT_SRC:INFLIGHT_SRC + 64] = pattern
+    buf[INFLIGHT_DST:INFLIGHT_DST + 64] = bytes(64)
+    ok = edu.dma(IOVA + INFLIGHT_SRC, INFLIGHT_EDU, 1)
+    with open(out, "w") as f:
+        json.dump({"pattern": pattern.hex(), "staged": ok}, f)
+
+
+def kick(bdf):
+    edu = _bar0(bdf)
+    edu.wr(0x80, INFLIGHT_EDU, "<Q")
+    edu.wr(0x88, IOVA + INFLIGHT_DST, "<Q")
+    edu.wr(0x90, 64, "<Q")
+    edu.wr(0x98, 1 | 2, "<Q")
+    print(f"edu DMA to the old IOVA started; busy when leaving: {edu.rd(0x98, '<Q') & 1}",
+          flush=True)
+
+
 def probe(bdf, buffer, out):
     rep = {}
     buf = _buffer(buffer)
     rep["preserved"] = bytes(buf[PRE_OFF:PRE_OFF + 64]).hex()
+    rep["inflight"] = bytes(buf[INFLIGHT_DST:INFLIGHT_DST + 64]).hex()
     cfg = _config(bdf)
     rep["command"] = struct.unpack_from("<H", cfg, 4)[0]
     rep["msi"] = _msi(cfg)
-    fd = os.open(f"/sys/bus/pci/devices/{bdf}/resource0", os.O_RDWR | os.O_SYNC)
-    edu = Edu(mmap.mmap(fd, 4096, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE))
+    edu = _bar0(bdf)
     rep["edu_id"] = edu.rd(0)
     rep["dma_old_iova"] = edu.roundtrip(buf, SRC_OFF, DST_OFF)
     print("@@LAB EDU-DMA-OK phase=%s" % os.environ.get("LAB_PHASE", "?") if rep["dma_old_iova"]
@@ -173,4 +206,4 @@ def owner(bdf, buffer, out, token, wrong):
 
 if __name__ == "__main__":
     cmd, args = sys.argv[1], sys.argv[2:]
-    {"probe": probe, "owner": owner}[cmd](*args)
+    {"probe": probe, "owner": owner, "stage": stage, "kick": kick}[cmd](*args)

@@ -691,12 +691,38 @@ static void ho_release_all(const char *why)
 			ho_release_one(&ho_kept[i], why);
 }
 
-/* after the IOMMU took over: a held device without an adopted context entry is released */
+/* a held device's BAR that the resource tree refused (it conflicts with another one);
+ * the expansion ROM is left out: x86 claims it only when it is enabled */
+static bool ho_pci_bar_conflict(struct pci_dev *pdev)
+{
+	for (int i = 0; i < PCI_ROM_RESOURCE; i++) {
+		struct resource *r = &pdev->resource[i];
+
+		if (r->flags && resource_size(r) && !r->parent) {
+			pci_warn(pdev, "handover: BAR %d %pR conflicts: not claimed\n", i, r);
+			return true;
+		}
+	}
+	return false;
+}
+
+/*
+ * After the IOMMU took over (and once more at late_initcall, when there is no IOMMU): a
+ * held device without an adopted context entry, or whose BARs could not be claimed where
+ * the state put them, is released. The boot goes on.
+ */
 void handover_release_unadopted(void)
 {
-	for (int i = 0; i < ho_nkept; i++)
-		if (ho_kept[i].state == HO_KEPT_HELD && !ho_kept[i].adopted)
-			ho_release_one(&ho_kept[i], ho_kept[i].why ?: "its DMA translation was not adopted");
+	for (int i = 0; i < ho_nkept; i++) {
+		struct ho_kept *k = &ho_kept[i];
+
+		if (k->state != HO_KEPT_HELD)
+			continue;
+		if (!k->adopted)
+			ho_release_one(k, k->why ?: "its DMA translation was not adopted");
+		else if (k->pdev && ho_pci_bar_conflict(k->pdev))
+			ho_release_one(k, "a BAR conflicts with another resource");
+	}
 }
 
 /* ---- the old kernel: which devices a kexec must leave running ------------------------- */
@@ -890,6 +916,7 @@ static const struct attribute_group ho_group = { .attrs = ho_attrs, .bin_attrs =
 
 static int __init handover_sysfs_init(void)
 {
+	handover_release_unadopted();
 	struct kobject *kobj = kobject_create_and_add("handover", kernel_kobj);
 
 	if (!kobj)

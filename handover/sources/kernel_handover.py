@@ -8,7 +8,10 @@ lib/handover/core.c writes them:
     ``region`` (``<size>@<phys>``), ``reason``, ``error`` (``<HO_E name> at offset N`` when
     the kernel's parser refused the state), ``generation``, ``blob`` (``<len>@<phys>``),
     ``copy`` (physical address of the kernel's RAM copy), ``format``, per-section counts
-    (``units``, ``irtes``, ...), ``reserved_ranges``, ``reserved_bytes``.
+    (``units``, ``irtes``, ...), ``reserved_ranges``, ``reserved_bytes``, ``ir_tables_kept``,
+    ``root_tables_kept``, and one ``device:`` line per keepalive device of the state
+    (``<bdf> held|released|listed [adopted domain=N] [(why)]``, kernel-patches 0006/0007),
+    gathered into a list under ``keepalive`` (``devices`` is the section count).
 ``formats``
     The format versions the kernel reads, ``1.0-1.1``.
 ``blob`` (0400)
@@ -25,6 +28,7 @@ Newer kernels may add keys and files; this reader ignores what it does not know.
 from __future__ import annotations
 
 import errno
+import re
 
 from ..errors import HandoverError
 from .base import Host, Source, Sysroot, register
@@ -32,12 +36,25 @@ from .base import Host, Source, Sysroot, register
 ROOT = "/sys/kernel/handover"
 
 
+_DEVICE = re.compile(r"^(?P<bdf>[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]) (?P<state>[a-z]+)"
+                     r"(?: adopted domain=(?P<domain>\d+))?(?: \((?P<why>.*)\))?$")
+
+
 def parse_status(text: str) -> dict:
-    out = {}
+    out: dict = {}
     for line in text.splitlines():
         key, sep, value = line.partition(":")
-        if sep:
-            out[key.strip()] = value.strip()
+        if not sep:
+            continue
+        key, value = key.strip(), value.strip()
+        if key == "device":
+            m = _DEVICE.match(value)
+            dev = {"line": value} if m is None else {
+                "bdf": m["bdf"], "state": m["state"], "adopted": m["domain"] is not None,
+                "domain": int(m["domain"]) if m["domain"] else None, "why": m["why"]}
+            out.setdefault("keepalive", []).append(dev)
+        else:
+            out[key] = value
     return out
 
 

@@ -242,6 +242,14 @@ def test_keepalive_device_survives_kexec(patched):  # noqa: F811
     assert {"handover=0x4000000@0x30000000", DAX_RANGE} <= set(arm["cmdline"].split())
     # DMA with the old IOVA after kexec lands in the preserved buffer
     assert probe["dma_old_iova"] is True
+    # `handover load` in the new kernel: the state matches the machine; the kernel says edu is held
+    assert "load rc=" not in _text(new, "load.err"), _text(new, "load.err")
+    load = json.loads(new.files["load.json"])
+    assert load["ok"] and load["kernel_interface"]["written"] == "accept"
+    assert load["kernel_interface"]["status"]["keepalive"] == [
+        {"bdf": EDU, "state": "held", "adopted": True, "domain": int(ctx_old.split(":")[0], 16) >> 8 & 0xFFFF,
+         "why": None}]
+    assert _status(_text(new, "status-end.txt"))["state"] == "accepted"
     # the new owner: token required, old IOVA still mapped, MSI delivered
     owner = json.loads(new.files["owner.json"])
     assert owner["no_token"] == "EPERM" and owner["wrong_token"] == "EPERM"

@@ -457,16 +457,19 @@ PATCHES += [
     ("0007-PCI-vfio-pci-leave-keepalive-devices-running-and-check-their-owner.patch",
      "PCI, vfio-pci: leave keepalive devices running, and let only their owner open them",
      """A keepalive device of a validated handover state, found at enumeration with
-its saved identity (vendor, device, class, revision), is held
+its saved identity (vendor, device, class, revision) and BARs, is held
 (lib/handover/core.c, an early fixup): its BARs are taken from the state and
 marked fixed instead of being sized by writing them, and its MSI/MSI-X enable
 bits are left set. A held device is not reset, not stripped of bus mastering
 and not put into idle D3 by vfio-pci, and opening it through a vfio group
 requires the previous owner's token (vf_token=<uuid>, checked against the
-salted SHA-256 in the state). A device the previous kernel left
-bus-mastering that is not held, or a held device released because `handover
-load` aborted or its translation was not adopted, is stopped (bus mastering,
-MSI, MSI-X off) and reset when it has a reset method.""",
+salted SHA-256 in the state); an open by any other path (the iommufd cdev
+has no token argument) is refused until the token was accepted. A device the
+previous kernel left bus-mastering that is not held, a held device whose BARs
+no longer decode where the state says or could not be claimed, and a held
+device released because `handover load` aborted or its translation was not
+adopted, is stopped (bus mastering, MSI, MSI-X off) and reset when it has a
+reset method.""",
      [edit(P, "#include <linux/hypervisor.h>\n", "#include <linux/handover.h>\n#include <linux/hypervisor.h>\n"),
       edit(P, """	for (pos = 0; pos < howmany; pos++) {
 		struct resource *res = &dev->resource[pos];
@@ -503,7 +506,13 @@ MSI, MSI-X off) and reset when it has a reset method.""",
 	if (ctrl & PCI_MSIX_FLAGS_ENABLE) {""", """	pci_read_config_word(dev, dev->msix_cap + PCI_MSIX_FLAGS, &ctrl);
 	if ((ctrl & PCI_MSIX_FLAGS_ENABLE) && !handover_pci_held(dev)) {"""),
       edit(V, "#include <linux/iommufd.h>\n", "#include <linux/iommufd.h>\n#include <linux/handover.h>\n"),
-      edit(V, """	/* Don't allow our initial saved state to include busmaster */
+      edit(V, """	if (!vdev->disable_idle_d3) {
+		ret = pm_runtime_resume_and_get(&pdev->dev);
+		if (ret < 0)
+			return ret;
+	}
+
+	/* Don't allow our initial saved state to include busmaster */
 	pci_clear_master(pdev);
 
 	ret = pci_enable_device(pdev);
@@ -514,7 +523,17 @@ MSI, MSI-X off) and reset when it has a reset method.""",
 	ret = pci_try_reset_function(pdev);
 	if (ret == -EAGAIN)
 		goto out_disable_device;
-""", """	/* Don't allow our initial saved state to include busmaster */
+""", """	/* a keepalive device: only once its owner presented the token */
+	if (!handover_pci_may_open(pdev))
+		return -EPERM;
+
+	if (!vdev->disable_idle_d3) {
+		ret = pm_runtime_resume_and_get(&pdev->dev);
+		if (ret < 0)
+			return ret;
+	}
+
+	/* Don't allow our initial saved state to include busmaster */
 	if (!handover_pci_held(pdev))
 		pci_clear_master(pdev);
 

@@ -33,6 +33,7 @@ void handover_register_iommu_release(void (*fn)(struct pci_dev *pdev));
 bool handover_pci_held(struct pci_dev *pdev);
 bool handover_pci_bar(struct pci_dev *pdev, int index, struct resource *res);
 int handover_pci_open(struct pci_dev *pdev, const u8 *token);
+bool handover_pci_may_open(struct pci_dev *pdev);
 int handover_irte_index(struct pci_dev *pdev, u64 reg_phys, bool msix, unsigned int msi_index);
 #else
 static inline void handover_reserve(void) { }
@@ -53,6 +54,7 @@ static inline bool handover_pci_held(struct pci_dev *pdev) { return false; }
 static inline bool handover_pci_bar(struct pci_dev *pdev, int index, struct resource *res)
 { return false; }
 static inline int handover_pci_open(struct pci_dev *pdev, const u8 *token) { return 0; }
+static inline bool handover_pci_may_open(struct pci_dev *pdev) { return true; }
 static inline int handover_irte_index(struct pci_dev *pdev, u64 reg_phys, bool msix,
 				      unsigned int msi_index) { return -1; }
 #endif

@@ -329,6 +329,7 @@ struct ho_kept {
 	u32 sbdf;
 	enum ho_kept_state state;
 	bool adopted;		/* its context entry was adopted from the previous kernel */
+	bool authorized;	/* its owner presented the token (vfio group path) */
 	u16 did;
 	const u8 *rec;		/* its DEVICE record in the RAM copy */
 	struct pci_dev *pdev;
@@ -668,6 +669,7 @@ int handover_pci_open(struct pci_dev *pdev, const u8 *token)
 		return 0;
 	if (!(ho_get_le16(k->rec + HO_DEVICE_OFF_FLAGS) & HO_DEV_F_TOKEN))
 		return 1;
+	k->authorized = false;
 	if (!token) {
 		pci_warn(pdev, "handover: open refused: a keepalive device needs its owner token (vf_token=)\n");
 		return -EPERM;
@@ -680,7 +682,23 @@ int handover_pci_open(struct pci_dev *pdev, const u8 *token)
 		return -EPERM;
 	}
 	pci_info(pdev, "handover: owner token accepted\n");
+	k->authorized = true;
 	return 1;
+}
+
+/*
+ * vfio-pci enabling a held device (any open path): only after the owner's token was
+ * accepted, since the iommufd cdev path has no way to present one.
+ */
+bool handover_pci_may_open(struct pci_dev *pdev)
+{
+	struct ho_kept *k = ho_kept_find(ho_sbdf(pdev));
+
+	if (!k || k->state != HO_KEPT_HELD || k->pdev != pdev || k->authorized ||
+	    !(ho_get_le16(k->rec + HO_DEVICE_OFF_FLAGS) & HO_DEV_F_TOKEN))
+		return true;
+	pci_warn(pdev, "handover: open refused: the owner token was not presented (vfio group, vf_token=)\n");
+	return false;
 }
 
 /* `handover load` aborted, or the kernel gave up: every held device goes back to normal */

@@ -401,7 +401,8 @@ bool handover_keep_context(const char *name, u16 seg, u8 bus, u8 devfn, u64 lo, 
 	struct ho_kept *k = ho_kept_find(sbdf);
 	const char *why = "no saved context entry";
 
-	if (!k || k->state == HO_KEPT_RELEASED)
+	/* only a device enumeration found and held (identity and BARs checked) */
+	if (!k || k->state != HO_KEPT_HELD)
 		return false;
 	for (u32 i = 0; cs && i < cs->count; i++) {
 		const u8 *r = ho_record(&ho_view, cs, i);

@@ -23,7 +23,8 @@ The fallback runs end differently. ``handover load`` with a wrong token rejects 
 the initramfs: the kernel releases edu (bus mastering and MSI off, its adopted context entry
 dropped, reset if it had a method) and the boot goes on. Or the kernel rejects it itself,
 before anything is adopted: a state whose inside is corrupt (refused by the parser), or one
-whose device identity or BAR differs from the device found at enumeration; edu, left bus-mastering
+whose device identity or BAR differs from the device found at enumeration, or whose IRTA
+differs from the live one (the IR table is not kept, so edu's interrupts would be lost); edu, left bus-mastering
 by the armed kexec, is stopped during enumeration and translation is disabled as on a stock
 kernel.
 """
@@ -109,6 +110,16 @@ from handover.formats.model import Table
 from handover.pmem import commit, read_latest
 st = decode(read_latest("/dev/pmem0").blob)
 st.bars = Table.from_rows(st.bars.spec, [b._replace(start=b.start + 0x100000) for b in st.bars])
+commit("/dev/pmem0", encode(st))
+EOF
+""",
+    "irta": r"""
+python3 - <<'EOF'
+from handover.formats.codec import decode, encode
+from handover.formats.model import Table
+from handover.pmem import commit, read_latest
+st = decode(read_latest("/dev/pmem0").blob)
+st.units = Table.from_rows(st.units.spec, [u._replace(irta=u.irta + 0x100000) for u in st.units])
 commit("/dev/pmem0", encode(st))
 EOF
 """,
@@ -286,7 +297,7 @@ def test_rejected_state_releases_the_device(patched):  # noqa: F811
     assert "handover: released (the handover was aborted)" in _text(new, "dmesg.txt")
 
 
-@pytest.mark.parametrize("spoil", ["corrupt", "identity", "bar"])
+@pytest.mark.parametrize("spoil", ["corrupt", "identity", "bar", "irta"])
 def test_kernel_rejects_and_stops_the_device(patched, spoil):  # noqa: F811
     res = _run(patched, NEW_KERNEL_KERNEL_REJECTS, SPOIL[spoil])
     new = res.phases[2]
@@ -300,7 +311,12 @@ def test_kernel_rejects_and_stops_the_device(patched, spoil):  # noqa: F811
     else:
         assert status["state"] == "valid"
         why = {"identity": "its identity differs from the saved one",
-               "bar": "a BAR differs from the saved one"}[spoil]
+               "bar": "a BAR differs from the saved one",
+               "irta": "its interrupt-remapping table was not kept"}[spoil]
+        if spoil == "irta":
+            # the state's IRTA is not the live one: IR is reprogrammed as on a stock kernel
+            assert status["ir_tables_kept"] == "0"
+            assert "interrupt-remapping table not kept: the register differs from the saved one" in dmesg
         assert re.search(rf"device: 0000:00:03.0 released \({why}\)", text)
     # edu was left bus-mastering by the armed kexec: stopped during enumeration, said why
     assert (f"0000:00:03.0: handover: left bus-mastering by the previous kernel but not adopted "
@@ -308,3 +324,4 @@ def test_kernel_rejects_and_stops_the_device(patched, spoil):  # noqa: F811
     assert not int(_text(new, "command-end.txt").split()[0], 16) & 0x4
     # nothing adopted: no context entry kept, translation disabled as on a stock kernel
     assert "adopted the context entry" not in dmesg
+

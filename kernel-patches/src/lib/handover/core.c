@@ -259,16 +259,16 @@ static bool ho_reserved_holds(u64 phys, u64 size, unsigned int kind)
  * register was captured with its enable flag set, and the whole table is among the ranges
  * reserved before the page allocator started.
  */
-static bool ho_unit_keep(const char *name, const char *what, u64 reg_phys, u64 cap, u64 ecap,
-			 unsigned int off, u32 present_bit, u32 flag_bit, u64 value, u64 size,
-			 unsigned int kind)
+static int ho_unit_keep(const char *name, const char *what, u64 reg_phys, u64 cap, u64 ecap,
+			unsigned int off, u32 present_bit, u32 flag_bit, u64 value, u64 size,
+			unsigned int kind)
 {
 	const struct ho_section *us;
 	const char *why = "not in the handed-over state";
 	u64 table = value & ~0xfffULL;
 
 	if (!handover_state_valid())
-		return false;
+		return -1;
 	us = ho_find_section(&ho_view, HO_SEC_UNIT);
 	for (u32 i = 0; us && i < us->count; i++) {
 		const u8 *r = ho_record(&ho_view, us, i);
@@ -291,25 +291,30 @@ static bool ho_unit_keep(const char *name, const char *what, u64 reg_phys, u64 c
 		why = "its table is not among the reserved ranges";
 		if (ho_reserved_holds(table, size, kind)) {
 			pr_info("%s: keeping the %s at %#llx\n", name, what, table);
-			return true;
+			return ho_get_le16(r + HO_UNIT_OFF_UNIT);
 		}
 		break;
 	}
 	pr_info("%s: %s not kept: %s\n", name, what, why);
-	return false;
+	return -1;
 }
 
 static u32 ho_ir_kept;
+static u64 ho_ir_units;		/* bit n: the IR table of state unit n was kept */
 
 /* interrupt remapping left enabled by the previous kernel: keep its IRTEs? */
 bool handover_keep_ir(const char *name, u64 reg_phys, u64 cap, u64 ecap, u64 irta)
 {
-	bool keep = ho_unit_keep(name, "interrupt-remapping table", reg_phys, cap, ecap, HO_UNIT_OFF_IRTA,
+	int unit = ho_unit_keep(name, "interrupt-remapping table", reg_phys, cap, ecap, HO_UNIT_OFF_IRTA,
 				 HO_UNIT_P_IRTA, HO_UNIT_F_IRE, irta, 16ULL << ((irta & 0xf) + 1),
 				 HO_RES_IR_TABLE);
 
-	ho_ir_kept += keep;
-	return keep;
+	if (unit < 0)
+		return false;
+	ho_ir_kept++;
+	if (unit < 64)
+		ho_ir_units |= 1ULL << unit;
+	return true;
 }
 
 /* ---- the new kernel: the keepalive devices of a validated state ------------------------- */
@@ -377,7 +382,7 @@ bool handover_keep_dma(const char *name, u64 reg_phys, u64 cap, u64 ecap, u64 rt
 {
 	bool keep = ho_nkept && ho_unit_keep(name, "root table", reg_phys, cap, ecap,
 					     HO_UNIT_OFF_RTADDR, HO_UNIT_P_RTADDR, HO_UNIT_F_TE,
-					     rtaddr, 4096, HO_RES_ROOT_TABLE);
+					     rtaddr, 4096, HO_RES_ROOT_TABLE) >= 0;
 
 	ho_root_kept += keep;
 	return keep;
@@ -555,6 +560,23 @@ static void ho_pci_quiesce(struct pci_dev *pdev)
 	}
 }
 
+/* a remapped vector of @sbdf lives in an IR table that was not kept */
+static bool ho_vectors_lost(u32 sbdf)
+{
+	const struct ho_section *vs = ho_find_section(&ho_view, HO_SEC_VECTOR);
+
+	for (u32 i = 0; vs && i < vs->count; i++) {
+		const u8 *r = ho_record(&ho_view, vs, i);
+		u16 unit = ho_get_le16(r + HO_VECTOR_OFF_UNIT);
+
+		if (ho_get_le32(r + HO_VECTOR_OFF_SBDF) == sbdf &&
+		    (r[HO_VECTOR_OFF_FLAGS] & HO_VEC_F_IRTE_KNOWN) &&
+		    (unit >= 64 || !(ho_ir_units & (1ULL << unit))))
+			return true;
+	}
+	return false;
+}
+
 /* every assigned BAR the state records for @pdev still decodes where the state says */
 static bool ho_pci_bars_match(struct pci_dev *pdev)
 {
@@ -606,6 +628,8 @@ static void ho_pci_early(struct pci_dev *pdev)
 			why = "its identity differs from the saved one";
 		else if (!ho_pci_bars_match(pdev))
 			why = "a BAR differs from the saved one";
+		else if (ho_vectors_lost(k->sbdf))	/* IR was set up before PCI */
+			why = "its interrupt-remapping table was not kept";
 		if (!why) {
 			k->state = HO_KEPT_HELD;
 			k->pdev = pdev;
@@ -727,8 +751,9 @@ static bool ho_pci_bar_conflict(struct pci_dev *pdev)
 
 /*
  * After the IOMMU took over (and once more at late_initcall, when there is no IOMMU): a
- * held device without an adopted context entry, or whose BARs could not be claimed where
- * the state put them, is released. The boot goes on.
+ * held device without an adopted context entry, whose interrupts went through an IR table
+ * that was not kept, or whose BARs could not be claimed where the state put them, is
+ * released. The boot goes on.
  */
 void handover_release_unadopted(void)
 {
@@ -739,6 +764,8 @@ void handover_release_unadopted(void)
 			continue;
 		if (!k->adopted)
 			ho_release_one(k, k->why ?: "its DMA translation was not adopted");
+		else if (ho_vectors_lost(k->sbdf))
+			ho_release_one(k, "its interrupt-remapping table was not kept");
 		else if (k->pdev && ho_pci_bar_conflict(k->pdev))
 			ho_release_one(k, "a BAR conflicts with another resource");
 	}

@@ -267,7 +267,7 @@ def arm(image, initrd, append, command_line, region, next_region, policy, device
                   "minor": minor, "kernel": image, "cmdline": cmdline,
                   "armed_at": time.time(), "generation": report.get("generation")}
         doc["marker"] = _write_marker(result_dir, marker)
-        doc["keepalive"] = arm_keepalive(sysroot, report.get("devices") or [])
+        doc["keepalive"] = arm_keepalive(sysroot, report.get("devices") or [], declared)
     if as_json:
         _emit_json(doc)
     else:
@@ -284,19 +284,29 @@ def arm(image, initrd, append, command_line, region, next_region, policy, device
 KEEPALIVE = "sys/kernel/handover/keepalive"
 
 
-def arm_keepalive(sysroot: str, devices: list[str]) -> dict:
+def arm_keepalive(sysroot: str, devices: list[str], next_reads_state: bool = True) -> dict:
     """Tell a patched running kernel which devices its kexec must leave running (DMA
     translation on, bus mastering kept: kernel-patches 0005). Feature-detected: on a stock
-    kernel the file does not exist and nothing changes."""
+    kernel the file does not exist and nothing changes.
+
+    Only when the next kernel reads the state (it declares so in its Handover ELF note): a
+    kernel that does not would find translation on, disable it as a stock kernel does, and
+    the devices still bus-mastering would DMA to their IOVAs as physical addresses. Then
+    any earlier arming is cleared and the kexec stops the devices as usual."""
     path = os.path.join(sysroot, KEEPALIVE)
     if not os.path.exists(path):
         return {"armed": False, "reason": f"/{KEEPALIVE} missing: kernel without handover patches"}
+    if not next_reads_state:
+        devices = []
     try:
         for word in ["clear", *devices]:
             with open(path, "w") as f:
                 f.write(word + "\n")
     except OSError as e:
         raise HandoverError(f"/{KEEPALIVE}: cannot arm {word}: {e.strerror}") from None
+    if not next_reads_state:
+        return {"armed": False, "reason": "the next kernel does not declare that it reads the "
+                "handover state: the kexec stops the devices as usual"}
     return {"armed": True, "devices": list(devices)}
 
 

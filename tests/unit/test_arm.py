@@ -190,3 +190,16 @@ def test_arm_keepalive_feature_detected(tmp_path):
     got = arm_keepalive(str(tmp_path), ["0000:00:03.0", "0000:00:04.0"])
     assert got == {"armed": True, "devices": ["0000:00:03.0", "0000:00:04.0"]}
     assert f.read_text() == "0000:00:04.0\n"  # one device per write, after a "clear"
+
+
+def test_arm_keepalive_only_for_a_kernel_that_reads_the_state(tmp_path):
+    """A next kernel without the Handover note would disable translation while the devices
+    still bus-master: nothing is armed, and an earlier arming is cleared."""
+    from handover.cli_arm import KEEPALIVE, arm_keepalive
+
+    f = tmp_path / KEEPALIVE
+    f.parent.mkdir(parents=True)
+    f.write_text("")
+    got = arm_keepalive(str(tmp_path), ["0000:00:03.0"], next_reads_state=False)
+    assert got["armed"] is False and "does not declare" in got["reason"]
+    assert f.read_text() == "clear\n"

@@ -227,12 +227,14 @@ def load(region, check_only, token, generation, result_dir, as_json, sysroot):
         if check_only:
             kernel["action"] = "none (--check-only)"
         else:
-            from .sources.kernel_handover import feed
+            from .sources.kernel_handover import feed, read_status
 
             fails = [v["item"] for v in verdicts if v["status"] in hostcheck.FAIL]
             verdict = "accept" if verdicts.ok else "abort"
             kernel["written"] = feed(sr, verdict, "mismatch: " + "; ".join(fails[:4]))
             kernel["action"] = verdict
+            # what the kernel did with it (an abort releases the keepalive devices)
+            kernel["status_after"] = read_status(sr)
     else:
         kernel["action"] = "none (stock kernel: no /sys/kernel/handover; nothing changed)"
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -255,6 +257,9 @@ def load(region, check_only, token, generation, result_dir, as_json, sysroot):
         click.echo(f"{'MATCH' if doc['ok'] else 'MISMATCH'}: {s['match']} match, "
                    f"{s['mismatch']} mismatch, {s['missing']} missing, {s['unverified']} "
                    f"unverified; kernel: {kernel['action']}")
+        status = kernel.get("status_after") or kernel.get("status") or {}
+        for d in status.get("keepalive", []):
+            click.echo("kernel keepalive " + keepalive_line(d))
     click.echo(f"handover: {doc_path_note}", err=True)
     if not doc["ok"]:
         err = MismatchError(f"{region}: the saved state does not match this host: "
@@ -262,6 +267,16 @@ def load(region, check_only, token, generation, result_dir, as_json, sysroot):
                             + (f" (+{len(doc['failures']) - 3} more)" if len(doc["failures"]) > 3 else ""))
         click.echo(f"handover: {err.kind}: {err}", err=True)
         sys.exit(EXIT_MISMATCH)
+
+
+def keepalive_line(d: dict) -> str:
+    """One keepalive device as the kernel reported it (kernel_handover.parse_status)."""
+    if "bdf" not in d:
+        return d.get("line", "?")
+    text = f"{d['bdf']}: {d['state']}"
+    if d.get("adopted"):
+        text += f", translation adopted (domain {d['domain']})"
+    return text + (f" ({d['why']})" if d.get("why") else "")
 
 
 def _write_result(result_dir: str, doc: dict) -> str:

@@ -58,6 +58,11 @@ def parse_status(text: str) -> dict:
     return out
 
 
+def read_status(sysroot: Sysroot) -> dict:
+    """/sys/kernel/handover/status now, parsed ({} when absent)."""
+    return parse_status(sysroot.try_text(f"{ROOT}/status") or "")
+
+
 @register
 class KernelHandover(Source):
     name = "kernel-handover"
@@ -70,7 +75,7 @@ class KernelHandover(Source):
             host.note("kernel-handover", "absent", self.name,
                       f"{ROOT} missing: kernel without handover patches")
             return
-        status = parse_status(sr.try_text(f"{ROOT}/status") or "")
+        status = read_status(sr)
         info = {"path": ROOT, "formats": sr.try_text(f"{ROOT}/formats"),
                 "state": status.get("state"), "decision": sr.try_text(f"{ROOT}/decision"),
                 "status": status}

@@ -237,6 +237,12 @@ def test_kernel_interface_is_fed(saved, tmp_path):
     assert (k / "decision").read_text() == "pending\n"
     code, doc, _ = load(root, blob, tmp_path)
     assert code == 0 and (k / "decision").read_text() == "accept\n"
+    # the kernel's keepalive lines (kernel-patches 0006/0007) in the human report
+    with open(k / "status", "a") as f:
+        f.write("device: 0000:00:03.0 held adopted domain=4\n")
+    code, out, err = run("load", "--sysroot", root, "--region", blob, "--result-dir", tmp_path / "r")
+    assert code == 0, err
+    assert "kernel keepalive 0000:00:03.0: held, translation adopted (domain 4)" in out
     set_resource(root, EDU, 0, 0xFE800000, 0xFE8FFFFF, 0x40200)
     code, doc, _ = load(root, blob, tmp_path)
     assert code == 6 and (k / "decision").read_text() == "abort\n"

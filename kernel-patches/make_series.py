@@ -464,13 +464,15 @@ bits are left set. A held device is not reset, not stripped of bus mastering
 and not put into idle D3 by vfio-pci, and opening it through a vfio group
 requires the previous owner's token (vf_token=<uuid>, checked against the
 salted SHA-256 in the state); an open by any other path (the iommufd cdev
-has no token argument) is refused until the token was accepted. A device the
-previous kernel left bus-mastering that is not held (among others: its BARs no
-longer decode where the state says, or the IR table its vectors used was not
-kept), a held device whose BARs could not be claimed, and a held
-device released because `handover load` aborted or its translation was not
-adopted, is stopped (bus mastering, MSI, MSI-X off) and reset when it has a
-reset method.""",
+has no token argument) is refused until the token was accepted.
+
+A device the previous kernel left bus-mastering that is not held (among
+others: its BARs no longer decode where the state says, or the IR table its
+vectors used was not kept), a held device whose BARs could not be claimed,
+and a held device released because `handover load` aborted or its
+translation was not adopted, is stopped (bus mastering, MSI, MSI-X off) and
+reset when it has a reset method. The bookkeeping is in lib/handover/core.c
+(patch 0002).""",
      [edit(P, "#include <linux/hypervisor.h>\n", "#include <linux/handover.h>\n#include <linux/hypervisor.h>\n"),
       edit(P, """	for (pos = 0; pos < howmany; pos++) {
 		struct resource *res = &dev->resource[pos];

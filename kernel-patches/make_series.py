@@ -72,7 +72,14 @@ and memblock-reserve every range it lists (root, context and page tables, the
 IR table, posted-interrupt descriptors). A bad state is refused with a log line,
 never a panic. Report under /sys/kernel/handover/ (status, the blob, the
 formats read, and a decision attribute for `handover load`), declare the format
-versions read in an ELF note, and put the RAM copy in VMCOREINFO.""",
+versions read in an ELF note, and put the RAM copy in VMCOREINFO.
+
+The same file keeps the state's keepalive devices for the patches that act on
+them: the old kernel's arming list (0005), and in the new kernel which devices
+are held, adopted or released and why, the owner-token check and the release
+path (0006, 0007); until those patches are applied nothing calls it, apart
+from the PCI fixups that stop a device left bus-mastering by a previous
+kernel on a handover boot.""",
      [copy("include/linux/handover.h"), copy("lib/handover/core.c"),
       edit("arch/x86/kernel/setup.c", "#include <linux/hugetlb.h>\n",
            "#include <linux/handover.h>\n#include <linux/hugetlb.h>\n"),

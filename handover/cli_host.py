@@ -254,12 +254,13 @@ def load(region, check_only, token, generation, result_dir, as_json, sysroot):
                     (f" ({v['detail']})" if v.get("detail") else "")
             click.echo(f"{mark} {v['item']}{extra}")
         s = doc["summary"]
-        click.echo(f"{'MATCH' if doc['ok'] else 'MISMATCH'}: {s['match']} match, "
-                   f"{s['mismatch']} mismatch, {s['missing']} missing, {s['unverified']} "
-                   f"unverified; kernel: {kernel['action']}")
         status = kernel.get("status_after") or kernel.get("status") or {}
         for d in status.get("keepalive", []):
             click.echo("kernel keepalive " + keepalive_line(d))
+        # the summary stays the last line: the initramfs boot script logs that one
+        click.echo(f"{'MATCH' if doc['ok'] else 'MISMATCH'}: {s['match']} match, "
+                   f"{s['mismatch']} mismatch, {s['missing']} missing, {s['unverified']} "
+                   f"unverified; kernel: {kernel['action']}")
     click.echo(f"handover: {doc_path_note}", err=True)
     if not doc["ok"]:
         err = MismatchError(f"{region}: the saved state does not match this host: "

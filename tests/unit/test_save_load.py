@@ -243,6 +243,7 @@ def test_kernel_interface_is_fed(saved, tmp_path):
     code, out, err = run("load", "--sysroot", root, "--region", blob, "--result-dir", tmp_path / "r")
     assert code == 0, err
     assert "kernel keepalive 0000:00:03.0: held, translation adopted (domain 4)" in out
+    assert out.splitlines()[-1].startswith("MATCH: ")  # the boot script logs the last line
     set_resource(root, EDU, 0, 0xFE800000, 0xFE8FFFFF, 0x40200)
     code, doc, _ = load(root, blob, tmp_path)
     assert code == 6 and (k / "decision").read_text() == "abort\n"

@@ -8,14 +8,15 @@ Scenario, on the patched kernel both sides:
   phase 2  the old kernel. A second legacy pmem range becomes a device-dax namespace (its
            memory survives a kexec, as a VMM's guest RAM does). edu is bound to vfio-pci;
            vfio_edu.py maps 2 MiB of the dax device at IOVA 0x100000, runs a DMA round trip
-           and an MSI, and stays open. ``handover save --token`` writes the state,
-           /sys/kernel/handover/keepalive arms edu, and the kexec leaves translation, IR and
-           edu's bus mastering on.
+           and an MSI, and stays open. ``handover arm --token`` saves the state, loads the
+           next kernel with handover= and names edu in /sys/kernel/handover/keepalive; edu
+           is given a DMA to the old IOVA as the last command before ``handover arm --exec``,
+           and the kexec leaves translation, IR and edu's bus mastering on.
   phase 3  the new kernel, booted with handover=. It must adopt the root table in place,
            edu's context entry (same domain ID) and IRTE, leave edu's BARs, MSI and bus
            mastering alone, and give every other device fresh IOMMU state (the virtio disks
-           keep working: the results of this phase are written through one). Then, with no
-           driver, edu DMAs with the OLD IOVA into the dax buffer and raises its MSI through
+           keep working: the results of this phase are written through one). The DMA in
+           flight across the kexec landed in the dax buffer. Then, with no driver, edu DMAs with the OLD IOVA into the dax buffer and raises its MSI through
            the old IRTE; ``handover load`` accepts; the new owner opens edu through vfio-pci
            only with the token, DMAs with the old IOVA again (no new mapping) and gets its
            MSI on an eventfd.
@@ -24,9 +25,9 @@ the initramfs: the kernel releases edu (bus mastering and MSI off, its adopted c
 dropped, reset if it had a method) and the boot goes on. Or the kernel rejects it itself,
 before anything is adopted: a state whose inside is corrupt (refused by the parser), or one
 whose device identity or BAR differs from the device found at enumeration, or whose IRTA
-differs from the live one (the IR table is not kept, so edu's interrupts would be lost); edu, left bus-mastering
-by the armed kexec, is stopped during enumeration and translation is disabled as on a stock
-kernel.
+differs from the live one (the IR table is not kept, so edu's interrupts would be lost); edu,
+left bus-mastering by the armed kexec, is stopped during enumeration and translation is
+disabled as on a stock kernel.
 """
 
 from __future__ import annotations

@@ -235,6 +235,20 @@ bool handover_state_valid(void)
 	return ho_state == HO_ST_VALID || ho_state == HO_ST_ACCEPTED;
 }
 
+/* the UNIT record of the unit whose registers are at @reg_phys, or NULL */
+static const u8 *ho_unit_find(u64 reg_phys)
+{
+	const struct ho_section *us = ho_find_section(&ho_view, HO_SEC_UNIT);
+
+	for (u32 i = 0; us && i < us->count; i++) {
+		const u8 *r = ho_record(&ho_view, us, i);
+
+		if (ho_get_le64(r + HO_UNIT_OFF_REG_BASE) == reg_phys)
+			return r;
+	}
+	return NULL;
+}
+
 /* [@phys, @phys + @size) lies inside one reserved range of @kind */
 static bool ho_reserved_holds(u64 phys, u64 size, unsigned int kind)
 {
@@ -263,40 +277,32 @@ static int ho_unit_keep(const char *name, const char *what, u64 reg_phys, u64 ca
 			unsigned int off, u32 present_bit, u32 flag_bit, u64 value, u64 size,
 			unsigned int kind)
 {
-	const struct ho_section *us;
-	const char *why = "not in the handed-over state";
 	u64 table = value & ~0xfffULL;
+	const char *why = NULL;
+	const u8 *r;
+	u32 present;
 
 	if (!handover_state_valid())
 		return -1;
-	us = ho_find_section(&ho_view, HO_SEC_UNIT);
-	for (u32 i = 0; us && i < us->count; i++) {
-		const u8 *r = ho_record(&ho_view, us, i);
-
-		if (ho_get_le64(r + HO_UNIT_OFF_REG_BASE) != reg_phys)
-			continue;
+	r = ho_unit_find(reg_phys);
+	present = r ? ho_get_le32(r + HO_UNIT_OFF_PRESENT) : 0;
+	if (!r)
+		why = "not in the handed-over state";
+	else if ((present & HO_UNIT_P_CAP && ho_get_le64(r + HO_UNIT_OFF_CAP) != cap) ||
+		 (present & HO_UNIT_P_ECAP && ho_get_le64(r + HO_UNIT_OFF_ECAP) != ecap))
 		why = "its capabilities differ from the saved ones (other hardware)";
-		if ((ho_get_le32(r + HO_UNIT_OFF_PRESENT) & HO_UNIT_P_CAP &&
-		     ho_get_le64(r + HO_UNIT_OFF_CAP) != cap) ||
-		    (ho_get_le32(r + HO_UNIT_OFF_PRESENT) & HO_UNIT_P_ECAP &&
-		     ho_get_le64(r + HO_UNIT_OFF_ECAP) != ecap))
-			break;
+	else if (!(present & present_bit) || !(ho_get_le32(r + HO_UNIT_OFF_FLAGS) & flag_bit))
 		why = "the register was not captured with the feature on";
-		if (!(ho_get_le32(r + HO_UNIT_OFF_PRESENT) & present_bit) ||
-		    !(ho_get_le32(r + HO_UNIT_OFF_FLAGS) & flag_bit))
-			break;
+	else if (ho_get_le64(r + off) != value)
 		why = "the register differs from the saved one";
-		if (ho_get_le64(r + off) != value)
-			break;
+	else if (!ho_reserved_holds(table, size, kind))
 		why = "its table is not among the reserved ranges";
-		if (ho_reserved_holds(table, size, kind)) {
-			pr_info("%s: keeping the %s at %#llx\n", name, what, table);
-			return ho_get_le16(r + HO_UNIT_OFF_UNIT);
-		}
-		break;
+	if (why) {
+		pr_info("%s: %s not kept: %s\n", name, what, why);
+		return -1;
 	}
-	pr_info("%s: %s not kept: %s\n", name, what, why);
-	return -1;
+	pr_info("%s: keeping the %s at %#llx\n", name, what, table);
+	return ho_get_le16(r + HO_UNIT_OFF_UNIT);
 }
 
 static u32 ho_ir_kept;
@@ -370,9 +376,15 @@ static struct ho_kept *ho_kept_find(u32 sbdf)
 	return NULL;
 }
 
+/* segment 31:16, bus 15:8, devfn 7:0, as the state's sbdf fields */
+static u32 ho_mk_sbdf(u16 seg, u8 bus, u8 devfn)
+{
+	return (u32)seg << 16 | bus << 8 | devfn;
+}
+
 static u32 ho_sbdf(struct pci_dev *pdev)
 {
-	return (u32)pci_domain_nr(pdev->bus) << 16 | pdev->bus->number << 8 | pdev->devfn;
+	return ho_mk_sbdf(pci_domain_nr(pdev->bus), pdev->bus->number, pdev->devfn);
 }
 
 /* translation left on by the previous kernel: adopt its root table in place? */
@@ -402,7 +414,7 @@ bool handover_keep_context_table(u64 phys)
 bool handover_keep_context(const char *name, u16 seg, u8 bus, u8 devfn, u64 lo, u64 hi)
 {
 	const struct ho_section *cs = ho_find_section(&ho_view, HO_SEC_CONTEXT);
-	u32 sbdf = (u32)seg << 16 | bus << 8 | devfn;
+	u32 sbdf = ho_mk_sbdf(seg, bus, devfn);
 	struct ho_kept *k = ho_kept_find(sbdf);
 	const char *why = "no saved context entry";
 
@@ -437,7 +449,7 @@ bool handover_keep_context(const char *name, u16 seg, u8 bus, u8 devfn, u64 lo, 
 /* the adopted context of @seg:@bus:@devfn must survive attaches (until a release) */
 bool handover_context_held(u16 seg, u8 bus, u8 devfn)
 {
-	struct ho_kept *k = ho_kept_find((u32)seg << 16 | bus << 8 | devfn);
+	struct ho_kept *k = ho_kept_find(ho_mk_sbdf(seg, bus, devfn));
 
 	return k && k->adopted && k->state != HO_KEPT_RELEASED && ho_state != HO_ST_ABORTED;
 }
@@ -455,7 +467,6 @@ bool handover_pci_held(struct pci_dev *pdev)
 	return k && k->state == HO_KEPT_HELD && k->pdev == pdev;
 }
 
-/* enumeration of a held device: its BARs come from the state, never from sizing writes */
 /* the address BAR @index (PCI_ROM_RESOURCE: the ROM BAR) decodes, from config reads only */
 static u64 ho_pci_bar_live(struct pci_dev *pdev, int index, unsigned long flags)
 {
@@ -472,6 +483,7 @@ static u64 ho_pci_bar_live(struct pci_dev *pdev, int index, unsigned long flags)
 	return (u64)hi << 32 | (lo & PCI_BASE_ADDRESS_MEM_MASK);
 }
 
+/* enumeration of a held device: its BARs come from the state, never from sizing writes */
 bool handover_pci_bar(struct pci_dev *pdev, int index, struct resource *res)
 {
 	const struct ho_section *bs = ho_find_section(&ho_view, HO_SEC_BAR);
@@ -509,18 +521,13 @@ bool handover_pci_bar(struct pci_dev *pdev, int index, struct resource *res)
 int handover_irte_index(struct pci_dev *pdev, u64 reg_phys, bool msix, unsigned int msi_index)
 {
 	const struct ho_section *vs = ho_find_section(&ho_view, HO_SEC_VECTOR);
-	const struct ho_section *us = ho_find_section(&ho_view, HO_SEC_UNIT);
+	const u8 *u = ho_unit_find(reg_phys);
 	u32 sbdf = ho_sbdf(pdev);
-	int unit = -1;
+	int unit;
 
-	if (!handover_pci_held(pdev) || !vs)
+	if (!handover_pci_held(pdev) || !vs || !u)
 		return -1;
-	for (u32 i = 0; us && i < us->count; i++) {
-		const u8 *r = ho_record(&ho_view, us, i);
-
-		if (ho_get_le64(r + HO_UNIT_OFF_REG_BASE) == reg_phys)
-			unit = ho_get_le16(r + HO_UNIT_OFF_UNIT);
-	}
+	unit = ho_get_le16(u + HO_UNIT_OFF_UNIT);
 	for (u32 i = 0; i < vs->count && i < HO_MAX_VECTORS; i++) {
 		const u8 *r = ho_record(&ho_view, vs, i);
 		u8 fl = r[HO_VECTOR_OFF_FLAGS];
@@ -542,21 +549,20 @@ int handover_irte_index(struct pci_dev *pdev, u64 reg_phys, bool msix, unsigned 
 /* stop a device the previous kernel left running: no DMA, no interrupts */
 static void ho_pci_quiesce(struct pci_dev *pdev)
 {
+	/* at the early fixup msi_cap and msix_cap are not set yet */
+	int msi = pdev->msi_cap ?: pci_find_capability(pdev, PCI_CAP_ID_MSI);
+	int msix = pdev->msix_cap ?: pci_find_capability(pdev, PCI_CAP_ID_MSIX);
 	u16 cmd, ctrl;
 
 	pci_read_config_word(pdev, PCI_COMMAND, &cmd);
 	pci_write_config_word(pdev, PCI_COMMAND, (cmd & ~PCI_COMMAND_MASTER) | PCI_COMMAND_INTX_DISABLE);
-	if (pdev->msi_cap || pci_find_capability(pdev, PCI_CAP_ID_MSI)) {
-		int pos = pdev->msi_cap ?: pci_find_capability(pdev, PCI_CAP_ID_MSI);
-
-		pci_read_config_word(pdev, pos + PCI_MSI_FLAGS, &ctrl);
-		pci_write_config_word(pdev, pos + PCI_MSI_FLAGS, ctrl & ~PCI_MSI_FLAGS_ENABLE);
+	if (msi) {
+		pci_read_config_word(pdev, msi + PCI_MSI_FLAGS, &ctrl);
+		pci_write_config_word(pdev, msi + PCI_MSI_FLAGS, ctrl & ~PCI_MSI_FLAGS_ENABLE);
 	}
-	if (pdev->msix_cap || pci_find_capability(pdev, PCI_CAP_ID_MSIX)) {
-		int pos = pdev->msix_cap ?: pci_find_capability(pdev, PCI_CAP_ID_MSIX);
-
-		pci_read_config_word(pdev, pos + PCI_MSIX_FLAGS, &ctrl);
-		pci_write_config_word(pdev, pos + PCI_MSIX_FLAGS, ctrl & ~PCI_MSIX_FLAGS_ENABLE);
+	if (msix) {
+		pci_read_config_word(pdev, msix + PCI_MSIX_FLAGS, &ctrl);
+		pci_write_config_word(pdev, msix + PCI_MSIX_FLAGS, ctrl & ~PCI_MSIX_FLAGS_ENABLE);
 	}
 }
 

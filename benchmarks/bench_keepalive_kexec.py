@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
 import sys
 from pathlib import Path
@@ -41,16 +40,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
-
-
-def _markers(res) -> dict:
-    out = {}
-    for t, name, rest in res.markers:
-        ph = re.search(r"phase=(\d+)", rest)
-        up = re.search(r"uptime=([\d.]+)", rest)
-        key = (name, int(ph.group(1)) if ph else 0)
-        out.setdefault(key, (t, float(up.group(1)) if up else None))
-    return out
 
 
 def one_run() -> dict:
@@ -68,7 +57,7 @@ def one_run() -> dict:
     res = lab.run_guest(["true\n", OLD_KERNEL, NEW_KERNEL_KEEP, "true\n"], pmem="legacy",
                         kexec_append=f"handover={REGION} {DAX_RANGE}", files=files, timeout=900)
     res.check()
-    m = _markers(res)
+    m = lab.index_markers(res.markers)
     owner = json.loads(res.phases[2].files["owner.json"])
     probe = json.loads(res.phases[2].files["probe.json"])
     if not (probe.get("dma_old_iova") and owner.get("dma_old_iova") and owner.get("msi_eventfd") == "ok"):

@@ -586,13 +586,22 @@ class _ConsoleReader(threading.Thread):
                 self.first_kernel_line = t
 
 
+def index_markers(markers) -> dict:
+    """{(marker, phase): (host seconds, guest uptime or None)} of the first occurrence of each
+    marker per phase (phase 0: the marker names none). ``GuestResult.markers`` in, e.g.
+    ``index_markers(res.markers)[("INIT", 2)]``."""
+    out: dict = {}
+    for t, name, rest in markers:
+        ph = re.search(r"phase=(\d+)", rest)
+        up = re.search(r"uptime=([\d.]+)", rest)
+        out.setdefault((name, int(ph.group(1)) if ph else 0), (t, float(up.group(1)) if up else None))
+    return out
+
+
 def _marker_timings(markers, t_qemu_exit: float | None) -> dict:
     """Turn console marker arrival times into named step durations."""
     tm: dict[str, float] = {}
-    by = {}
-    for t, name, rest in markers:
-        ph = re.search(r"phase=(\d+)", rest)
-        by.setdefault((name, int(ph.group(1)) if ph else 0), t)
+    by = {k: t for k, (t, _up) in index_markers(markers).items()}
 
     def d(key, a, b):
         if a in by and b in by:

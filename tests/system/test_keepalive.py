@@ -84,6 +84,21 @@ exec python3 -m handover arm --exec
 EOF
 """.replace("TOKEN", TOKEN)
 
+def _rewrite(table: str, change: str) -> str:
+    """Guest script: decode the newest state, apply ``change`` (an expression of ``r``) to
+    every record of ``table``, commit the result as a new generation."""
+    return f"""
+python3 - <<'EOF'
+from handover.formats.codec import decode, encode
+from handover.formats.model import Table
+from handover.pmem import commit, read_latest
+st = decode(read_latest("/dev/pmem0").blob)
+st.{table} = Table.from_rows(st.{table}.spec, [{change} for r in st.{table}])
+commit("/dev/pmem0", encode(st))
+EOF
+"""
+
+
 # after the save in the old kernel: replace the state with a damaged one (new generation)
 SPOIL = {
     "corrupt": r"""
@@ -94,36 +109,9 @@ blob[600] ^= 0x40          # inside a section: its CRC no longer matches
 commit("/dev/pmem0", bytes(blob))
 EOF
 """,
-    "identity": r"""
-python3 - <<'EOF'
-from handover.formats.codec import decode, encode
-from handover.formats.model import Table
-from handover.pmem import commit, read_latest
-st = decode(read_latest("/dev/pmem0").blob)
-st.devices = Table.from_rows(st.devices.spec, [d._replace(device=0x11e9) for d in st.devices])
-commit("/dev/pmem0", encode(st))
-EOF
-""",
-    "bar": r"""
-python3 - <<'EOF'
-from handover.formats.codec import decode, encode
-from handover.formats.model import Table
-from handover.pmem import commit, read_latest
-st = decode(read_latest("/dev/pmem0").blob)
-st.bars = Table.from_rows(st.bars.spec, [b._replace(start=b.start + 0x100000) for b in st.bars])
-commit("/dev/pmem0", encode(st))
-EOF
-""",
-    "irta": r"""
-python3 - <<'EOF'
-from handover.formats.codec import decode, encode
-from handover.formats.model import Table
-from handover.pmem import commit, read_latest
-st = decode(read_latest("/dev/pmem0").blob)
-st.units = Table.from_rows(st.units.spec, [u._replace(irta=u.irta + 0x100000) for u in st.units])
-commit("/dev/pmem0", encode(st))
-EOF
-""",
+    "identity": _rewrite("devices", "r._replace(device=0x11e9)"),
+    "bar": _rewrite("bars", "r._replace(start=r.start + 0x100000)"),
+    "irta": _rewrite("units", "r._replace(irta=r.irta + 0x100000)"),
 }
 
 NEW_KERNEL_COMMON = r"""
@@ -210,10 +198,12 @@ def _handle(addr: int) -> int:
 
 
 def _kexec_to(res, marker):
-    t = {(n, re.search(r"phase=(\d+)", r).group(1) if re.search(r"phase=(\d+)", r) else "")
-         : s for s, n, r in res.markers}
-    a, b = t.get(("ARM-EXEC", "2")), t.get((marker, "3"))
-    return round(b - a, 2) if a is not None and b is not None else None
+    """Seconds from `handover arm --exec` (phase 2) to ``marker`` in phase 3."""
+    from tests.system.lab import index_markers
+
+    m = index_markers(res.markers)
+    a, b = m.get(("ARM-EXEC", 2)), m.get((marker, 3))
+    return round(b[0] - a[0], 2) if a and b else None
 
 
 def test_keepalive_device_survives_kexec(patched):  # noqa: F811

@@ -35,43 +35,21 @@ import time
 
 from vfio_edu import (CONFIG_REGION, DEVICE_GET_REGION_INFO, DEVICE_SET_IRQS, EDU_DMA_BUF,
                       GROUP_GET_DEVICE_FD, GROUP_SET_CONTAINER, IOVA, IRQ_ACTION_TRIGGER,
-                      IRQ_DATA_EVENTFD, MSI_INDEX, SET_IOMMU, TYPE1v2)
+                      IRQ_DATA_EVENTFD, MSI_INDEX, SET_IOMMU, TYPE1v2, Edu)
 
 BUF = 2 << 20
 PRE_OFF, SRC_OFF, DST_OFF, OWNER_SRC, OWNER_DST = 4096, 8192, 12288, 16384, 20480
 INFLIGHT_SRC, INFLIGHT_DST, INFLIGHT_EDU = 24576, 28672, EDU_DMA_BUF + 0x800
 
 
-class Edu:
-    def __init__(self, bar):
-        self.bar = bar
-
-    def rd(self, off, fmt="<I"):
-        return struct.unpack_from(fmt, self.bar, off)[0]
-
-    def wr(self, off, val, fmt="<I"):
-        struct.pack_into(fmt, self.bar, off, val)
-
-    def dma(self, src, dst, cmd, n=64):
-        self.wr(0x80, src, "<Q")
-        self.wr(0x88, dst, "<Q")
-        self.wr(0x90, n, "<Q")
-        self.wr(0x98, cmd, "<Q")
-        t = time.monotonic()
-        while self.rd(0x98, "<Q") & 1:
-            if time.monotonic() - t > 5:
-                return False
-            time.sleep(0.001)
-        return True
-
-    def roundtrip(self, buf, src_off, dst_off):
-        """RAM (old IOVA) -> edu -> RAM (old IOVA); True when the bytes arrived."""
-        pattern = os.urandom(64)
-        buf[src_off:src_off + 64] = pattern
-        buf[dst_off:dst_off + 64] = bytes(64)
-        done = self.dma(IOVA + src_off, EDU_DMA_BUF + 0x100, 1) and \
-            self.dma(EDU_DMA_BUF + 0x100, IOVA + dst_off, 1 | 2)
-        return done and bytes(buf[dst_off:dst_off + 64]) == pattern
+def roundtrip(edu, buf, src_off, dst_off):
+    """RAM (old IOVA) -> edu -> RAM (old IOVA); True when the bytes arrived."""
+    pattern = os.urandom(64)
+    buf[src_off:src_off + 64] = pattern
+    buf[dst_off:dst_off + 64] = bytes(64)
+    done = edu.dma(IOVA + src_off, EDU_DMA_BUF + 0x100, 1) and \
+        edu.dma(EDU_DMA_BUF + 0x100, IOVA + dst_off, 1 | 2)
+    return done and bytes(buf[dst_off:dst_off + 64]) == pattern
 
 
 def _buffer(path):
@@ -118,10 +96,7 @@ def stage(bdf, buffer, out):
 
 def kick(bdf):
     edu = _bar0(bdf)
-    edu.wr(0x80, INFLIGHT_EDU, "<Q")
-    edu.wr(0x88, IOVA + INFLIGHT_DST, "<Q")
-    edu.wr(0x90, 64, "<Q")
-    edu.wr(0x98, 1 | 2, "<Q")
+    edu.start(INFLIGHT_EDU, IOVA + INFLIGHT_DST, 1 | 2)
     print(f"edu DMA to the old IOVA started; busy when leaving: {edu.rd(0x98, '<Q') & 1}",
           flush=True)
 
@@ -136,7 +111,7 @@ def probe(bdf, buffer, out):
     rep["msi"] = _msi(cfg)
     edu = _bar0(bdf)
     rep["edu_id"] = edu.rd(0)
-    rep["dma_old_iova"] = edu.roundtrip(buf, SRC_OFF, DST_OFF)
+    rep["dma_old_iova"] = roundtrip(edu, buf, SRC_OFF, DST_OFF)
     print("@@LAB EDU-DMA-OK phase=%s" % os.environ.get("LAB_PHASE", "?") if rep["dma_old_iova"]
           else "edu DMA with the old IOVA failed", flush=True)
     # MSI through the old IRTE: nothing in this kernel owns its vector yet
@@ -183,7 +158,7 @@ def owner(bdf, buffer, out, token, wrong):
     edu = Edu(mmap.mmap(dfd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=off))
     buf = _buffer(buffer)
     # no VFIO_IOMMU_MAP_DMA: the adopted translation still maps the old IOVA
-    rep["dma_old_iova"] = edu.roundtrip(buf, OWNER_SRC, OWNER_DST)
+    rep["dma_old_iova"] = roundtrip(edu, buf, OWNER_SRC, OWNER_DST)
     efd = os.eventfd(0, os.EFD_NONBLOCK)
     fcntl.ioctl(dfd, DEVICE_SET_IRQS,
                 bytearray(struct.pack("IIIIIi", 24, IRQ_DATA_EVENTFD | IRQ_ACTION_TRIGGER,

@@ -37,6 +37,36 @@ IOVA, BUF = 0x100000, 2 << 20
 EDU_DMA_BUF = 0x40000
 
 
+class Edu:
+    """edu's registers through a mapping of BAR0 (QEMU hw/misc/edu.c)."""
+
+    def __init__(self, bar):
+        self.bar = bar
+
+    def rd(self, off, fmt="<I"):
+        return struct.unpack_from(fmt, self.bar, off)[0]
+
+    def wr(self, off, val, fmt="<I"):
+        struct.pack_into(fmt, self.bar, off, val)
+
+    def start(self, src, dst, cmd, n=64):
+        """Start a DMA (cmd bit 0 start, bit 1 edu -> RAM); edu ends it 100 ms later."""
+        self.wr(0x80, src, "<Q")
+        self.wr(0x88, dst, "<Q")
+        self.wr(0x90, n, "<Q")
+        self.wr(0x98, cmd, "<Q")
+
+    def dma(self, src, dst, cmd, n=64):
+        """A DMA to its end; False if edu still runs it after 5 s."""
+        self.start(src, dst, cmd, n)
+        t = time.monotonic()
+        while self.rd(0x98, "<Q") & 1:
+            if time.monotonic() - t > 5:
+                return False
+            time.sleep(0.001)
+        return True
+
+
 def main(bdf: str, ready: str, stop: str, buffer: str | None = None) -> None:
     report = []
     group = os.path.basename(os.readlink(f"/sys/bus/pci/devices/{bdf}/iommu_group"))
@@ -76,45 +106,28 @@ def main(bdf: str, ready: str, stop: str, buffer: str | None = None) -> None:
                                       MSI_INDEX, 0, 1, efd)))
     report.append("msi enabled (1 vector, eventfd)")
     bar0_size, bar0_off = region(0)
-    bar = mmap.mmap(dfd, bar0_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
-                    offset=bar0_off)
-
-    def rd(off, fmt="<I"):
-        return struct.unpack_from(fmt, bar, off)[0]
-
-    def wr(off, val, fmt="<I"):
-        struct.pack_into(fmt, bar, off, val)
-
-    report.append(f"edu id={rd(0):#x}")
+    edu = Edu(mmap.mmap(dfd, bar0_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
+                        offset=bar0_off))
+    report.append(f"edu id={edu.rd(0):#x}")
     # DMA RAM -> edu -> RAM through the IOMMU
     pattern = os.urandom(64)
     buf[0:64] = pattern
-
-    def dma(src, dst, cmd):
-        wr(0x80, src, "<Q")
-        wr(0x88, dst, "<Q")
-        wr(0x90, 64, "<Q")
-        wr(0x98, cmd, "<Q")
-        t = time.monotonic()
-        while rd(0x98, "<Q") & 1:
-            if time.monotonic() - t > 5:
-                raise TimeoutError("edu DMA did not finish")
-            time.sleep(0.01)
-
-    dma(IOVA, EDU_DMA_BUF, 1)             # from PCI (RAM) to edu
-    dma(EDU_DMA_BUF, IOVA + 4096, 1 | 2)  # from edu to PCI (RAM)
+    for src, dst, cmd in ((IOVA, EDU_DMA_BUF, 1),              # from PCI (RAM) to edu
+                          (EDU_DMA_BUF, IOVA + 4096, 1 | 2)):  # from edu to PCI (RAM)
+        if not edu.dma(src, dst, cmd):
+            raise TimeoutError("edu DMA did not finish")
     ok = bytes(buf[4096:4096 + 64]) == pattern
     report.append(f"dma_roundtrip={'ok' if ok else 'MISMATCH'}")
     report.append(f"pattern={pattern.hex()}")
     # interrupt: edu raises MSI when 0x60 is written; acknowledge via 0x64
-    wr(0x60, 0x1)
+    edu.wr(0x60, 0x1)
     r, _, _ = select.select([efd], [], [], 5)
     if r:
         n = struct.unpack("Q", os.read(efd, 8))[0]
         report.append(f"msi_eventfd=ok count={n}")
     else:
         report.append("msi_eventfd=TIMEOUT")
-    wr(0x64, rd(0x24))
+    edu.wr(0x64, edu.rd(0x24))
     with open(ready + ".tmp", "w") as f:
         f.write("\n".join(report) + "\n")
     os.rename(ready + ".tmp", ready)

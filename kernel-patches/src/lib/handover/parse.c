@@ -232,7 +232,12 @@ const struct ho_section *ho_find_section(const struct ho_view *v, unsigned int t
 	return 0;
 }
 
-#define FAIL(code, off) do { *err_off = (off); return (code); } while (0)
+/* record where a check failed; returns @code for the caller to return */
+static int ho_fail(__u64 *err_off, __u64 off, int code)
+{
+	*err_off = off;
+	return code;
+}
 
 static int ho_key_cmp(unsigned int type, const __u8 *a, const __u8 *b)
 {
@@ -302,7 +307,7 @@ static int ho_check_state(const struct ho_view *v, __u64 *err_off)
 			continue;
 		for (__u32 i = 1; i < s->count; i++)
 			if (ho_key_cmp(s->type, ho_record(v, s, i - 1), ho_record(v, s, i)) >= 0)
-				FAIL(HO_E_ORDER, s->offset + (__u64)i * s->record_size);
+				return ho_fail(err_off, s->offset + (__u64)i * s->record_size, HO_E_ORDER);
 	}
 
 	/* IRTEs: a run per unit, indices inside the unit's table, no unknown unit */
@@ -323,13 +328,13 @@ static int ho_check_state(const struct ho_view *v, __u64 *err_off)
 				__u64 last = ho_get_le64(ho_record(v, s, (__u32)(hi - 1))) & 0xffffffffULL;
 
 				if (last >= max)
-					FAIL(HO_E_IRTE_INDEX, s->offset + (hi - 1) * s->record_size);
+					return ho_fail(err_off, s->offset + (hi - 1) * s->record_size, HO_E_IRTE_INDEX);
 			}
 		}
 		if (found != s->count) {
 			for (__u32 j = 0; j < s->count; j++)
 				if (ho_unit_find(v, us, ho_get_le64(ho_record(v, s, j)) >> 32) < 0)
-					FAIL(HO_E_UNIT_REF, s->offset + (__u64)j * s->record_size);
+					return ho_fail(err_off, s->offset + (__u64)j * s->record_size, HO_E_UNIT_REF);
 		}
 	}
 
@@ -350,7 +355,7 @@ static int ho_check_state(const struct ho_view *v, __u64 *err_off)
 				if (refs[k].none_ok && u == HO_NONE16)
 					continue;
 				if (ho_unit_find(v, us, u) < 0)
-					FAIL(HO_E_UNIT_REF, s->offset + (__u64)j * s->record_size);
+					return ho_fail(err_off, s->offset + (__u64)j * s->record_size, HO_E_UNIT_REF);
 			}
 		}
 	}
@@ -367,7 +372,7 @@ static int ho_check_state(const struct ho_view *v, __u64 *err_off)
 			__u64 len = ho_get_le32(r + HO_DEVICE_OFF_CONFIG_LEN);
 
 			if (off + len > clen)
-				FAIL(HO_E_CONFIG, s->offset + (__u64)j * s->record_size);
+				return ho_fail(err_off, s->offset + (__u64)j * s->record_size, HO_E_CONFIG);
 		}
 	}
 	return HO_OK;
@@ -386,18 +391,18 @@ int ho_parse(const void *blob, __u64 n, struct ho_view *v, __u64 *err_off)
 	v->nsections = 0;
 	/* header (read_header) */
 	if (n == 0)
-		FAIL(HO_E_NOSTATE, 0);
+		return ho_fail(err_off, 0, HO_E_NOSTATE);
 	if (n < HO_MAGIC_LEN || !ho_memeq(b, HO_MAGIC, HO_MAGIC_LEN)) {
 		__u64 head = n < HO_NOSTATE_PROBE ? n : HO_NOSTATE_PROBE;
 
 		if (ho_all_zero(b, head))
-			FAIL(HO_E_NOSTATE, 0);
+			return ho_fail(err_off, 0, HO_E_NOSTATE);
 		if (n < HO_MAGIC_LEN && ho_memeq(b, HO_MAGIC, n))
-			FAIL(HO_E_TRUNCATED, n);
-		FAIL(HO_E_MAGIC, 0);
+			return ho_fail(err_off, n, HO_E_TRUNCATED);
+		return ho_fail(err_off, 0, HO_E_MAGIC);
 	}
 	if (n < HO_HEADER_SIZE)
-		FAIL(HO_E_TRUNCATED, n);
+		return ho_fail(err_off, n, HO_E_TRUNCATED);
 	v->major = ho_get_le16(b + HO_HDR_OFF_MAJOR);
 	v->minor = ho_get_le16(b + HO_HDR_OFF_MINOR);
 	header_size = ho_get_le32(b + HO_HDR_OFF_HEADER_SIZE);
@@ -406,28 +411,28 @@ int ho_parse(const void *blob, __u64 n, struct ho_view *v, __u64 *err_off)
 	v->generation = ho_get_le64(b + HO_HDR_OFF_GENERATION);
 	stored = ho_get_le32(b + HO_HDR_OFF_HEADER_CRC);
 	if (v->major != HO_READ_MAJOR)
-		FAIL(HO_E_VERSION, HO_HDR_OFF_MAJOR);
+		return ho_fail(err_off, HO_HDR_OFF_MAJOR, HO_E_VERSION);
 	if (count > HO_MAX_SECTIONS)
-		FAIL(HO_E_SECTION_COUNT, HO_HDR_OFF_SECTION_COUNT);
+		return ho_fail(err_off, HO_HDR_OFF_SECTION_COUNT, HO_E_SECTION_COUNT);
 	if (header_size != HO_HEADER_SIZE + (__u64)HO_SECTION_ENTRY_SIZE * count)
-		FAIL(HO_E_HEADER_SIZE, HO_HDR_OFF_HEADER_SIZE);
+		return ho_fail(err_off, HO_HDR_OFF_HEADER_SIZE, HO_E_HEADER_SIZE);
 	if (n < header_size)
-		FAIL(HO_E_TRUNCATED, n);
+		return ho_fail(err_off, n, HO_E_TRUNCATED);
 	calc = ho_crc32c(ho_crc32c(0, b, HO_HEADER_CRC_OFFSET), b + HO_HEADER_SIZE,
 			 header_size - HO_HEADER_SIZE);
 	if (calc != stored && !HO_IGNORE_CRC)
-		FAIL(HO_E_HEADER_CRC, HO_HDR_OFF_HEADER_CRC);
+		return ho_fail(err_off, HO_HDR_OFF_HEADER_CRC, HO_E_HEADER_CRC);
 	if (total > HO_MAX_BLOB_SIZE)
-		FAIL(HO_E_TOTAL_SIZE, HO_HDR_OFF_TOTAL_SIZE);
+		return ho_fail(err_off, HO_HDR_OFF_TOTAL_SIZE, HO_E_TOTAL_SIZE);
 	if (total > n)
-		FAIL(HO_E_TRUNCATED, n);
+		return ho_fail(err_off, n, HO_E_TRUNCATED);
 	if (total < n)
-		FAIL(HO_E_TRAILING, total);
+		return ho_fail(err_off, total, HO_E_TRAILING);
 
 	/* section table and section CRCs (read_sections) */
 	expect = ho_align(header_size);
 	if (!ho_all_zero(b + header_size, expect - header_size))
-		FAIL(HO_E_PADDING, header_size);
+		return ho_fail(err_off, header_size, HO_E_PADDING);
 	for (__u32 i = 0; i < count; i++) {
 		const __u8 *e = b + HO_HEADER_SIZE + (__u64)i * HO_SECTION_ENTRY_SIZE;
 		struct ho_section *s = &v->sec[i];
@@ -442,28 +447,28 @@ int ho_parse(const void *blob, __u64 n, struct ho_view *v, __u64 *err_off)
 		s->count = ho_get_le32(e + HO_SEC_OFF_COUNT);
 		s->record_size = ho_get_le32(e + HO_SEC_OFF_RECORD_SIZE);
 		if (s->offset != expect)
-			FAIL(HO_E_SECTION_OFFSET, (__u64)(e - b) + HO_SEC_OFF_OFFSET);
+			return ho_fail(err_off, (__u64)(e - b) + HO_SEC_OFF_OFFSET, HO_E_SECTION_OFFSET);
 		if (s->length > total - s->offset)
-			FAIL(HO_E_SECTION_LENGTH, (__u64)(e - b) + HO_SEC_OFF_LENGTH);
+			return ho_fail(err_off, (__u64)(e - b) + HO_SEC_OFF_LENGTH, HO_E_SECTION_LENGTH);
 		for (__u32 k = 0; k < i; k++)
 			if (v->sec[k].type == s->type)
-				FAIL(HO_E_SECTION_DUP, (__u64)(e - b));
+				return ho_fail(err_off, (__u64)(e - b), HO_E_SECTION_DUP);
 		end = s->offset + s->length;
 		nxt = last ? end : ho_align(end);
 		if (last && end != total)
-			FAIL(HO_E_SECTION_END, end);
+			return ho_fail(err_off, end, HO_E_SECTION_END);
 		if (nxt > total)
-			FAIL(HO_E_SECTION_END, end);
+			return ho_fail(err_off, end, HO_E_SECTION_END);
 		if (!ho_all_zero(b + end, nxt - end))
-			FAIL(HO_E_PADDING, end);
+			return ho_fail(err_off, end, HO_E_PADDING);
 		if (ho_crc32c(0, b + s->offset, s->length) != ho_get_le32(e + HO_SEC_OFF_CRC) &&
 		    !HO_IGNORE_CRC)
-			FAIL(HO_E_SECTION_CRC, s->offset);
+			return ho_fail(err_off, s->offset, HO_E_SECTION_CRC);
 		v->nsections = i + 1;
 		expect = nxt;
 	}
 	if (count == 0 && total != header_size)
-		FAIL(HO_E_SECTION_END, header_size);
+		return ho_fail(err_off, header_size, HO_E_SECTION_END);
 
 	/* per-section structure (decode) */
 	for (__u32 i = 0; i < count; i++) {
@@ -472,30 +477,30 @@ int ho_parse(const void *blob, __u64 n, struct ho_view *v, __u64 *err_off)
 
 		if (rsize < 0) {	/* unknown type */
 			if (s->flags & HO_SEC_F_REQUIRED)
-				FAIL(HO_E_REQUIRED, s->offset);
+				return ho_fail(err_off, s->offset, HO_E_REQUIRED);
 			/* records of a newer minor must still tile the section: ho_record() stays in bounds */
 			if ((s->count || s->record_size) &&
 			    (__u64)s->count * s->record_size != s->length)
-				FAIL(HO_E_RECORD_COUNT, s->offset);
+				return ho_fail(err_off, s->offset, HO_E_RECORD_COUNT);
 			continue;
 		}
 		if (rsize == 0) {	/* byte section */
 			if (s->count || s->record_size)
-				FAIL(HO_E_BYTE_SECTION, s->offset);
+				return ho_fail(err_off, s->offset, HO_E_BYTE_SECTION);
 			if (s->type == HO_SEC_META || s->type == HO_SEC_PROVENANCE) {
 				__u64 bad = ho_msgpack_check(b + s->offset, s->length);
 
 				if (bad)
-					FAIL(HO_E_MSGPACK, s->offset + bad - 1);
+					return ho_fail(err_off, s->offset + bad - 1, HO_E_MSGPACK);
 			}
 			continue;
 		}
 		if (s->record_size < (__u32)min)
-			FAIL(HO_E_RECORD_SIZE, s->offset);
+			return ho_fail(err_off, s->offset, HO_E_RECORD_SIZE);
 		if ((__u64)s->count * s->record_size != s->length)
-			FAIL(HO_E_RECORD_COUNT, s->offset);
+			return ho_fail(err_off, s->offset, HO_E_RECORD_COUNT);
 		if ((s->flags & HO_SEC_F_ABSENT) && s->count)
-			FAIL(HO_E_ABSENT, s->offset);
+			return ho_fail(err_off, s->offset, HO_E_ABSENT);
 	}
 	rc = ho_check_state(v, err_off);
 	return rc;

@@ -100,14 +100,15 @@ BUILD_FORMAT = 3
 #: multi-line ``status`` file: printed as it is. The current one has one value per file:
 #: a line for each non-empty file of HSTATUS_KEYS, then one line per keepalive device,
 #: ``device: <bdf> <state>[ adopted domain=<n>][ (<reason>)]``. Exit 1 (and a line saying
-#: so) without /sys/kernel/handover. Parse the text with ``parse_hstatus``.
+#: so) without /sys/kernel/handover (``HSTATUS_DIR``: another directory, for tests). Parse the
+#: text with ``parse_hstatus``.
 HSTATUS_KEYS = ("state", "reason", "region", "error", "generation", "format", "reserved_ranges",
                 "reserved_bytes", "ir_tables_kept", "root_tables_kept")
 HSTATUS = r"""
 hstatus() {
-    _hd=/sys/kernel/handover
+    _hd=${HSTATUS_DIR:-/sys/kernel/handover}
     if [ -f $_hd/status ]; then cat $_hd/status; return; fi
-    [ -d $_hd ] || { echo "no /sys/kernel/handover"; return 1; }
+    [ -d $_hd ] || { echo "no $_hd"; return 1; }
     for _hk in KEYS; do
         [ -f $_hd/$_hk ] || continue
         _hv=$(cat $_hd/$_hk 2>/dev/null)

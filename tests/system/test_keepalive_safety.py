@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.system.test_kernel_handover import REGION, ROOT, patched  # noqa: F401
+from tests.system.test_kernel_handover import REGION, ROOT, on_patched, patched  # noqa: F401
 from tests.system.test_keepalive import DAX_RANGE, OLD_KERNEL, _rewrite
 
 pytestmark = [pytest.mark.system, pytest.mark.kernel]
@@ -54,8 +54,9 @@ def _run(patched, last, spoil: str = "", append: str = ""):  # noqa: F811
              "edu_keepalive.py": ROOT / "tests" / "system" / "guest" / "edu_keepalive.py"}
     res = lab.run_guest(["true\n", OLD_KERNEL + spoil, last], pmem="legacy",
                         kexec_append=f"handover={REGION} {DAX_RANGE} {append}".strip(),
-                        files=files, timeout=900, **patched.get("run_guest", {}))
+                        files=files, timeout=900, **patched["run_guest"])
     res.check()
+    on_patched(patched, res, 2, 3)
     new = res.phases[2]
     return {name: new.files[name].decode(errors="replace") for name in new.files}
 

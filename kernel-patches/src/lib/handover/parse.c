@@ -378,6 +378,18 @@ static int ho_check_state(const struct ho_view *v, __u64 *err_off)
 	return HO_OK;
 }
 
+/* section table entry @e */
+static void ho_section_entry(const __u8 *e, struct ho_section *s)
+{
+	s->type = ho_get_le16(e + HO_SEC_OFF_TYPE);
+	s->version = ho_get_le16(e + HO_SEC_OFF_VERSION);
+	s->flags = ho_get_le32(e + HO_SEC_OFF_FLAGS);
+	s->offset = ho_get_le64(e + HO_SEC_OFF_OFFSET);
+	s->length = ho_get_le64(e + HO_SEC_OFF_LENGTH);
+	s->count = ho_get_le32(e + HO_SEC_OFF_COUNT);
+	s->record_size = ho_get_le32(e + HO_SEC_OFF_RECORD_SIZE);
+}
+
 int ho_parse(const void *blob, __u64 n, struct ho_view *v, __u64 *err_off)
 {
 	const __u8 *b = blob;
@@ -439,13 +451,7 @@ int ho_parse(const void *blob, __u64 n, struct ho_view *v, __u64 *err_off)
 		__u64 end, nxt;
 		int last = i + 1 == count;
 
-		s->type = ho_get_le16(e + HO_SEC_OFF_TYPE);
-		s->version = ho_get_le16(e + HO_SEC_OFF_VERSION);
-		s->flags = ho_get_le32(e + HO_SEC_OFF_FLAGS);
-		s->offset = ho_get_le64(e + HO_SEC_OFF_OFFSET);
-		s->length = ho_get_le64(e + HO_SEC_OFF_LENGTH);
-		s->count = ho_get_le32(e + HO_SEC_OFF_COUNT);
-		s->record_size = ho_get_le32(e + HO_SEC_OFF_RECORD_SIZE);
+		ho_section_entry(e, s);
 		if (s->offset != expect)
 			return ho_fail(err_off, (__u64)(e - b) + HO_SEC_OFF_OFFSET, HO_E_SECTION_OFFSET);
 		if (s->length > total - s->offset)
@@ -586,13 +592,7 @@ int ho_parse_head(const __u8 *b, __u64 head_len, __u64 size, struct ho_view *v,
 		struct ho_section *s = &v->sec[i];
 		__u64 at = (__u64)(e - b);
 
-		s->type = ho_get_le16(e + HO_SEC_OFF_TYPE);
-		s->version = ho_get_le16(e + HO_SEC_OFF_VERSION);
-		s->flags = ho_get_le32(e + HO_SEC_OFF_FLAGS);
-		s->offset = ho_get_le64(e + HO_SEC_OFF_OFFSET);
-		s->length = ho_get_le64(e + HO_SEC_OFF_LENGTH);
-		s->count = ho_get_le32(e + HO_SEC_OFF_COUNT);
-		s->record_size = ho_get_le32(e + HO_SEC_OFF_RECORD_SIZE);
+		ho_section_entry(e, s);
 		if (s->offset < header_size || s->offset > size)
 			return ho_fail(err_off, at + HO_SEC_OFF_OFFSET, HO_E_SECTION_OFFSET);
 		if (s->length > size - s->offset)

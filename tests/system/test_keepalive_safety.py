@@ -29,7 +29,9 @@ pytestmark = [pytest.mark.system, pytest.mark.kernel]
 
 # /sys/kernel/handover/ as "path:value" lines (one value per file), plus edu's COMMAND
 KFILES = r"""
-grep -r . /sys/kernel/handover/ --exclude=blob > "$LAB_OUT/kfiles.txt" 2>/dev/null || true
+for f in /sys/kernel/handover/* /sys/kernel/handover/devices/*/*; do
+  [ -f "$f" ] && [ "${f##*/}" != blob ] && echo "$f:$(cat "$f")"
+done > "$LAB_OUT/kfiles.txt" 2>/dev/null
 od -An -tx2 -j4 -N2 /sys/bus/pci/devices/0000:00:03.0/config > "$LAB_OUT/command-end.txt"
 dmesg > "$LAB_OUT/dmesg.txt"
 """

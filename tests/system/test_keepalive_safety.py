@@ -41,7 +41,7 @@ def _kfiles(text: str) -> dict:
     """{"state": "valid", "devices/0000:00:03.0/state": "held", ...}"""
     out = {}
     for ln in text.splitlines():
-        m = re.match(r"/sys/kernel/handover/(.+?):(.*)$", ln)
+        m = re.match(r"/sys/kernel/handover/((?:devices/[^/]+/)?[^/:]+):(.*)$", ln)
         if m:
             out[m.group(1)] = m.group(2)
     return out

@@ -48,14 +48,20 @@ def _kfiles(text: str) -> dict:
 
 
 def _run(patched, last, spoil: str = "", append: str = ""):  # noqa: F811
+    """Boot the three phases; ``append`` goes on the NEW kernel's command line only (what
+    ``handover arm`` loads), not on the old kernel's."""
     from tests.system import lab
 
     bz = Path(patched["bzImage"])
     files = {"lab/vmlinuz.2": bz, "lab/vmlinuz.3": bz,
              "vfio_edu.py": ROOT / "tests" / "system" / "guest" / "vfio_edu.py",
              "edu_keepalive.py": ROOT / "tests" / "system" / "guest" / "edu_keepalive.py"}
-    res = lab.run_guest(["true\n", OLD_KERNEL + spoil, last], pmem="legacy",
-                        kexec_append=f"handover={REGION} {DAX_RANGE} {append}".strip(),
+    old = OLD_KERNEL
+    if append:
+        old = old.replace("--append handover.lab.phase=3", f"--append 'handover.lab.phase=3 {append}'")
+        assert old != OLD_KERNEL
+    res = lab.run_guest(["true\n", old + spoil, last], pmem="legacy",
+                        kexec_append=f"handover={REGION} {DAX_RANGE}",
                         files=files, timeout=900, **patched["run_guest"])
     res.check()
     on_patched(patched, res, 2, 3)
@@ -100,8 +106,10 @@ def test_refusal_stops_the_device_before_translation_goes_off(patched):  # noqa:
 def test_iommu_off_stops_the_device_first(patched):  # noqa: F811
     """intel_iommu=off on the new kernel's command line: every held device is stopped
     before the driver switches the units off."""
-    out = _run(patched, KFILES, append="intel_iommu=off")
+    out = _run(patched, KFILES + "cat /proc/cmdline > \"$LAB_OUT/cmdline.txt\"\n",
+               append="intel_iommu=off")
     dmesg, k = out["dmesg.txt"], _kfiles(out["kfiles.txt"])
+    assert "intel_iommu=off" in out["cmdline.txt"]
     assert "0000:00:03.0: handover: released (DMA remapping is disabled)" in dmesg, dmesg[-3000:]
     assert k["devices/0000:00:03.0/state"] == "released"
     assert _stopped(out)

@@ -14,7 +14,7 @@ import struct
 from .formats import enums as E
 from .formats.model import State, StateBuilder
 from .formats.structs import make_sbdf
-from .token import hash_token
+from .formats.token import hash_token
 
 PROFILES = {
     # name: units, irtes per unit, devices, domains, pi_descs, bars, reserved ranges, config bytes

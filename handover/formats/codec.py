@@ -24,6 +24,7 @@ from .structs import (
     HEADER_SIZE,
     MAGIC,
     MAX_BLOB_SIZE,
+    MAX_GENERATION,
     MAX_SECTIONS,
     READ_MAJOR,
     RECORD_SPECS,
@@ -70,7 +71,11 @@ def encode(state: State, minor: int = FORMAT_MINOR, generation: int | None = Non
         known = ", ".join(f"{FORMAT_MAJOR}.{m}" for m in WRITABLE_MINORS)
         raise VersionError(f"cannot write format {FORMAT_MAJOR}.{minor}: this writer emits {known}")
     if generation is None:
-        generation = int(state.meta.get("generation", state.generation) or 0)
+        # a built state names its generation in META; a decoded one in its header (META is
+        # anyone's msgpack: a value that is not a u64 is not taken)
+        g = state.meta.get("generation") if isinstance(state.meta, dict) else None
+        ok = isinstance(g, int) and not isinstance(g, bool) and 0 <= g <= MAX_GENERATION
+        generation = g if ok else state.generation
     sections = []  # (type, version, flags, count, record_size, data)
     for stype, (attr, spec_name, since, wflags) in SECTION_LAYOUT.items():
         if since > minor:

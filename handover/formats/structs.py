@@ -50,6 +50,8 @@ SECTION_ENTRY_SIZE = 40
 SECTION_ALIGN = 8
 MAX_SECTIONS = 64          # a blob claiming more is refused before the table is read
 MAX_BLOB_SIZE = 1 << 30    # 1 GiB: far above the largest real host (~40 MB)
+#: The largest generation a header (u64) carries.
+MAX_GENERATION = (1 << 64) - 1
 
 FileHeader = Struct(
     "magic" / Const(MAGIC),          # +0  "HOVRSTAT"

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import re
 
+from ..util import parse_iomem as _parse_iomem
 from .kinds import _int_sysfs, _read_sysfs
 
 IOMEM_PMEM = ("Persistent Memory", "Persistent Memory (legacy)")
@@ -23,17 +24,12 @@ IOMEM_PMEM = ("Persistent Memory", "Persistent Memory (legacy)")
 
 def parse_iomem(text: str) -> list[dict]:
     """Top-level and nested ranges named Persistent Memory[ (legacy)] from /proc/iomem."""
-    out = []
-    for line in text.splitlines():
-        m = re.match(r"^(\s*)([0-9a-fA-F]+)-([0-9a-fA-F]+) : (.*)$", line)
-        if not m:
-            continue
-        name = m.group(4).strip()
-        if name in IOMEM_PMEM:
-            start, end = int(m.group(2), 16), int(m.group(3), 16)
-            out.append({"start": start, "size": end - start + 1, "legacy": name.endswith("(legacy)"),
-                        "name": name})
-    return out
+    try:
+        ranges = _parse_iomem(text)
+    except ValueError:
+        return []
+    return [{"start": s, "size": e - s + 1, "legacy": name.endswith("(legacy)"), "name": name}
+            for s, e, name, _depth in ranges if name in IOMEM_PMEM]
 
 
 def memmap_option(start: int, size: int) -> str:

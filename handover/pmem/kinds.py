@@ -340,7 +340,14 @@ def open_access(path: str, *, write: bool = False, mode: str | None = None,
     """Open PATH and return (access, fd, stat).  ``mode`` forces "mmap" or "pio" (tests)."""
     flags = (os.O_RDWR if write else os.O_RDONLY) | os.O_CLOEXEC
     try:
-        fd = os.open(path, flags)
+        # a FIFO or socket would block the open (a FIFO until a writer comes): a region is
+        # a file or a device with random access, never a stream
+        kind = os.stat(path).st_mode
+        if stat.S_ISFIFO(kind) or stat.S_ISSOCK(kind):
+            raise RegionError(f"{path}: a {'FIFO' if stat.S_ISFIFO(kind) else 'socket'} is "
+                              f"not a region (a region is a file or a pmem/dax device)")
+        fd = os.open(path, flags | os.O_NONBLOCK)
+        os.set_blocking(fd, True)
     except FileNotFoundError:
         raise RegionError(f"{path}: no such file or device") from None
     except PermissionError:

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from handover.cli import main
 from handover.formats.codec import encode
-from handover.kernelimage import read_declaration
+from handover.host.kernelimage import read_declaration
 from handover.synth import synth_state
 from tests.elfwriter import elf, note
 

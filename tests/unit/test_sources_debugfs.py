@@ -2,8 +2,8 @@
 
 import pytest
 
-from handover.sources import read_host
-from handover.sources.iommu_debugfs import (
+from handover.host import read_host
+from handover.host.iommu_debugfs import (
     DebugfsFormatError,
     parse_dmar_translation,
     parse_domain_translation,

@@ -5,10 +5,10 @@ import struct
 import pytest
 
 from handover.formats import enums as E
-from handover.sources import Sysroot, read_host
-from handover.sources.interrupts import decode_remappable, parse_proc_interrupts
-from handover.sources.iomem import parse_iomem, pmem_ranges
-from handover.sources.pci import parse_resource, upstream_of, walk_caps
+from handover.host import Sysroot, read_host
+from handover.host.interrupts import decode_remappable, parse_proc_interrupts
+from handover.host.iomem import parse_iomem, pmem_ranges
+from handover.host.pci import parse_resource, upstream_of, walk_caps
 
 from hosttree import CAPTURED, E1000E, EDU, copy_host, dev_dir
 

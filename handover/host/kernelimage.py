@@ -18,7 +18,7 @@ import io
 import struct
 from dataclasses import dataclass
 
-from .errors import HandoverError, IntegrityError, NoStateError
+from ..errors import HandoverError, IntegrityError, NoStateError
 
 NOTE_NAME = "Handover"
 NOTE_TYPE = 1
@@ -199,7 +199,7 @@ def state_from_vmcore(path: str) -> tuple[bytes, dict]:
             length, phys = int(ln_s, 16), int(phys_s, 16)
         except ValueError:
             raise IntegrityError(f"{path}: malformed VMCOREINFO line {line!r}") from None
-        from .formats.structs import MAX_BLOB_SIZE
+        from ..formats.structs import MAX_BLOB_SIZE
 
         if length > MAX_BLOB_SIZE:
             raise IntegrityError(f"{path}: HANDOVER_STATE length {length} exceeds the limit")

@@ -143,6 +143,23 @@ class Sysroot:
         t = self.readlink(path)
         return posixpath.basename(t.rstrip("/")) if t else None
 
+    def write_text(self, path: str, text: str) -> None:
+        """Write ``text`` to a host file (a sysfs attribute: one write, no truncation
+        semantics beyond the kernel's). Raises OSError."""
+        with open(self.host(self.resolve(path)), "w") as f:
+            f.write(text)
+
+    def check(self) -> "Sysroot":
+        """Raise HandoverError unless the root is a directory (``--sysroot /nonexistent``
+        must not read as a host without devices)."""
+        from ..errors import HandoverError
+
+        if not os.path.isdir(self.root):
+            raise HandoverError(f"{self.root}: --sysroot is not a directory")
+        if not os.path.isdir(os.path.join(self.root, "sys")) and self.root != "/":
+            raise HandoverError(f"{self.root}: --sysroot has no sys/ (not a host tree)")
+        return self
+
     def map_read(self, path: str, offset: int, length: int) -> bytes:
         """Read ``length`` bytes at ``offset`` of a file through mmap (sysfs resourceN only
         supports mmap for memory BARs). Raises OSError, like the kernel does (EPERM under

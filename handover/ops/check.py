@@ -13,11 +13,11 @@ matches only when no verdict is ``mismatch`` or ``missing``.
 
 from __future__ import annotations
 
-from .formats import enums as E
-from .formats.descriptions import bdf_str, hx
-from .formats.model import State
-from .sources.base import Host
-from .token import check_token
+from ..formats import enums as E
+from ..formats.descriptions import bdf_str, hx
+from ..formats.model import State
+from ..host.base import Host
+from ..formats.token import check_token
 
 SCHEMA = "handover-load-result/1"
 FAIL = ("mismatch", "missing")

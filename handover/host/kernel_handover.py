@@ -92,11 +92,37 @@ def feed(sysroot: Sysroot, verdict: str, reason: str = "") -> str:
     The reason of an abort goes to the log (stderr, result.json); the kernel takes the word."""
     if verdict not in ("accept", "abort"):
         raise ValueError(verdict)
-    path = sysroot.host(f"{ROOT}/decision")
     try:
-        with open(path, "w") as f:
-            f.write(verdict + "\n")
+        sysroot.write_text(f"{ROOT}/decision", verdict + "\n")
     except OSError as e:
         raise HandoverError(f"{ROOT}/decision: cannot write {verdict!r}: "
                             f"{errno.errorcode.get(e.errno or 0, e)}: {e.strerror}") from None
     return verdict
+
+
+KEEPALIVE = f"{ROOT}/keepalive"
+
+
+def arm_keepalive(sysroot: Sysroot, devices: list[str], next_reads_state: bool = True) -> dict:
+    """Tell a patched running kernel which devices its kexec must leave running (DMA
+    translation on, bus mastering kept: kernel-patches 0005). Feature-detected: on a stock
+    kernel the file does not exist and nothing changes.
+
+    Only when the next kernel reads the state (it declares so in its Handover ELF note): a
+    kernel that does not would find translation on, disable it as a stock kernel does, and
+    the devices still bus-mastering would DMA to their IOVAs as physical addresses. Then
+    any earlier arming is cleared and the kexec stops the devices as usual."""
+    if not sysroot.exists(KEEPALIVE):
+        return {"armed": False, "reason": f"{KEEPALIVE} missing: kernel without handover patches"}
+    if not next_reads_state:
+        devices = []
+    word = "clear"
+    try:
+        for word in ["clear", *devices]:
+            sysroot.write_text(KEEPALIVE, word + "\n")
+    except OSError as e:
+        raise HandoverError(f"{KEEPALIVE}: cannot arm {word}: {e.strerror}") from None
+    if not next_reads_state:
+        return {"armed": False, "reason": "the next kernel does not declare that it reads the "
+                "handover state: the kexec stops the devices as usual"}
+    return {"armed": True, "devices": list(devices)}

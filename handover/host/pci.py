@@ -13,6 +13,8 @@ import posixpath
 import re
 import struct
 
+from ..errors import HandoverError
+from ..formats.descriptions import bdf_str, parse_bdf
 from .base import Host, PciDev, Source, register
 
 PCI_DEVICES = "/sys/bus/pci/devices"
@@ -23,11 +25,17 @@ ECAP_DSN, ECAP_SRIOV = 0x0003, 0x0010
 
 
 def sbdf_of(bdf: str) -> int:
-    m = BDF_RE.match(bdf)
-    if not m:
-        raise ValueError(f"not a PCI address: {bdf!r}")
-    seg, bus, dev, fn = (int(x, 16) for x in m.groups())
-    return seg << 16 | bus << 8 | dev << 3 | fn
+    """'0000:00:03.0' -> sbdf (the one BDF parser: formats.descriptions.parse_bdf)."""
+    return parse_bdf(bdf)
+
+
+def normalize_bdf(text: str) -> str:
+    """A user's PCI address ('00:03.0', '0000:00:03.0') in sysfs spelling; HandoverError
+    when it is not one."""
+    try:
+        return bdf_str(parse_bdf(text))
+    except ValueError as e:
+        raise HandoverError(str(e)) from None
 
 
 def parse_resource(text: str) -> list[tuple[int, int, int]]:

@@ -13,14 +13,14 @@ import os
 import socket
 from dataclasses import dataclass, field
 
-from . import __version__
-from .errors import HandoverError
-from .formats import enums as E
-from .formats.enums import ITEMS
-from .formats.model import State, StateBuilder
-from .sources.base import Host, PciDev, Unit
-from .sources.pci import bar_raw, sbdf_of
-from .token import hash_token
+from .. import __version__
+from ..errors import HandoverError
+from ..formats import enums as E
+from ..formats.enums import ITEMS
+from ..formats.model import State, StateBuilder
+from ..host.base import Host, PciDev, Unit
+from ..host.pci import bar_raw, normalize_bdf, sbdf_of
+from ..formats.token import hash_token
 
 ADDR_MASK = 0x000F_FFFF_FFFF_F000
 IOMMU_FREE_DRIVERS = (None, "pcieport")   # bridges may share a group with kept devices
@@ -41,6 +41,9 @@ class IncompleteError(HandoverError):
 class SaveOptions:
     devices: list | None = None          # BDFs; None = every device bound to vfio-pci
     token: str | None = None
+    # the salted hash of the token instead of the token (the shutdown save: the token itself
+    # is never kept); every kept device gets this one (salt, SHA-256(salt || token))
+    token_hash: tuple[bytes, bytes] | None = None
     force: bool = False                  # keep devices that break the rules (with warnings)
     require: str = "available"           # "full": any item not captured is an error
     region_ranges: list = field(default_factory=list)   # [(start, size)] of the pmem region
@@ -50,15 +53,6 @@ class SaveOptions:
 
 
 # ---------------------------------------------------------------------------------------
-def normalize_bdf(text: str) -> str:
-    from .formats.descriptions import bdf_str, parse_bdf
-
-    try:
-        return bdf_str(parse_bdf(text))
-    except ValueError as e:
-        raise HandoverError(str(e)) from None
-
-
 def select_devices(host: Host, requested: list | None, force: bool = False):
     """-> (kept devices, warnings). Raises RefusedError naming every refused device and why."""
     if requested:
@@ -166,7 +160,8 @@ def bar_rows(dev: PciDev, windows_only: bool = False) -> list[dict]:
     return out
 
 
-def device_fields(dev: PciDev, host: Host, token: str | None, salt: bytes | None) -> dict:
+def device_fields(dev: PciDev, host: Host, token: str | None, salt: bytes | None,
+                  token_hash: tuple[bytes, bytes] | None = None) -> dict:
     caps = dev.caps
     flags = E.DEV_F_KEEPALIVE
     if "dsn" in caps:
@@ -192,8 +187,8 @@ def device_fields(dev: PciDev, host: Host, token: str | None, salt: bytes | None
              driver=(dev.driver or "").encode()[:32])
     u = host.unit_for(dev)
     f["unit"] = u.seq if u else 0xFFFF
-    if token:
-        s, h = hash_token(token, salt)
+    if token or token_hash:
+        s, h = hash_token(token, salt) if token else token_hash
         f.update(token_salt=s, token_hash=h)
         flags |= E.DEV_F_TOKEN
     f["flags"] = flags
@@ -261,7 +256,8 @@ def build_state(host: Host, devices: list, opts: SaveOptions) -> tuple[State, di
     vectors_by_unit: dict = {}
     for dev in devices:
         u = host.unit_for(dev)
-        b.add_device(config=dev.config, **device_fields(dev, host, opts.token, opts.salt))
+        b.add_device(config=dev.config, **device_fields(dev, host, opts.token, opts.salt,
+                                                        opts.token_hash))
         for row in bar_rows(dev):
             key = (dev.bdf, row["index"])
             if key in alter:

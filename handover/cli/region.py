@@ -6,53 +6,43 @@ to stdout only with --json; everything else a human reads goes to stderr or stdo
 
 from __future__ import annotations
 
-import functools
-import json
-import re
 import sys
 
 import click
 
-from handover import errors
-from handover import pmem
+from .. import errors, pmem
+from .common import emit_json, err, handle_errors, out, settings
 
-SCHEMA_LIST = "handover.region-list/1"
-SCHEMA_STATUS = "handover.region-status/1"
-
-
-def _fail(err: Exception) -> None:
-    if isinstance(err, errors.HandoverError):
-        click.echo(f"handover: {err}", err=True)
-        sys.exit(err.exit_code)
-    click.echo(f"handover: {' '.join(str(err).split())}", err=True)
-    sys.exit(errors.EXIT_ERROR)
+SCHEMA_LIST = "handover.region-list/2"
+SCHEMA_STATUS = "handover.region-status/2"
+SCHEMA_INIT = "handover.region-init/2"
+HEX_KEYS = {"phys_start", "phys", "offset", "start", "crc", "data_offset", "slot_offset",
+            "phys_blob"}
 
 
-def _guard(fn):
-    @functools.wraps(fn)
-    def wrapper(*a, **kw):
-        try:
-            return fn(*a, **kw)
-        except (errors.HandoverError, OSError) as e:
-            _fail(e)
-    return wrapper
+def hexify(obj):
+    """Addresses and raw words of a region document as "0x..." strings."""
+    if isinstance(obj, dict):
+        return {k: (f"{v:#x}" if k in HEX_KEYS and isinstance(v, int) and not isinstance(v, bool)
+                    else [f"{x:#x}" for x in v] if k == "slots" and isinstance(v, list)
+                    and all(isinstance(x, int) for x in v) else hexify(v))
+                for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [hexify(v) for v in obj]
+    return obj
 
 
-def parse_size(text: str) -> int:
-    m = re.fullmatch(r"\s*(0x[0-9a-fA-F]+|\d+)\s*([KMGT]i?B?|[kmgt])?\s*", text)
-    if not m:
-        raise click.BadParameter(f"{text!r}: expected a size such as 64M, 1G or 4096")
-    n = int(m.group(1), 0)
-    unit = (m.group(2) or "").upper()[:1]
-    return n << {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}[unit]
+def _size(text: str) -> int:
+    from ..util import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--size") from None
 
 
 def _hex(v):
     return "-" if v is None else f"{v:#x}"
-
-
-def _json_out(obj) -> None:
-    click.echo(json.dumps(obj, sort_keys=True, indent=2))
 
 
 @click.group("region")
@@ -62,29 +52,29 @@ def region():
 
 @region.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")
-@_guard
+@handle_errors
 def list_cmd(as_json):
     """What persistent memory this host has, and which of it holds handover state."""
     entries = pmem.list_regions()
     if as_json:
-        _json_out({"schema": SCHEMA_LIST, "regions": entries})
+        emit_json({"schema": SCHEMA_LIST, "regions": hexify(entries)})
         return
     if not entries:
-        click.echo("no persistent memory found (/sys/bus/nd, /sys/bus/dax, /proc/iomem)", err=True)
+        err("no persistent memory found (/sys/bus/nd, /sys/bus/dax, /proc/iomem)")
         return
-    click.echo(f"{'DEVICE':<14} {'KIND':<10} {'MODE':<7} {'PHYS START':>14} {'SIZE':>12} "
+    out(f"{'DEVICE':<14} {'KIND':<10} {'MODE':<7} {'PHYS START':>14} {'SIZE':>12} "
                f"{'ALIGN':>9} {'DATA OFF':>10} {'HANDOVER':<12} GEN")
     for e in entries:
-        click.echo(
+        out(
             f"{e['device'] or '-':<14} {e['kind']:<10} {e['mode'] or '-':<7} "
             f"{_hex(e['phys_start']):>14} {_hex(e['size']):>12} {_hex(e.get('align')):>9} "
             f"{_hex(e.get('data_offset')):>10} {e.get('handover') or '-':<12} "
             f"{e.get('generation') if e.get('generation') is not None else '-'}")
         if e.get("next_cmdline"):
-            click.echo(f"{'':<14} legacy range: the next kernel's command line must repeat "
+            out(f"{'':<14} legacy range: the next kernel's command line must repeat "
                        f"{e['next_cmdline']}")
         if e.get("note"):
-            click.echo(f"{'':<14} {e['note']}")
+            out(f"{'':<14} {e['note']}")
 
 
 @region.command("init")
@@ -94,25 +84,26 @@ def list_cmd(as_json):
 @click.option("--force", is_flag=True,
               help="Re-initialize an existing region or overwrite non-region data; accept "
                    "permissions that let non-root users read/write it.")
-@click.option("--json", "as_json", is_flag=True)
-@_guard
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")
+@handle_errors
 def init_cmd(region_path, size, force, as_json):
     """Initialize REGION (empty, two slots)."""
-    nbytes = parse_size(size) if size is not None else None
+    nbytes = _size(size) if size is not None else None
     info = pmem.init(region_path, size=nbytes, force=force)
     if as_json:
-        _json_out({"schema": "handover.region-init/1", **info})
+        emit_json({"schema": SCHEMA_INIT, **hexify(info)})
         return
-    click.echo(f"initialized {info['path']} ({info['kind']}, {info['size']} bytes): two slots of "
+    out(f"initialized {info['path']} ({info['kind']}, {info['size']} bytes): two slots of "
                f"{info['slot_capacity']} bytes at offsets "
                f"{', '.join(hex(o) for o in info['slots'])}; uuid {info['uuid']}")
-    click.echo(f"durability: {info['durability']}", err=True)
+    if not settings().quiet:
+        err(f"durability: {info['durability']}")
 
 
 @region.command("status")
 @click.argument("region_path", metavar="REGION")
-@click.option("--json", "as_json", is_flag=True)
-@_guard
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")
+@handle_errors
 def status_cmd(region_path, as_json):
     """Header copies, slots and the newest valid state of REGION.
 
@@ -128,29 +119,29 @@ def status_cmd(region_path, as_json):
         code = errors.EXIT_FALLBACK
     st["exit_code"] = code
     if as_json:
-        _json_out({"schema": SCHEMA_STATUS, **st})
+        emit_json({"schema": SCHEMA_STATUS, **hexify(st)})
         sys.exit(code)
-    click.echo(f"region     {st['path']} ({st['kind']}, {st['size']} bytes, align {st['align']:#x})")
-    click.echo(f"phys       {_hex(st['phys_start'])}")
-    click.echo(f"durability {st['durability']}")
+    out(f"region     {st['path']} ({st['kind']}, {st['size']} bytes, align {st['align']:#x})")
+    out(f"phys       {_hex(st['phys_start'])}")
+    out(f"durability {st['durability']}")
     if not st["initialized"]:
-        click.echo("not an initialized handover region (run: handover region init REGION)")
+        out("not an initialized handover region (run: handover region init REGION)")
         sys.exit(code)
-    click.echo(f"uuid       {st.get('uuid', '-')}")
+    out(f"uuid       {st.get('uuid', '-')}")
     for h in st["headers"]:
         if h["valid"]:
-            click.echo(f"header {h['copy']}   @{h['offset']:#x}: layout {h['layout']} seq {h['seq']} "
+            out(f"header {h['copy']}   @{h['offset']:#x}: layout {h['layout']} seq {h['seq']} "
                        f"generation {h['generation']} active slot {h['active_slot']}")
         else:
-            click.echo(f"header {h['copy']}   @{h['offset']:#x}: INVALID: {h['problem']}")
+            out(f"header {h['copy']}   @{h['offset']:#x}: INVALID: {h['problem']}")
     for s in st.get("slots", []):
-        click.echo(f"slot {s['slot']}     @{s['offset']:#x} capacity {s['capacity']} phys {_hex(s['phys'])}")
+        out(f"slot {s['slot']}     @{s['offset']:#x} capacity {s['capacity']} phys {_hex(s['phys'])}")
     s = st["state"]
     if s:
-        click.echo(f"state      generation {s['generation']} in slot {s['slot']}: {s['length']} bytes "
+        out(f"state      generation {s['generation']} in slot {s['slot']}: {s['length']} bytes "
                    f"crc32c {s['crc']:#010x} at offset {s['offset']:#x} (phys {_hex(s['phys'])})")
     for p in st["problems"]:
-        click.echo(f"problem    {p}")
+        out(f"problem    {p}")
     sys.exit(code)
 
 
@@ -159,14 +150,14 @@ def status_cmd(region_path, as_json):
 @click.option("--yes", is_flag=True, help="Do not ask; required when stdin is not a terminal.")
 @click.option("--force", is_flag=True, help="Accept permissions that let non-root users in.")
 @click.option("--wait", is_flag=True, help="Wait for a running save instead of failing.")
-@_guard
+@handle_errors
 def wipe_cmd(region_path, yes, force, wait):
     """Drop the saved state of REGION (it stays initialized)."""
     if not yes:
         if not sys.stdin.isatty():
-            click.echo("handover: refusing to wipe without --yes (stdin is not a terminal)", err=True)
-            sys.exit(errors.EXIT_USAGE)
+            raise click.UsageError("refusing to wipe without --yes (stdin is not a terminal)")
         if not click.confirm(f"wipe all saved state in {region_path}?", err=True):
-            sys.exit(errors.EXIT_ERROR)
+            raise errors.HandoverError(f"{region_path}: not wiped (not confirmed)")
     n = pmem.wipe(region_path, force=force, wait=wait)
-    click.echo(f"wiped {region_path} ({n} slot bytes zeroed)", err=True)
+    if not settings().quiet:
+        err(f"wiped {region_path} ({n} slot bytes zeroed)")

@@ -30,6 +30,7 @@ import uuid as _uuid
 
 from handover.errors import IntegrityError, NoStateError, VersionError
 from handover.formats.crc import crc32c
+from handover.formats.structs import MAX_GENERATION
 
 from . import kinds
 from .kinds import RegionError
@@ -301,6 +302,9 @@ class Region:
                 break
         top_gen = max([h.generation for h in valid] + [c.desc.generation for c in cands] + [0])
         gen = top_gen + 1
+        if gen > MAX_GENERATION:
+            raise RegionError(f"{self.path}: generation {top_gen} is the last a region can "
+                              f"hold; re-initialize it (handover region init --force)")
         target = 0 if keep is None else 1 - keep.slot
         seq = max(h.seq for h in valid) + 1
 

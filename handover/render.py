@@ -172,8 +172,10 @@ def state_json_chunks(st: State, source: dict | None = None) -> Iterator[str]:
     record (the max blob's 19 MB state never exists as one dict or one string)."""
     import json
 
-    def dump(v):
-        return json.dumps(_jsonable(v), sort_keys=True, allow_nan=False)
+    # the record dicts hold str, int, bool, None, lists and dicts only (bytes as hex):
+    # the C encoder takes them as they are
+    dump = json.JSONEncoder(sort_keys=True, allow_nan=False, check_circular=False,
+                            default=_jsonable).encode
 
     head, tables = _state_parts(st, source)
     yield "{"

@@ -337,3 +337,27 @@ def test_save_and_load_report_the_kept_device(host, tmp_path):
     blob = tmp_path / "b.bin"
     code, out, err = run("save", "--sysroot", host, "--output", blob, "--token", TOKEN, "--json")
     assert code == 0 and json.loads(out)["devices"] == [EDU], err
+
+
+# 8 -----------------------------------------------------------------------------------------
+def test_inspect_json_of_the_max_blob_streams_in_bounded_memory(tmp_path):
+    """The largest state (19 MB blob, ~690k records): the JSON goes out record by record;
+    the process stays far below the 2.7 GB the whole-document dict took."""
+    import resource
+
+    p = tmp_path / "max.bin"
+    p.write_bytes(encode(synth_state("max")))
+    script = ("import resource, sys\n"
+              "from handover.cli import main\n"
+              "try:\n    main(['inspect', '--json', sys.argv[1]])\n"
+              "except SystemExit as e:\n    code = e.code\n"
+              "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n")
+    with open(tmp_path / "out.json", "wb") as out:
+        r = subprocess.run([sys.executable, "-c", script, str(p)], cwd=ROOT, stdout=out,
+                           stderr=subprocess.PIPE, timeout=600)
+    rss_kib = int(r.stderr.split()[-1])
+    assert rss_kib < 400 * 1024, f"{rss_kib} KiB"
+    with open(tmp_path / "out.json") as f:
+        doc = json.load(f)
+    assert doc["counts"]["irtes"] == len(doc["irtes"]) == 8 * 65536
+    del resource

@@ -38,7 +38,7 @@ kernel: $(VPY)
 test-kernel: $(VPY)
 	HANDOVER_BUILD_KERNEL=1 $(VPY) -m pytest -ra -s -m kernel $(PYTEST_ARGS) tests
 
-# issue 7's proof alone: a device kept alive across kexec, and the fallback (needs the kernel)
+# the keepalive proof alone: a device kept alive across kexec, and the fallback (needs the kernel)
 test-keepalive: $(VPY)
 	HANDOVER_BUILD_KERNEL=1 $(VPY) -m pytest -ra -s -m kernel $(PYTEST_ARGS) tests/system/test_keepalive.py
 

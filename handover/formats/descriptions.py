@@ -1,8 +1,10 @@
 # handover: formats/descriptions.py
 """Decode raw hardware words for people: IRTE, pi_desc, CAP/ECAP, context entries, BARs.
 
-Pure functions from numbers to dicts/strings; bit positions follow Linux 6.12 and the VT-d
-spec as summarised in shared/reference/hardware-facts.md (sections 1-3, 7).
+Pure functions from numbers to dicts/strings; bit positions follow Linux 6.12
+(drivers/iommu/intel/iommu.h, irq_remapping.c, include/linux/pci_regs.h) and the Intel VT-d
+specification (CAP/ECAP registers, remapped and posted IRTE formats, context and PASID
+entries, the posted-interrupt descriptor).
 """
 
 from __future__ import annotations

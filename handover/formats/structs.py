@@ -17,8 +17,9 @@ Record sections hold ``count`` fixed-size records of ``record_size`` bytes. A re
 the fields it knows and skips trailing bytes it does not (a newer minor only appends fields).
 Byte sections (meta, provenance, config) have record_size 0.
 
-Field comments give the kernel's names and bit positions (Linux 6.12, see
-shared/reference/hardware-facts.md).
+Field comments give the kernel's names and bit positions (Linux 6.12:
+include/linux/intel-iommu.h, drivers/iommu/intel/iommu.h and irq_remapping.c, and the
+Intel VT-d specification's register and table-entry layouts).
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 /sys/kernel/debug/iommu/intel/: ``iommu_regset``, ``dmar_translation_struct``,
 ``ir_translation_struct`` and per device ``<bdf>/domain_translation_struct``. The parsers
-below accept exactly the printf formats of Linux 6.12 (shared/reference/hardware-facts.md
-section 5) and raise ValueError, naming the line, on anything else. Debian's stock kernel
+below accept exactly the printf formats of Linux 6.12's drivers/iommu/intel/debugfs.c
+and raise ValueError, naming the line, on anything else. Debian's stock kernel
 has no such directory: the items are then noted absent with that reason.
 """
 

@@ -1,4 +1,4 @@
-"""Differential tests: the freestanding C parser and the Python decoder agree (issue 6).
+"""Differential tests: the freestanding C parser and the Python decoder agree.
 
 The C parser (kernel-patches/src/lib/handover/parse.c, generated header) is compiled with
 gcc and -fsanitize=address,undefined, then fed valid blobs and mutated ones (every bit flip

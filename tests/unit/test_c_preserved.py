@@ -1,4 +1,4 @@
-"""The ranges the kernel keeps out of its allocator, computed by the kernel's own C (issue 7).
+"""The ranges the kernel keeps out of its allocator, computed by the kernel's own C.
 
 Posted interrupts need KVM, which the QEMU lab's guest cannot run, so pi_desc preservation is
 covered here: ``ho_preserved_ranges()`` (kernel-patches/src/lib/handover/parse.c) is the walk

@@ -1,4 +1,4 @@
-"""The defects a hostile trial of the command line found, one test each (issue 11's list),
+"""The defects a hostile trial of the command line found, one test each,
 and the output rules: one error line format, sanitized strings, strict JSON."""
 
 import json

@@ -1,4 +1,4 @@
-"""Round trips and determinism of the format (issue 2), with generated states."""
+"""Round trips and determinism of the format, with generated states."""
 
 import struct
 

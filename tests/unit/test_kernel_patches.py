@@ -1,4 +1,4 @@
-"""The kernel patch series carries exactly the C that the tests compile (issue 6).
+"""The kernel patch series carries exactly the C that the tests compile.
 
 The new files of kernel-patches/patches/ must equal kernel-patches/src/ (so the parser the
 differential tests check is the one the kernel builds, and the format header in the series

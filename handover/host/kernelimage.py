@@ -122,15 +122,21 @@ def _decompress(kind: str, data: bytes) -> bytes | None:
     return None
 
 
+def running_declaration(sr) -> Declaration | None:
+    """The running kernel's declaration, from /sys/kernel/notes under the Sysroot ``sr``."""
+    try:
+        data = sr.read_bytes("/sys/kernel/notes", limit=1 << 20)
+    except OSError as e:
+        raise KernelImageError(f"/sys/kernel/notes: {e.strerror}") from None
+    return _declaration_from_notes(parse_notes(data), "running kernel (/sys/kernel/notes)")
+
+
 def read_declaration(path: str | None) -> Declaration | None:
     """The declaration of IMAGE (vmlinux or bzImage), or of the running kernel if None."""
     if path is None:
-        try:
-            with open("/sys/kernel/notes", "rb") as f:
-                data = f.read(1 << 20)
-        except OSError as e:
-            raise KernelImageError(f"/sys/kernel/notes: {e.strerror}") from None
-        return _declaration_from_notes(parse_notes(data), "running kernel (/sys/kernel/notes)")
+        from .base import Sysroot
+
+        return running_declaration(Sysroot("/"))
     try:
         with open(path, "rb") as f:
             data = f.read(MAX_IMAGE + 1)

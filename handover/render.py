@@ -14,7 +14,7 @@ from .formats import enums as E
 from .formats.model import TABLE_ATTRS, State
 from .util import jsonable as _jsonable
 
-SCHEMA = "handover.inspect/1"
+SCHEMA = "handover.inspect/2"   # 2: one spelling of unit references ("dmar0")
 
 
 def _cstr(b: bytes) -> str:
@@ -32,7 +32,7 @@ def unit_name(u: int) -> str:
 # --- per-record dicts ----------------------------------------------------------------------
 def unit_dict(u, missing=()) -> dict:
     present = u.present
-    d = {"unit": u.unit, "name": unit_name(u.unit), "segment": u.segment,
+    d = {"unit": unit_name(u.unit), "segment": u.segment,
          "reg_base": D.hx(u.reg_base), "flags": E.flag_names(u.flags, E.UNIT_FLAGS)}
 
     def have(name):
@@ -61,7 +61,7 @@ def unit_dict(u, missing=()) -> dict:
 
 
 def irte_dict(r) -> dict:
-    return {"unit": r.unit, "index": r.index, "lo": D.hx(r.lo, 16), "hi": D.hx(r.hi, 16),
+    return {"unit": unit_name(r.unit), "index": r.index, "lo": D.hx(r.lo, 16), "hi": D.hx(r.hi, 16),
             "decoded": D.decode_irte(r.lo, r.hi)}
 
 
@@ -219,7 +219,7 @@ def tree_lines(st: State, *, limit: int = 16, source: str = "") -> Iterator[str]
     yield f"IOMMU units ({len(st.units)})"
     for u in st.units:
         d = unit_dict(u, missing)
-        yield f"  {d['name']}  segment {u.segment}  registers @ {d['reg_base']}  VT-d {d.get('ver', '?')}  [{' '.join(d['flags'])}]"
+        yield f"  {d['unit']}  segment {u.segment}  registers @ {d['reg_base']}  VT-d {d.get('ver', '?')}  [{' '.join(d['flags'])}]"
         if "cap" in d:
             c = d["cap_decoded"]
             yield (f"    CAP   {d['cap']}  {c['nd_domains']} domains, SAGAW {'/'.join(map(str, c['sagaw']))}-bit,"

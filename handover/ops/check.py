@@ -19,7 +19,7 @@ from ..formats.model import State
 from ..host.base import Host
 from ..formats.token import check_token
 
-SCHEMA = "handover-load-result/1"
+SCHEMA = "handover.load/1"
 FAIL = ("mismatch", "missing")
 
 

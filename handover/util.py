@@ -4,14 +4,18 @@
   NaN and the infinities as strings, keys as strings);
 - :func:`dumps_json`: the one JSON writer (strict: no NaN, sorted keys);
 - :func:`parse_size`: the one size parser (``64M``, ``0x30000000``, ``1G``, ``4096``, ``2MiB``);
-- :func:`parse_iomem`: the one ``/proc/iomem`` parser.
+- :func:`parse_iomem`: the one ``/proc/iomem`` parser;
+- :func:`write_new_file`: a blob file, never over an existing one without ``force``.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import re
+
+from .errors import HandoverError
 
 _SIZE = re.compile(r"\s*(0x[0-9a-fA-F]+|\d+)\s*(?:([KMGTkmgt])(?:i?B)?)?\s*")
 _SHIFT = {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}
@@ -65,3 +69,14 @@ def parse_iomem(text: str) -> list[tuple[int, int, str, int]]:
         out.append((int(m.group(2), 16), int(m.group(3), 16), m.group(4).strip(),
                     len(m.group(1)) // 2))
     return out
+
+
+def write_new_file(path: str, data: bytes, force: bool = False) -> None:
+    """Write ``data`` to a new file (mode 0600); an existing ``path`` only with ``force``."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_TRUNC if force else os.O_EXCL)
+    try:
+        fd = os.open(path, flags, 0o600)
+    except FileExistsError:
+        raise HandoverError(f"{path}: exists (use --force to overwrite)") from None
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)

@@ -16,22 +16,10 @@ import sys
 
 import click
 
-from .common import (emit_json, err, handle_errors, out, parse_alter, progress, read_token,
-                     settings, sysroot_option, text, token_options, warn)
+from .common import (emit_json, err, handle_errors, out, parse_alter, print_save_report,
+                     progress, read_token, settings, sysroot_option, token_options, warn)
 
 SCHEMA_ARM = "handover.arm/1"
-
-
-def _print_report(report: dict, dry_run: bool) -> None:
-    verb = "would save" if dry_run else "saved"
-    out(f"{verb}: {text(report['devices'])} ({report['size']} bytes, generation "
-        f"{report['generation']})")
-    for k, why in report["not_captured"].items():
-        out(f"  missing   {k:<22} {why}")
-    if "commit" in report:
-        c = report["commit"]
-        out(f"  committed to {c['region']}: generation {c['generation']}, slot {c['slot']}, "
-            f"{c['durability']}")
 
 
 def _exec(cmd: list[str], dry_run: bool) -> None:
@@ -111,7 +99,7 @@ def arm(image, initrd, append, command_line, region, next_region, policy, device
     if as_json:
         emit_json({"schema": SCHEMA_ARM, **doc})
     else:
-        _print_report(doc["save"], dry_run)
+        print_save_report(doc["save"], dry_run, brief=True)
         out(f"kernel: {doc['kernel_declaration']}")
         out(("would run: " if dry_run else "loaded: ") + shlex.join(doc["kexec_command"]))
     sys.stdout.flush()

@@ -192,6 +192,26 @@ def parse_alter(values) -> list:
     return res
 
 
+def print_save_report(report: dict, dry_run: bool, brief: bool = False) -> None:
+    """A save's report as text (``brief``: without the per-item sources, for ``arm``)."""
+    verb = "would save" if dry_run else "saved"
+    out(f"{verb}: {text(report['devices'])} ({report['size']} bytes, generation "
+        f"{report['generation']})")
+    if not brief:
+        counts = ", ".join(f"{k} {v}" for k, v in report["counts"].items() if v)
+        out(f"  records: {counts or 'none'}")
+        for k, src in report["captured"].items():
+            out(f"  captured  {k:<22} from {src}")
+    for k, why in report["not_captured"].items():
+        out(f"  missing   {k:<22} {why}")
+    if "commit" in report:
+        c = report["commit"]
+        out(f"  committed to {c['region']}: generation {c['generation']}, slot {c['slot']}, "
+            f"{c['durability']}")
+    if "output" in report:
+        out(f"  wrote {report['output']}")
+
+
 def one_output(as_json: bool, as_msgpack: bool) -> None:
     if as_json and as_msgpack:
         raise click.UsageError("give --json or --msgpack, not both")
@@ -221,4 +241,4 @@ def exit_with(code: int) -> None:
 
 __all__ = ["EXIT_ERROR", "Settings", "settings", "out", "err", "warn", "progress", "emit_json",
            "text", "fail", "handle_errors", "sysroot_option", "generation_option",
-           "token_options", "read_token", "parse_alter", "one_output", "parse_format_version", "exit_with"]
+           "token_options", "read_token", "parse_alter", "print_save_report", "one_output", "parse_format_version", "exit_with"]

@@ -6,27 +6,10 @@ import click
 
 from ..errors import MismatchError
 from .common import (emit_json, err, exit_with, handle_errors, out, parse_alter,
-                     parse_format_version, progress, read_token, settings, sysroot_option, text, token_options, warn)
+                     parse_format_version, print_save_report, progress, read_token, settings,
+                     sysroot_option, text, token_options, warn)
 
 SCHEMA_SAVE = "handover.save/1"
-
-
-def print_save_report(report: dict, dry_run: bool) -> None:
-    verb = "would save" if dry_run else "saved"
-    out(f"{verb}: {text(report['devices'])} ({report['size']} bytes, generation "
-        f"{report['generation']})")
-    counts = ", ".join(f"{k} {v}" for k, v in report["counts"].items() if v)
-    out(f"  records: {counts or 'none'}")
-    for k, src in report["captured"].items():
-        out(f"  captured  {k:<22} from {src}")
-    for k, why in report["not_captured"].items():
-        out(f"  missing   {k:<22} {why}")
-    if "commit" in report:
-        c = report["commit"]
-        out(f"  committed to {c['region']}: generation {c['generation']}, slot {c['slot']}, "
-            f"{c['durability']}")
-    if "output" in report:
-        out(f"  wrote {report['output']}")
 
 
 @click.command()

@@ -9,7 +9,6 @@ of ``config`` are walked for MSI, MSI-X (table/PBA location), DSN and SR-IOV.
 
 from __future__ import annotations
 
-import posixpath
 import re
 import struct
 

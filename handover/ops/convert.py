@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 
 from ..errors import HandoverError
+from ..util import write_new_file
 
 
 def convert(source: str, output: str, *, generation: int | None = None,
@@ -22,13 +23,7 @@ def convert(source: str, output: str, *, generation: int | None = None,
             and os.path.samefile(output, loaded.info["path"]):
         raise HandoverError(f"{output}: is the SOURCE itself")
     blob = encode(st, generation=st.generation, **({} if minor is None else {"minor": minor}))
-    flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_TRUNC if force else os.O_EXCL)
-    try:
-        fd = os.open(output, flags, 0o600)
-    except FileExistsError:
-        raise HandoverError(f"{output}: exists (use --force to overwrite)") from None
-    with os.fdopen(fd, "wb") as f:
-        f.write(blob)
+    write_new_file(output, blob, force)
     fmt_minor = FORMAT_MINOR if minor is None else minor
     return {"output": os.path.abspath(output), "size": len(blob), "generation": st.generation,
             "format": f"{st.version[0]}.{fmt_minor}", "source": loaded.info}

@@ -13,6 +13,7 @@ from typing import Callable
 
 from ..errors import HandoverError
 from ..formats.structs import MAX_GENERATION
+from ..util import write_new_file
 
 Progress = Callable[[str], None] | None
 
@@ -62,16 +63,6 @@ def check_output(output: str, region: str | None, force: bool) -> None:
         raise HandoverError(f"{output}: exists (use --force to overwrite)")
 
 
-def _write_output(output: str, blob: bytes, force: bool) -> None:
-    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if force else os.O_EXCL) | os.O_CLOEXEC
-    try:
-        fd = os.open(output, flags, 0o600)
-    except FileExistsError:
-        raise HandoverError(f"{output}: exists (use --force to overwrite)") from None
-    with os.fdopen(fd, "wb") as f:
-        f.write(blob)
-
-
 def save(req: SaveRequest) -> dict:
     """Collect, encode (format minor ``req.minor``, default the newest), commit.
 
@@ -119,7 +110,7 @@ def save(req: SaveRequest) -> dict:
             report["test_altered_bars"] = [f"{b}:{i}:{s:#x}" for b, i, s in req.alter]
         if not req.dry_run:
             if req.output:
-                _write_output(req.output, blob, req.force)
+                write_new_file(req.output, blob, req.force)
                 report["output"] = os.path.abspath(req.output)
             if reg is not None:
                 res = reg.commit(blob)

@@ -29,13 +29,6 @@ CDIR = os.path.join(ROOT, "tests", "c")
 pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc not installed")
 
 
-@pytest.fixture(scope="session")
-def ho_check(tmp_path_factory):
-    out = tmp_path_factory.mktemp("c")
-    subprocess.run(["make", "-s", "-C", CDIR, f"OUT={out}"], check=True)
-    return str(out / "ho_check")
-
-
 def py_verdict(blob: bytes) -> str:
     try:
         st = decode(blob)

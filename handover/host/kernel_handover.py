@@ -1,17 +1,18 @@
-"""The patched kernel's own interface, /sys/kernel/handover/ (kernel-patches/ 0002).
+"""The patched kernel's own interface, /sys/kernel/handover/ (kernel-patches 0002-0007).
 
-Absent on stock kernels: this source then notes that and changes nothing. The files, as
-lib/handover/core.c writes them:
+Absent on stock kernels: this source then notes that and changes nothing. One value per
+file (documented in the series' Documentation/ABI/testing/sysfs-kernel-handover):
 
-``status``
-    ``key: value`` lines: ``state`` (none, no-state, rejected, valid, accepted, aborted),
-    ``region`` (``<size>@<phys>``), ``reason``, ``error`` (``<HO_E name> at offset N`` when
-    the kernel's parser refused the state), ``generation``, ``blob`` (``<len>@<phys>``),
-    ``copy`` (physical address of the kernel's RAM copy), ``format``, per-section counts
-    (``units``, ``irtes``, ...), ``reserved_ranges``, ``reserved_bytes``, ``ir_tables_kept``,
-    ``root_tables_kept``, and one ``device:`` line per keepalive device of the state
-    (``<bdf> held|released|listed [adopted domain=N] [(why)]``, kernel-patches 0006/0007),
-    gathered into a list under ``keepalive`` (``devices`` is the section count).
+``state``, ``reason``, ``region``, ``error``, ``generation``, ``format``
+    What became of the state named by handover=: ``state`` is none, no-state, rejected,
+    valid, accepted or aborted; ``region`` ``<size>@<phys>``; ``error`` ``<HO_E name> at
+    offset N`` when the kernel's parser refused the state; empty files say "nothing".
+``reserved_ranges``, ``reserved_bytes``, ``ir_tables_kept``, ``root_tables_kept``
+    Counters (decimal).
+``devices/<bdf>/{state,domain,reason}``
+    One directory per keepalive device of the state: ``listed``, ``held`` or
+    ``released``; the adopted domain ID; why it was released. Gathered into a list under
+    ``keepalive``.
 ``formats``
     The format versions the kernel reads, ``1.0-1.1``.
 ``blob`` (0400)
@@ -20,9 +21,11 @@ lib/handover/core.c writes them:
     Reads ``pending``, ``accept`` or ``abort``; ``handover load`` writes ``accept`` or
     ``abort`` after comparing the state with the machine.
 
-The registers the stock sysfs lacks (GSTS, RTADDR, IRTA, IQA, IQH, IQT) come from the same
-patch series through /sys/class/iommu/dmarN/intel-iommu/ (see intel_iommu.py).
-Newer kernels may add keys and files; this reader ignores what it does not know.
+Kernels of the first series had one multi-line ``status`` file of ``key: value`` lines
+(``device: <bdf> held [adopted domain=N] [(why)]`` per device); it is still read when
+present. The registers the stock sysfs lacks (GSTS, RTADDR, IRTA, IQA, IQH, IQT) come from
+the same series through /sys/class/iommu/dmarN/intel-iommu/ (see intel_iommu.py).
+Newer kernels may add files; this reader ignores what it does not know.
 """
 
 from __future__ import annotations
@@ -58,9 +61,32 @@ def parse_status(text: str) -> dict:
     return out
 
 
+#: the one-value files of the kernel's interface, read into the status dict
+STATUS_FILES = ("state", "region", "reason", "error", "generation", "format", "reserved_ranges",
+                "reserved_bytes", "ir_tables_kept", "root_tables_kept")
+
+
 def read_status(sysroot: Sysroot) -> dict:
-    """/sys/kernel/handover/status now, parsed ({} when absent)."""
-    return parse_status(sysroot.try_text(f"{ROOT}/status") or "")
+    """/sys/kernel/handover/ now, as one dict ({} when absent): the one-value files, and
+    ``keepalive``, a list of the devices (bdf, state, adopted, domain, why)."""
+    old = sysroot.try_text(f"{ROOT}/status")
+    if old is not None:
+        return parse_status(old)
+    out: dict = {}
+    for name in STATUS_FILES:
+        v = (sysroot.try_text(f"{ROOT}/{name}") or "").strip()
+        if v:
+            out[name] = v
+    ddir = f"{ROOT}/devices"
+    if sysroot.isdir(ddir):
+        for bdf in sorted(sysroot.listdir(ddir)):
+            def val(f: str) -> str:
+                return (sysroot.try_text(f"{ddir}/{bdf}/{f}") or "").strip()
+            dom = val("domain")
+            out.setdefault("keepalive", []).append(
+                {"bdf": bdf, "state": val("state"), "adopted": bool(dom),
+                 "domain": int(dom) if dom.isdigit() else None, "why": val("reason") or None})
+    return out
 
 
 @register

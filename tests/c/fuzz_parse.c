@@ -9,15 +9,15 @@
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
 	static struct ho_view v;
-	ho_u64 off;
+	__u64 off;
 	int rc = ho_parse(data, size, &v, &off);
 
 	if (rc == HO_OK) {
 		/* walk every record of every section like a consumer would */
-		volatile ho_u64 sink = 0;
+		volatile __u64 sink = 0;
 
-		for (ho_u32 i = 0; i < v.nsections; i++)
-			for (ho_u32 j = 0; j < v.sec[i].count; j++)
+		for (__u32 i = 0; i < v.nsections; i++)
+			for (__u32 j = 0; j < v.sec[i].count; j++)
 				sink += *ho_record(&v, &v.sec[i], j);
 	} else if (off > size) {
 		__builtin_trap();	/* an error offset must point inside (or at the end of) the input */

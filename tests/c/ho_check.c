@@ -8,6 +8,9 @@
  *   ho_check --ranges FILE  the verdict, then one "<start> <size> <kind>" line (hex, hex,
  *                           decimal) per range the kernel reserves (ho_preserved_ranges),
  *                           then "skipped <n>"
+ *   ho_check --region FILE  FILE is a whole region: per header copy, "copy <n> invalid" or
+ *                           "copy <n> slots <k>" then one "<generation> <offset> <length>
+ *                           <capacity> <crc>" line (decimal) per slot ho_region_slots() keeps
  *
  * A verdict line is "OK <major>.<minor> <nsections>" or "<ERROR_NAME> <offset>".
  */
@@ -20,7 +23,7 @@
 static void verdict(const unsigned char *buf, unsigned long long n)
 {
 	static struct ho_view v;
-	ho_u64 off = 0;
+	__u64 off = 0;
 	int rc = ho_parse(buf, n, &v, &off);
 
 	if (rc == HO_OK)
@@ -29,7 +32,7 @@ static void verdict(const unsigned char *buf, unsigned long long n)
 		printf("%s %llu\n", ho_strerror(rc), (unsigned long long)off);
 }
 
-static void print_range(void *ctx, ho_u64 start, ho_u64 size, unsigned int kind)
+static void print_range(void *ctx, __u64 start, __u64 size, unsigned int kind)
 {
 	(void)ctx;
 	printf("%llx %llx %u\n", (unsigned long long)start, (unsigned long long)size, kind);
@@ -44,6 +47,39 @@ static unsigned char *read_all(FILE *f, size_t n)
 		return NULL;
 	}
 	return buf;
+}
+
+static int region(const char *path)
+{
+	FILE *f = fopen(path, "rb");
+	long n;
+	unsigned char *buf;
+
+	if (!f || fseek(f, 0, SEEK_END) || (n = ftell(f)) < 0 || fseek(f, 0, SEEK_SET) ||
+	    n < HO_REGION_DATA_START) {
+		fprintf(stderr, "ho_check: %s: not a region\n", path);
+		return 2;
+	}
+	buf = read_all(f, (size_t)n);
+	fclose(f);
+	if (!buf)
+		return 2;
+	for (int c = 0; c < HO_REGION_HDR_COPIES; c++) {
+		struct ho_region_slot s[HO_REGION_SLOTS];
+		int k = ho_region_slots(buf + c * HO_REGION_HDR_BLOCK, (__u64)n, s);
+
+		if (k < 0) {
+			printf("copy %d invalid\n", c);
+			continue;
+		}
+		printf("copy %d slots %d\n", c, k);
+		for (int i = 0; i < k; i++)
+			printf("%llu %llu %llu %llu %u\n", (unsigned long long)s[i].generation,
+			       (unsigned long long)s[i].offset, (unsigned long long)s[i].length,
+			       (unsigned long long)s[i].capacity, s[i].crc);
+	}
+	free(buf);
+	return 0;
 }
 
 int main(int argc, char **argv)
@@ -72,6 +108,8 @@ int main(int argc, char **argv)
 		fflush(stdout);
 		return 0;
 	}
+	if (argc == 3 && !strcmp(argv[1], "--region"))
+		return region(argv[2]);
 	int ranges = argc == 3 && !strcmp(argv[1], "--ranges");
 
 	for (int i = 1 + ranges; i < argc; i++) {
@@ -90,9 +128,9 @@ int main(int argc, char **argv)
 		verdict(buf, (unsigned long long)n);
 		if (ranges) {
 			static struct ho_view v;
-			ho_u64 off;
+			__u64 off;
 
-			if (ho_parse(buf, (ho_u64)n, &v, &off) == HO_OK)
+			if (ho_parse(buf, (__u64)n, &v, &off) == HO_OK)
 				printf("skipped %u\n", ho_preserved_ranges(&v, print_range, NULL));
 		}
 		free(buf);

@@ -222,27 +222,49 @@ def test_region_commit_and_load(tmp_path):
     assert code == 0 and doc["generation"] == 2
 
 
-def test_kernel_interface_is_fed(saved, tmp_path):
-    """/sys/kernel/handover/ as lib/handover/core.c (kernel-patches 0002) lays it out."""
+def _kernel_files(k, **files):
+    for name, text in files.items():
+        p = k / name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(text + "\n")
+
+
+@pytest.mark.parametrize("abi", ["one-value", "status-file"])
+def test_kernel_interface_is_fed(saved, tmp_path, abi):
+    """/sys/kernel/handover/ as the series lays it out: one value per file (0002) with a
+    directory per keepalive device (0006/0007); the first series' multi-line status file
+    is still read."""
     root, blob, _ = saved
     k = root / "sys/kernel/handover"
     k.mkdir(parents=True)
-    (k / "status").write_text("state: valid\nregion: 0x4000000@0x30000000\ngeneration: 1\n"
-                              "blob: 4096@0x30200000\ncopy: 0x3ff00000\nformat: 1.1\n")
+    if abi == "one-value":
+        _kernel_files(k, state="valid", region="0x4000000@0x30000000", reason="", error="",
+                      generation="1", format="1.1", reserved_ranges="3")
+    else:
+        (k / "status").write_text("state: valid\nregion: 0x4000000@0x30000000\ngeneration: 1\n"
+                                  "blob: 4096@0x30200000\ncopy: 0x3ff00000\nformat: 1.1\n")
     (k / "formats").write_text("1.0-1.1\n")
     (k / "decision").write_text("pending\n")
     code, doc, _ = load(root, blob, tmp_path, "--check-only")
     assert code == 0 and doc["kernel_interface"]["action"].startswith("none")
     assert doc["kernel_interface"]["state"] == "valid"
+    assert "reason" not in doc["kernel_interface"]["status"]   # empty file: nothing to say
     assert (k / "decision").read_text() == "pending\n"
     code, doc, _ = load(root, blob, tmp_path)
     assert code == 0 and (k / "decision").read_text() == "accept\n"
-    # the kernel's keepalive lines (kernel-patches 0006/0007) in the human report
-    with open(k / "status", "a") as f:
-        f.write("device: 0000:00:03.0 held adopted domain=4\n")
+    # the kernel's keepalive devices in the human report
+    if abi == "one-value":
+        _kernel_files(k / "devices/0000:00:03.0", state="held", domain="4", reason="")
+        _kernel_files(k / "devices/0000:00:04.0", state="released", domain="",
+                      reason="its identity differs from the saved one")
+    else:
+        with open(k / "status", "a") as f:
+            f.write("device: 0000:00:03.0 held adopted domain=4\n"
+                    "device: 0000:00:04.0 released (its identity differs from the saved one)\n")
     code, out, err = run("load", "--sysroot", root, "--region", blob, "--result-dir", tmp_path / "r")
     assert code == 0, err
     assert "kernel keepalive 0000:00:03.0: held, translation adopted (domain 4)" in out
+    assert "0000:00:04.0" in out and "its identity differs from the saved one" in out
     assert out.splitlines()[-1].startswith("MATCH: ")  # the boot script logs the last line
     set_resource(root, EDU, 0, 0xFE800000, 0xFE8FFFFF, 0x40200)
     code, doc, _ = load(root, blob, tmp_path)

@@ -16,19 +16,10 @@
 #ifdef __KERNEL__
 #include <linux/build_bug.h>
 #include <linux/types.h>
-typedef u8 ho_u8;
-typedef u16 ho_u16;
-typedef u32 ho_u32;
-typedef u64 ho_u64;
-#define HO_STATIC_ASSERT(e, m) static_assert(e, m)
 #else
+#include <assert.h>
 #include <stddef.h>
-#include <stdint.h>
-typedef uint8_t ho_u8;
-typedef uint16_t ho_u16;
-typedef uint32_t ho_u32;
-typedef uint64_t ho_u64;
-#define HO_STATIC_ASSERT(e, m) _Static_assert(e, m)
+#include <linux/types.h>
 #endif
 
 #define HO_MAGIC "HOVRSTAT"
@@ -186,18 +177,18 @@ enum ho_error {
 
 /* file header, at offset 0 */
 struct ho_header {
-	ho_u8 magic[8];        /* +0 "HOVRSTAT" */
-	ho_u16 major;        /* +8 format major: a reader refuses another major */
-	ho_u16 minor;        /* +10 format minor: only adds sections / trailing fields */
-	ho_u32 header_size;        /* +12 64 + 40 * section_count */
-	ho_u64 total_size;        /* +16 the whole blob, in bytes */
-	ho_u32 section_count;        /* +24 +24 */
-	ho_u32 flags;        /* +28 HO_HDR_F_*, none defined in 1.x (must be 0) */
-	ho_u64 generation;        /* +32 save generation (monotonic per host) */
-	ho_u8 reserved[20];        /* +40 zero */
-	ho_u32 header_crc;        /* +60 CRC32C of bytes 0..59, then the section table */
+	__u8 magic[8];        /* +0 "HOVRSTAT" */
+	__u16 major;        /* +8 format major: a reader refuses another major */
+	__u16 minor;        /* +10 format minor: only adds sections / trailing fields */
+	__u32 header_size;        /* +12 64 + 40 * section_count */
+	__u64 total_size;        /* +16 the whole blob, in bytes */
+	__u32 section_count;        /* +24 +24 */
+	__u32 flags;        /* +28 HO_HDR_F_*, none defined in 1.x (must be 0) */
+	__u64 generation;        /* +32 save generation (monotonic per host) */
+	__u8 reserved[20];        /* +40 zero */
+	__u32 header_crc;        /* +60 CRC32C of bytes 0..59, then the section table */
 } __attribute__((packed));
-HO_STATIC_ASSERT(sizeof(struct ho_header) == 64, "ho_header size");
+static_assert(sizeof(struct ho_header) == 64, "ho_header size");
 #define HO_HDR_OFF_MAGIC 0
 #define HO_HDR_OFF_MAJOR 8
 #define HO_HDR_OFF_MINOR 10
@@ -211,17 +202,17 @@ HO_STATIC_ASSERT(sizeof(struct ho_header) == 64, "ho_header size");
 
 /* section table entry, from offset 64 */
 struct ho_section_entry {
-	ho_u16 type;        /* +0 HO_SEC_* (enums.SectionType) */
-	ho_u16 version;        /* +2 format minor that defined this record layout */
-	ho_u32 flags;        /* +4 HO_SEC_F_REQUIRED bit 0, HO_SEC_F_ABSENT bit 1 */
-	ho_u64 offset;        /* +8 from the start of the blob, 8-byte aligned */
-	ho_u64 length;        /* +16 bytes */
-	ho_u32 count;        /* +24 records (0 for byte sections) */
-	ho_u32 record_size;        /* +28 bytes per record (0 for byte sections) */
-	ho_u32 crc;        /* +32 CRC32C of the section's bytes */
-	ho_u32 reserved;        /* +36 zero */
+	__u16 type;        /* +0 HO_SEC_* (enums.SectionType) */
+	__u16 version;        /* +2 format minor that defined this record layout */
+	__u32 flags;        /* +4 HO_SEC_F_REQUIRED bit 0, HO_SEC_F_ABSENT bit 1 */
+	__u64 offset;        /* +8 from the start of the blob, 8-byte aligned */
+	__u64 length;        /* +16 bytes */
+	__u32 count;        /* +24 records (0 for byte sections) */
+	__u32 record_size;        /* +28 bytes per record (0 for byte sections) */
+	__u32 crc;        /* +32 CRC32C of the section's bytes */
+	__u32 reserved;        /* +36 zero */
 } __attribute__((packed));
-HO_STATIC_ASSERT(sizeof(struct ho_section_entry) == 40, "ho_section_entry size");
+static_assert(sizeof(struct ho_section_entry) == 40, "ho_section_entry size");
 #define HO_SEC_OFF_TYPE 0
 #define HO_SEC_OFF_VERSION 2
 #define HO_SEC_OFF_FLAGS 4
@@ -234,23 +225,23 @@ HO_STATIC_ASSERT(sizeof(struct ho_section_entry) == 40, "ho_section_entry size")
 
 /* unit record, key (unit); iqh since 1.1, iqt since 1.1 */
 struct ho_unit {
-	ho_u16 unit;        /* +0 index of this unit in the blob (the kernel's seq_id, dmar%d) */
-	ho_u16 segment;        /* +2 PCI segment (drhd->segment) */
-	ho_u32 flags;        /* +4 HO_UNIT_F_*: TE 0, IRE 1, X2APIC(EIME) 2, SM 3, QIE 4 */
-	ho_u32 present;        /* +8 HO_UNIT_P_*: which register fields below were captured */
-	ho_u32 ver;        /* +12 VER 0x00: major 7:4, minor 3:0 */
-	ho_u64 reg_base;        /* +16 register base physical address (iommu->reg_phys) */
-	ho_u64 cap;        /* +24 CAP 0x08 */
-	ho_u64 ecap;        /* +32 ECAP 0x10 */
-	ho_u32 gsts;        /* +40 GSTS 0x1c: TES 31, RTPS 30, QIES 26, IRES 25, IRTPS 24 */
-	ho_u8 __pad0[4];                    /* +44 */
-	ho_u64 rtaddr;        /* +48 RTADDR 0x20: 63:12 root table PA, bit 10 DMA_RTADDR_SMT */
-	ho_u64 irta;        /* +56 IRTA 0xb8: 63:12 IRT PA, bit 11 EIME, 3:0 S (2^(S+1) entries) */
-	ho_u64 iqa;        /* +64 IQA 0x90: 63:12 base, bit 11 DW, 2:0 QS */
-	ho_u64 iqh;        /* +72 IQH 0x80 (since 1.1): queue head, byte offset */
-	ho_u64 iqt;        /* +80 IQT 0x88 (since 1.1): queue tail, byte offset */
+	__u16 unit;        /* +0 index of this unit in the blob (the kernel's seq_id, dmar%d) */
+	__u16 segment;        /* +2 PCI segment (drhd->segment) */
+	__u32 flags;        /* +4 HO_UNIT_F_*: TE 0, IRE 1, X2APIC(EIME) 2, SM 3, QIE 4 */
+	__u32 present;        /* +8 HO_UNIT_P_*: which register fields below were captured */
+	__u32 ver;        /* +12 VER 0x00: major 7:4, minor 3:0 */
+	__u64 reg_base;        /* +16 register base physical address (iommu->reg_phys) */
+	__u64 cap;        /* +24 CAP 0x08 */
+	__u64 ecap;        /* +32 ECAP 0x10 */
+	__u32 gsts;        /* +40 GSTS 0x1c: TES 31, RTPS 30, QIES 26, IRES 25, IRTPS 24 */
+	__u8 __pad0[4];                    /* +44 */
+	__u64 rtaddr;        /* +48 RTADDR 0x20: 63:12 root table PA, bit 10 DMA_RTADDR_SMT */
+	__u64 irta;        /* +56 IRTA 0xb8: 63:12 IRT PA, bit 11 EIME, 3:0 S (2^(S+1) entries) */
+	__u64 iqa;        /* +64 IQA 0x90: 63:12 base, bit 11 DW, 2:0 QS */
+	__u64 iqh;        /* +72 IQH 0x80 (since 1.1): queue head, byte offset */
+	__u64 iqt;        /* +80 IQT 0x88 (since 1.1): queue tail, byte offset */
 } __attribute__((packed));
-HO_STATIC_ASSERT(sizeof(struct ho_unit) == 88, "ho_unit size");
+static_assert(sizeof(struct ho_unit) == 88, "ho_unit size");
 #define HO_UNIT_SIZE 88
 #define HO_UNIT_MIN_SIZE 72	/* as written by format 1.0 */
 #define HO_UNIT_OFF_UNIT 0
@@ -270,15 +261,15 @@ HO_STATIC_ASSERT(sizeof(struct ho_unit) == 88, "ho_unit size");
 
 /* domain record, key (unit, did) */
 struct ho_domain {
-	ho_u16 unit;        /* +0 unit index */
-	ho_u16 did;        /* +2 domain ID (struct iommu_domain_info.did); 0 and 1 reserved */
-	ho_u8 tt;        /* +4 translation type: legacy context TT (0 multi-level, 1 +dev-TLB, 2 pass-through) or scalable PGTT | 0x80 */
-	ho_u8 agaw;        /* +5 adjusted guest address width (1/2/3 = 39/48/57 bit) */
-	ho_u8 gaw;        /* +6 guest address width in bits (dmar_domain.gaw) */
-	ho_u8 flags;        /* +7 HO_DOM_F_*: FIRST_LEVEL 0, PASID 1 */
-	ho_u64 pgd;        /* +8 page-table root physical address (dmar_domain.pgd) */
+	__u16 unit;        /* +0 unit index */
+	__u16 did;        /* +2 domain ID (struct iommu_domain_info.did); 0 and 1 reserved */
+	__u8 tt;        /* +4 translation type: legacy context TT (0 multi-level, 1 +dev-TLB, 2 pass-through) or scalable PGTT | 0x80 */
+	__u8 agaw;        /* +5 adjusted guest address width (1/2/3 = 39/48/57 bit) */
+	__u8 gaw;        /* +6 guest address width in bits (dmar_domain.gaw) */
+	__u8 flags;        /* +7 HO_DOM_F_*: FIRST_LEVEL 0, PASID 1 */
+	__u64 pgd;        /* +8 page-table root physical address (dmar_domain.pgd) */
 } __attribute__((packed));
-HO_STATIC_ASSERT(sizeof(struct ho_domain) == 16, "ho_domain size");
+static_assert(sizeof(struct ho_domain) == 16, "ho_domain size");
 #define HO_DOMAIN_SIZE 16
 #define HO_DOMAIN_MIN_SIZE 16	/* as written by format 1.0 */
 #define HO_DOMAIN_OFF_UNIT 0
@@ -291,20 +282,20 @@ HO_STATIC_ASSERT(sizeof(struct ho_domain) == 16, "ho_domain size");
 
 /* context record, key (unit, sbdf, pasid) */
 struct ho_context {
-	ho_u32 sbdf;        /* +0 segment 31:16, bus 15:8, devfn 7:0 */
-	ho_u32 pasid;        /* +4 PASID in scalable mode (valid if HO_CTX_F_PASID) */
-	ho_u16 unit;        /* +8 unit index */
-	ho_u16 did;        /* +10 domain ID from the entry (context hi 23:8 / PASID val[1] 15:0) */
-	ho_u32 flags;        /* +12 HO_CTX_F_*: SM 0 (scalable), PASID 1 (pasid valid) */
-	ho_u64 root_lo;        /* +16 root entry lo (P 0, CTP 63:12) / scalable LP+LCTP */
-	ho_u64 root_hi;        /* +24 root entry hi (scalable UP+UCTP) */
-	ho_u64 lo;        /* +32 context entry lo: P 0, FPD 1, TT 3:2, SLPTPTR 63:12 */
-	ho_u64 hi;        /* +40 context entry hi: AW 2:0, DID 23:8 */
-	ho_u64 pasid_val0;        /* +48 PASID entry val[0]: P, FPD, AW 4:2, PGTT 8:6, SSPTPTR 63:12 */
-	ho_u64 pasid_val1;        /* +56 PASID entry val[1]: DID 15:0 */
-	ho_u64 pasid_val2;        /* +64 PASID entry val[2]: FSPTPTR 63:12 */
+	__u32 sbdf;        /* +0 segment 31:16, bus 15:8, devfn 7:0 */
+	__u32 pasid;        /* +4 PASID in scalable mode (valid if HO_CTX_F_PASID) */
+	__u16 unit;        /* +8 unit index */
+	__u16 did;        /* +10 domain ID from the entry (context hi 23:8 / PASID val[1] 15:0) */
+	__u32 flags;        /* +12 HO_CTX_F_*: SM 0 (scalable), PASID 1 (pasid valid) */
+	__u64 root_lo;        /* +16 root entry lo (P 0, CTP 63:12) / scalable LP+LCTP */
+	__u64 root_hi;        /* +24 root entry hi (scalable UP+UCTP) */
+	__u64 lo;        /* +32 context entry lo: P 0, FPD 1, TT 3:2, SLPTPTR 63:12 */
+	__u64 hi;        /* +40 context entry hi: AW 2:0, DID 23:8 */
+	__u64 pasid_val0;        /* +48 PASID entry val[0]: P, FPD, AW 4:2, PGTT 8:6, SSPTPTR 63:12 */
+	__u64 pasid_val1;        /* +56 PASID entry val[1]: DID 15:0 */
+	__u64 pasid_val2;        /* +64 PASID entry val[2]: FSPTPTR 63:12 */
 } __attribute__((packed));
-HO_STATIC_ASSERT(sizeof(struct ho_context) == 72, "ho_context size");
+static_assert(sizeof(struct ho_context) == 72, "ho_context size");
 #define HO_CONTEXT_SIZE 72
 #define HO_CONTEXT_MIN_SIZE 72	/* as written by format 1.0 */
 #define HO_CONTEXT_OFF_SBDF 0
@@ -322,13 +313,13 @@ HO_STATIC_ASSERT(sizeof(struct ho_context) == 72, "ho_context size");
 
 /* irte record, key (unit, index) */
 struct ho_irte {
-	ho_u32 index;        /* +0 IRTE index in the unit's table */
-	ho_u16 unit;        /* +4 unit index (so word 0 = unit << 32 | index orders records) */
-	ho_u8 __pad0[2];                    /* +6 */
-	ho_u64 lo;        /* +8 bits 63:0  (P 0, FPD 1, IM 15, vector 23:16, DST/PDA_L) */
-	ho_u64 hi;        /* +16 bits 127:64 (SID 79:64, SQ 81:80, SVT 83:82, PDA_H 127:96) */
+	__u32 index;        /* +0 IRTE index in the unit's table */
+	__u16 unit;        /* +4 unit index (so word 0 = unit << 32 | index orders records) */
+	__u8 __pad0[2];                    /* +6 */
+	__u64 lo;        /* +8 bits 63:0  (P 0, FPD 1, IM 15, vector 23:16, DST/PDA_L) */
+	__u64 hi;        /* +16 bits 127:64 (SID 79:64, SQ 81:80, SVT 83:82, PDA_H 127:96) */
 } __attribute__((packed));
-HO_STATIC_ASSERT(sizeof(struct ho_irte) == 24, "ho_irte size");
+static_assert(sizeof(struct ho_irte) == 24, "ho_irte size");
 #define HO_IRTE_SIZE 24
 #define HO_IRTE_MIN_SIZE 24	/* as written by format 1.0 */
 #define HO_IRTE_OFF_INDEX 0
@@ -338,17 +329,17 @@ HO_STATIC_ASSERT(sizeof(struct ho_irte) == 24, "ho_irte size");
 
 /* vector record, key (sbdf, kind, vector) */
 struct ho_vector {
-	ho_u32 sbdf;        /* +0 device */
-	ho_u16 unit;        /* +4 unit whose IR table holds the entry (0xffff unknown) */
-	ho_u8 kind;        /* +6 HO_VEC_*: INTX 0, MSI 1, MSIX 2 */
-	ho_u8 flags;        /* +7 HO_VEC_F_*: IRTE_KNOWN 0, POSTED 1, MASKED 2, ENABLED 3, MSG_KNOWN 4, REMAPPED 5 (since 1.1) */
-	ho_u32 vector;        /* +8 msi_index: MSI-X table slot / MSI vector i / INTx pin */
-	ho_u32 irte_index;        /* +12 handle (+ sub_handle already applied when SHV) */
-	ho_u16 sub_handle;        /* +16 MSI data 15:0 when SHV */
-	ho_u8 __pad0[2];                    /* +18 */
-	ho_u32 irq;        /* +20 host Linux irq number (0 unknown) */
+	__u32 sbdf;        /* +0 device */
+	__u16 unit;        /* +4 unit whose IR table holds the entry (0xffff unknown) */
+	__u8 kind;        /* +6 HO_VEC_*: INTX 0, MSI 1, MSIX 2 */
+	__u8 flags;        /* +7 HO_VEC_F_*: IRTE_KNOWN 0, POSTED 1, MASKED 2, ENABLED 3, MSG_KNOWN 4, REMAPPED 5 (since 1.1) */
+	__u32 vector;        /* +8 msi_index: MSI-X table slot / MSI vector i / INTx pin */
+	__u32 irte_index;        /* +12 handle (+ sub_handle already applied when SHV) */
+	__u16 sub_handle;        /* +16 MSI data 15:0 when SHV */
+	__u8 __pad0[2];                    /* +18 */
+	__u32 irq;        /* +20 host Linux irq number (0 unknown) */
 } __attribute__((packed));
-HO_STATIC_ASSERT(sizeof(struct ho_vector) == 24, "ho_vector size");
+static_assert(sizeof(struct ho_vector) == 24, "ho_vector size");
 #define HO_VECTOR_SIZE 24
 #define HO_VECTOR_MIN_SIZE 24	/* as written by format 1.0 */
 #define HO_VECTOR_OFF_SBDF 0
@@ -362,13 +353,13 @@ HO_STATIC_ASSERT(sizeof(struct ho_vector) == 24, "ho_vector size");
 
 /* pi_desc record, key (phys) */
 struct ho_pi_desc {
-	ho_u64 phys;        /* +0 physical address, 64-byte aligned */
-	ho_u8 vm[16];        /* +8 owner VM UUID */
-	ho_u32 vcpu;        /* +24 owner vCPU index */
-	ho_u8 __pad0[4];                    /* +28 */
-	ho_u8 raw[64];        /* +32 PIR 255:0, ON 256, SN 257, NV 279:272, NDST 319:288 */
+	__u64 phys;        /* +0 physical address, 64-byte aligned */
+	__u8 vm[16];        /* +8 owner VM UUID */
+	__u32 vcpu;        /* +24 owner vCPU index */
+	__u8 __pad0[4];                    /* +28 */
+	__u8 raw[64];        /* +32 PIR 255:0, ON 256, SN 257, NV 279:272, NDST 319:288 */
 } __attribute__((packed));
-HO_STATIC_ASSERT(sizeof(struct ho_pi_desc) == 96, "ho_pi_desc size");
+static_assert(sizeof(struct ho_pi_desc) == 96, "ho_pi_desc size");
 #define HO_PI_DESC_SIZE 96
 #define HO_PI_DESC_MIN_SIZE 96	/* as written by format 1.0 */
 #define HO_PI_DESC_OFF_PHYS 0
@@ -378,16 +369,16 @@ HO_STATIC_ASSERT(sizeof(struct ho_pi_desc) == 96, "ho_pi_desc size");
 
 /* bar record, key (sbdf, index) */
 struct ho_bar {
-	ho_u32 sbdf;        /* +0 device */
-	ho_u8 index;        /* +4 0-5 BAR, 6 ROM, 7-12 SR-IOV VF BAR0-5, 13-16 bridge windows */
-	ho_u8 flags;        /* +5 HO_BAR_F_*: IO 0, MEM 1, MEM64 2, PREFETCH 3, ROM_EN 4, UNSET 5 */
-	ho_u8 __pad0[2];                    /* +6 */
-	ho_u64 start;        /* +8 physical start (resource start) */
-	ho_u64 size;        /* +16 bytes (end - start + 1); 0 when unassigned */
-	ho_u64 raw;        /* +24 the BAR register(s) as read from config space (64-bit pair) */
-	ho_u64 res_flags;        /* +32 the kernel's IORESOURCE_* flags (sysfs "resource") */
+	__u32 sbdf;        /* +0 device */
+	__u8 index;        /* +4 0-5 BAR, 6 ROM, 7-12 SR-IOV VF BAR0-5, 13-16 bridge windows */
+	__u8 flags;        /* +5 HO_BAR_F_*: IO 0, MEM 1, MEM64 2, PREFETCH 3, ROM_EN 4, UNSET 5 */
+	__u8 __pad0[2];                    /* +6 */
+	__u64 start;        /* +8 physical start (resource start) */
+	__u64 size;        /* +16 bytes (end - start + 1); 0 when unassigned */
+	__u64 raw;        /* +24 the BAR register(s) as read from config space (64-bit pair) */
+	__u64 res_flags;        /* +32 the kernel's IORESOURCE_* flags (sysfs "resource") */
 } __attribute__((packed));
-HO_STATIC_ASSERT(sizeof(struct ho_bar) == 40, "ho_bar size");
+static_assert(sizeof(struct ho_bar) == 40, "ho_bar size");
 #define HO_BAR_SIZE 40
 #define HO_BAR_MIN_SIZE 40	/* as written by format 1.0 */
 #define HO_BAR_OFF_SBDF 0
@@ -400,30 +391,30 @@ HO_STATIC_ASSERT(sizeof(struct ho_bar) == 40, "ho_bar size");
 
 /* device record, key (sbdf) */
 struct ho_device {
-	ho_u32 sbdf;        /* +0 segment 31:16, bus 15:8, devfn 7:0 */
-	ho_u16 vendor;        /* +4 PCI_VENDOR_ID 0x00 */
-	ho_u16 device;        /* +6 PCI_DEVICE_ID 0x02 */
-	ho_u16 subsystem_vendor;        /* +8 PCI_SUBSYSTEM_VENDOR_ID 0x2c */
-	ho_u16 subsystem_device;        /* +10 PCI_SUBSYSTEM_ID 0x2e */
-	ho_u32 class_;        /* +12 PCI_CLASS_REVISION 31:8 (24-bit class code) */
-	ho_u8 revision;        /* +16 PCI_REVISION_ID 0x08 */
-	ho_u8 header_type;        /* +17 PCI_HEADER_TYPE 0x0e */
-	ho_u16 flags;        /* +18 HO_DEV_F_*: DSN 0, VF 1, PF 2, SRIOV_EN 3, BRIDGE 4, KEEPALIVE 5, TOKEN 6, CONFIG_FULL 7 */
-	ho_u32 iommu_group;        /* +20 iommu_group number (0xffffffff none) */
-	ho_u64 dsn;        /* +24 Device Serial Number (ext cap 0x0003), if HO_DEV_F_DSN */
-	ho_u16 unit;        /* +32 unit index covering the device (0xffff none) */
-	ho_u16 num_vfs;        /* +34 SR-IOV NumVFs */
-	ho_u32 physfn;        /* +36 sbdf of the PF when HO_DEV_F_VF (else 0xffffffff) */
-	ho_u16 total_vfs;        /* +40 SR-IOV TotalVFs */
-	ho_u16 sriov_ctrl;        /* +42 SR-IOV control (VFE 0x1, MSE 0x8, ARI 0x10) */
-	ho_u32 config_offset;        /* +44 config snapshot: offset into the CONFIG section */
-	ho_u32 config_len;        /* +48 config snapshot length (64, 256 or 4096) */
-	ho_u8 driver[32];        /* +52 bound driver name, NUL padded ("vfio-pci") */
-	ho_u8 token_salt[16];        /* +84 random salt */
-	ho_u8 token_hash[32];        /* +100 SHA-256(token_salt || token UUID bytes), if HO_DEV_F_TOKEN */
-	ho_u8 __pad0[4];                    /* +132 */
+	__u32 sbdf;        /* +0 segment 31:16, bus 15:8, devfn 7:0 */
+	__u16 vendor;        /* +4 PCI_VENDOR_ID 0x00 */
+	__u16 device;        /* +6 PCI_DEVICE_ID 0x02 */
+	__u16 subsystem_vendor;        /* +8 PCI_SUBSYSTEM_VENDOR_ID 0x2c */
+	__u16 subsystem_device;        /* +10 PCI_SUBSYSTEM_ID 0x2e */
+	__u32 class_;        /* +12 PCI_CLASS_REVISION 31:8 (24-bit class code) */
+	__u8 revision;        /* +16 PCI_REVISION_ID 0x08 */
+	__u8 header_type;        /* +17 PCI_HEADER_TYPE 0x0e */
+	__u16 flags;        /* +18 HO_DEV_F_*: DSN 0, VF 1, PF 2, SRIOV_EN 3, BRIDGE 4, KEEPALIVE 5, TOKEN 6, CONFIG_FULL 7 */
+	__u32 iommu_group;        /* +20 iommu_group number (0xffffffff none) */
+	__u64 dsn;        /* +24 Device Serial Number (ext cap 0x0003), if HO_DEV_F_DSN */
+	__u16 unit;        /* +32 unit index covering the device (0xffff none) */
+	__u16 num_vfs;        /* +34 SR-IOV NumVFs */
+	__u32 physfn;        /* +36 sbdf of the PF when HO_DEV_F_VF (else 0xffffffff) */
+	__u16 total_vfs;        /* +40 SR-IOV TotalVFs */
+	__u16 sriov_ctrl;        /* +42 SR-IOV control (VFE 0x1, MSE 0x8, ARI 0x10) */
+	__u32 config_offset;        /* +44 config snapshot: offset into the CONFIG section */
+	__u32 config_len;        /* +48 config snapshot length (64, 256 or 4096) */
+	__u8 driver[32];        /* +52 bound driver name, NUL padded ("vfio-pci") */
+	__u8 token_salt[16];        /* +84 random salt */
+	__u8 token_hash[32];        /* +100 SHA-256(token_salt || token UUID bytes), if HO_DEV_F_TOKEN */
+	__u8 __pad0[4];                    /* +132 */
 } __attribute__((packed));
-HO_STATIC_ASSERT(sizeof(struct ho_device) == 136, "ho_device size");
+static_assert(sizeof(struct ho_device) == 136, "ho_device size");
 #define HO_DEVICE_SIZE 136
 #define HO_DEVICE_MIN_SIZE 136	/* as written by format 1.0 */
 #define HO_DEVICE_OFF_SBDF 0
@@ -450,14 +441,14 @@ HO_STATIC_ASSERT(sizeof(struct ho_device) == 136, "ho_device size");
 
 /* bridge record, key (sbdf, depth) */
 struct ho_bridge {
-	ho_u32 sbdf;        /* +0 the keepalive device */
-	ho_u8 depth;        /* +4 0 = the device's immediate upstream bridge */
-	ho_u8 __pad0[1];                    /* +5 */
-	ho_u16 command;        /* +6 the bridge's PCI_COMMAND at save (MASTER 0x4 must stay) */
-	ho_u32 bridge;        /* +8 sbdf of the bridge */
-	ho_u8 __pad1[4];                    /* +12 */
+	__u32 sbdf;        /* +0 the keepalive device */
+	__u8 depth;        /* +4 0 = the device's immediate upstream bridge */
+	__u8 __pad0[1];                    /* +5 */
+	__u16 command;        /* +6 the bridge's PCI_COMMAND at save (MASTER 0x4 must stay) */
+	__u32 bridge;        /* +8 sbdf of the bridge */
+	__u8 __pad1[4];                    /* +12 */
 } __attribute__((packed));
-HO_STATIC_ASSERT(sizeof(struct ho_bridge) == 16, "ho_bridge size");
+static_assert(sizeof(struct ho_bridge) == 16, "ho_bridge size");
 #define HO_BRIDGE_SIZE 16
 #define HO_BRIDGE_MIN_SIZE 16	/* as written by format 1.0 */
 #define HO_BRIDGE_OFF_SBDF 0
@@ -467,13 +458,13 @@ HO_STATIC_ASSERT(sizeof(struct ho_bridge) == 16, "ho_bridge size");
 
 /* reserved record, key (start, size, kind, unit) */
 struct ho_reserved {
-	ho_u64 start;        /* +0 physical start */
-	ho_u64 size;        /* +8 bytes */
-	ho_u16 kind;        /* +16 HO_RES_*: ROOT_TABLE 1, CONTEXT_TABLE 2, PASID_DIR 3, PASID_TABLE 4, PAGE_TABLE 5, IR_TABLE 6, PI_DESC 7, INV_QUEUE 8, REGION 9, DMA_BUFFER 10, OTHER 15 */
-	ho_u16 unit;        /* +18 unit index, 0xffff when not tied to a unit */
-	ho_u32 flags;        /* +20 none defined */
+	__u64 start;        /* +0 physical start */
+	__u64 size;        /* +8 bytes */
+	__u16 kind;        /* +16 HO_RES_*: ROOT_TABLE 1, CONTEXT_TABLE 2, PASID_DIR 3, PASID_TABLE 4, PAGE_TABLE 5, IR_TABLE 6, PI_DESC 7, INV_QUEUE 8, REGION 9, DMA_BUFFER 10, OTHER 15 */
+	__u16 unit;        /* +18 unit index, 0xffff when not tied to a unit */
+	__u32 flags;        /* +20 none defined */
 } __attribute__((packed));
-HO_STATIC_ASSERT(sizeof(struct ho_reserved) == 24, "ho_reserved size");
+static_assert(sizeof(struct ho_reserved) == 24, "ho_reserved size");
 #define HO_RESERVED_SIZE 24
 #define HO_RESERVED_MIN_SIZE 24	/* as written by format 1.0 */
 #define HO_RESERVED_OFF_START 0
@@ -483,29 +474,29 @@ HO_STATIC_ASSERT(sizeof(struct ho_reserved) == 24, "ho_reserved size");
 #define HO_RESERVED_OFF_FLAGS 20
 
 /* little-endian accessors (no alignment assumptions) */
-static inline ho_u8 ho_get_le8(const ho_u8 *p)
+static inline __u8 ho_get_le8(const __u8 *p)
 {
-	return (ho_u8)p[0];
+	return (__u8)p[0];
 }
-static inline ho_u16 ho_get_le16(const ho_u8 *p)
+static inline __u16 ho_get_le16(const __u8 *p)
 {
-	return (ho_u16)p[0] | (ho_u16)p[1] << 8;
+	return (__u16)p[0] | (__u16)p[1] << 8;
 }
-static inline ho_u32 ho_get_le32(const ho_u8 *p)
+static inline __u32 ho_get_le32(const __u8 *p)
 {
-	return (ho_u32)p[0] | (ho_u32)p[1] << 8 | (ho_u32)p[2] << 16 | (ho_u32)p[3] << 24;
+	return (__u32)p[0] | (__u32)p[1] << 8 | (__u32)p[2] << 16 | (__u32)p[3] << 24;
 }
-static inline ho_u64 ho_get_le64(const ho_u8 *p)
+static inline __u64 ho_get_le64(const __u8 *p)
 {
-	return (ho_u64)p[0] | (ho_u64)p[1] << 8 | (ho_u64)p[2] << 16 | (ho_u64)p[3] << 24 | (ho_u64)p[4] << 32 | (ho_u64)p[5] << 40 | (ho_u64)p[6] << 48 | (ho_u64)p[7] << 56;
+	return (__u64)p[0] | (__u64)p[1] << 8 | (__u64)p[2] << 16 | (__u64)p[3] << 24 | (__u64)p[4] << 32 | (__u64)p[5] << 40 | (__u64)p[6] << 48 | (__u64)p[7] << 56;
 }
-static inline int ho_cmp_u64(ho_u64 a, ho_u64 b)
+static inline int ho_cmp_u64(__u64 a, __u64 b)
 {
 	return a < b ? -1 : a > b;
 }
 
 /* record order the decoder enforces (strictly increasing by key) */
-static inline int ho_unit_key_cmp(const ho_u8 *a, const ho_u8 *b)
+static inline int ho_unit_key_cmp(const __u8 *a, const __u8 *b)
 {
 	int c;
 	c = ho_cmp_u64(ho_get_le16(a + 0), ho_get_le16(b + 0));
@@ -513,7 +504,7 @@ static inline int ho_unit_key_cmp(const ho_u8 *a, const ho_u8 *b)
 		return c;
 	return 0;
 }
-static inline int ho_domain_key_cmp(const ho_u8 *a, const ho_u8 *b)
+static inline int ho_domain_key_cmp(const __u8 *a, const __u8 *b)
 {
 	int c;
 	c = ho_cmp_u64(ho_get_le16(a + 0), ho_get_le16(b + 0));
@@ -524,7 +515,7 @@ static inline int ho_domain_key_cmp(const ho_u8 *a, const ho_u8 *b)
 		return c;
 	return 0;
 }
-static inline int ho_context_key_cmp(const ho_u8 *a, const ho_u8 *b)
+static inline int ho_context_key_cmp(const __u8 *a, const __u8 *b)
 {
 	int c;
 	c = ho_cmp_u64(ho_get_le16(a + 8), ho_get_le16(b + 8));
@@ -538,12 +529,12 @@ static inline int ho_context_key_cmp(const ho_u8 *a, const ho_u8 *b)
 		return c;
 	return 0;
 }
-static inline int ho_irte_key_cmp(const ho_u8 *a, const ho_u8 *b)
+static inline int ho_irte_key_cmp(const __u8 *a, const __u8 *b)
 {
 	/* IRTE records are ordered by their first 64-bit word: unit << 32 | index (padding zero) */
 	return ho_cmp_u64(ho_get_le64(a), ho_get_le64(b));
 }
-static inline int ho_vector_key_cmp(const ho_u8 *a, const ho_u8 *b)
+static inline int ho_vector_key_cmp(const __u8 *a, const __u8 *b)
 {
 	int c;
 	c = ho_cmp_u64(ho_get_le32(a + 0), ho_get_le32(b + 0));
@@ -557,7 +548,7 @@ static inline int ho_vector_key_cmp(const ho_u8 *a, const ho_u8 *b)
 		return c;
 	return 0;
 }
-static inline int ho_pi_desc_key_cmp(const ho_u8 *a, const ho_u8 *b)
+static inline int ho_pi_desc_key_cmp(const __u8 *a, const __u8 *b)
 {
 	int c;
 	c = ho_cmp_u64(ho_get_le64(a + 0), ho_get_le64(b + 0));
@@ -565,7 +556,7 @@ static inline int ho_pi_desc_key_cmp(const ho_u8 *a, const ho_u8 *b)
 		return c;
 	return 0;
 }
-static inline int ho_bar_key_cmp(const ho_u8 *a, const ho_u8 *b)
+static inline int ho_bar_key_cmp(const __u8 *a, const __u8 *b)
 {
 	int c;
 	c = ho_cmp_u64(ho_get_le32(a + 0), ho_get_le32(b + 0));
@@ -576,7 +567,7 @@ static inline int ho_bar_key_cmp(const ho_u8 *a, const ho_u8 *b)
 		return c;
 	return 0;
 }
-static inline int ho_device_key_cmp(const ho_u8 *a, const ho_u8 *b)
+static inline int ho_device_key_cmp(const __u8 *a, const __u8 *b)
 {
 	int c;
 	c = ho_cmp_u64(ho_get_le32(a + 0), ho_get_le32(b + 0));
@@ -584,7 +575,7 @@ static inline int ho_device_key_cmp(const ho_u8 *a, const ho_u8 *b)
 		return c;
 	return 0;
 }
-static inline int ho_bridge_key_cmp(const ho_u8 *a, const ho_u8 *b)
+static inline int ho_bridge_key_cmp(const __u8 *a, const __u8 *b)
 {
 	int c;
 	c = ho_cmp_u64(ho_get_le32(a + 0), ho_get_le32(b + 0));
@@ -595,7 +586,7 @@ static inline int ho_bridge_key_cmp(const ho_u8 *a, const ho_u8 *b)
 		return c;
 	return 0;
 }
-static inline int ho_reserved_key_cmp(const ho_u8 *a, const ho_u8 *b)
+static inline int ho_reserved_key_cmp(const __u8 *a, const __u8 *b)
 {
 	int c;
 	c = ho_cmp_u64(ho_get_le64(a + 0), ho_get_le64(b + 0));
@@ -617,20 +608,34 @@ static inline int ho_reserved_key_cmp(const ho_u8 *a, const ho_u8 *b)
 static inline int ho_record_size(unsigned int type, int min)
 {
 	switch (type) {
-	case HO_SEC_META: return 0;
-	case HO_SEC_UNIT: return min ? HO_UNIT_MIN_SIZE : HO_UNIT_SIZE;
-	case HO_SEC_DOMAIN: return min ? HO_DOMAIN_MIN_SIZE : HO_DOMAIN_SIZE;
-	case HO_SEC_CONTEXT: return min ? HO_CONTEXT_MIN_SIZE : HO_CONTEXT_SIZE;
-	case HO_SEC_IRTE: return min ? HO_IRTE_MIN_SIZE : HO_IRTE_SIZE;
-	case HO_SEC_VECTOR: return min ? HO_VECTOR_MIN_SIZE : HO_VECTOR_SIZE;
-	case HO_SEC_PI_DESC: return min ? HO_PI_DESC_MIN_SIZE : HO_PI_DESC_SIZE;
-	case HO_SEC_BAR: return min ? HO_BAR_MIN_SIZE : HO_BAR_SIZE;
-	case HO_SEC_DEVICE: return min ? HO_DEVICE_MIN_SIZE : HO_DEVICE_SIZE;
-	case HO_SEC_BRIDGE: return min ? HO_BRIDGE_MIN_SIZE : HO_BRIDGE_SIZE;
-	case HO_SEC_CONFIG: return 0;
-	case HO_SEC_RESERVED: return min ? HO_RESERVED_MIN_SIZE : HO_RESERVED_SIZE;
-	case HO_SEC_PROVENANCE: return 0;
-	default: return -1;
+	case HO_SEC_META:
+		return 0;
+	case HO_SEC_UNIT:
+		return min ? HO_UNIT_MIN_SIZE : HO_UNIT_SIZE;
+	case HO_SEC_DOMAIN:
+		return min ? HO_DOMAIN_MIN_SIZE : HO_DOMAIN_SIZE;
+	case HO_SEC_CONTEXT:
+		return min ? HO_CONTEXT_MIN_SIZE : HO_CONTEXT_SIZE;
+	case HO_SEC_IRTE:
+		return min ? HO_IRTE_MIN_SIZE : HO_IRTE_SIZE;
+	case HO_SEC_VECTOR:
+		return min ? HO_VECTOR_MIN_SIZE : HO_VECTOR_SIZE;
+	case HO_SEC_PI_DESC:
+		return min ? HO_PI_DESC_MIN_SIZE : HO_PI_DESC_SIZE;
+	case HO_SEC_BAR:
+		return min ? HO_BAR_MIN_SIZE : HO_BAR_SIZE;
+	case HO_SEC_DEVICE:
+		return min ? HO_DEVICE_MIN_SIZE : HO_DEVICE_SIZE;
+	case HO_SEC_BRIDGE:
+		return min ? HO_BRIDGE_MIN_SIZE : HO_BRIDGE_SIZE;
+	case HO_SEC_CONFIG:
+		return 0;
+	case HO_SEC_RESERVED:
+		return min ? HO_RESERVED_MIN_SIZE : HO_RESERVED_SIZE;
+	case HO_SEC_PROVENANCE:
+		return 0;
+	default:
+		return -1;
 	}
 }
 

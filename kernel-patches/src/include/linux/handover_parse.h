@@ -11,23 +11,24 @@
 #define _HANDOVER_PARSE_H
 
 #include "handover_format.h"
+#include "handover_region.h"
 
 struct ho_section {
-	ho_u16 type;
-	ho_u16 version;
-	ho_u32 flags;
-	ho_u64 offset;
-	ho_u64 length;
-	ho_u32 count;
-	ho_u32 record_size;
+	__u16 type;
+	__u16 version;
+	__u32 flags;
+	__u64 offset;
+	__u64 length;
+	__u32 count;
+	__u32 record_size;
 };
 
 struct ho_view {
-	const ho_u8 *blob;
-	ho_u64 size;
-	ho_u16 major, minor;
-	ho_u64 generation;
-	ho_u32 nsections;
+	const __u8 *blob;
+	__u64 size;
+	__u16 major, minor;
+	__u64 generation;
+	__u32 nsections;
 	struct ho_section sec[HO_MAX_SECTIONS];
 };
 
@@ -35,15 +36,15 @@ struct ho_view {
  * Validate @blob of @size bytes. Returns HO_OK (0) and fills @v, or an enum ho_error
  * and sets *@err_off to the byte offset the error refers to.
  */
-int ho_parse(const void *blob, ho_u64 size, struct ho_view *v, ho_u64 *err_off);
+int ho_parse(const void *blob, __u64 size, struct ho_view *v, __u64 *err_off);
 
 /* The section of @type, or NULL. */
 const struct ho_section *ho_find_section(const struct ho_view *v, unsigned int type);
 
 /* Record @i of section @s (caller checks i < s->count). */
-static inline const ho_u8 *ho_record(const struct ho_view *v, const struct ho_section *s, ho_u32 i)
+static inline const __u8 *ho_record(const struct ho_view *v, const struct ho_section *s, __u32 i)
 {
-	return v->blob + s->offset + (ho_u64)i * s->record_size;
+	return v->blob + s->offset + (__u64)i * s->record_size;
 }
 
 const char *ho_strerror(int err);
@@ -55,14 +56,29 @@ const char *ho_strerror(int err);
  * page). Calls @fn(ctx, start, size, kind) for each usable range; returns how many were
  * skipped (zero size, or wrapping past the top of the address space).
  */
-ho_u32 ho_preserved_ranges(const struct ho_view *v,
-			   void (*fn)(void *ctx, ho_u64 start, ho_u64 size, unsigned int kind),
+__u32 ho_preserved_ranges(const struct ho_view *v,
+			   void (*fn)(void *ctx, __u64 start, __u64 size, unsigned int kind),
 			   void *ctx);
 
+/* A slot descriptor of a persistent-memory region header copy (handover_region.h). */
+struct ho_region_slot {
+	__u64 offset, capacity, generation, length;
+	__u32 crc;
+};
+
+/*
+ * The non-empty slots of the region header copy @hdr (HO_REGION_HDR_SIZE bytes) of a
+ * region of @region_size bytes, whose blob of at most HO_MAX_BLOB_SIZE bytes lies inside
+ * the region: stored in @out, their number returned (0 to HO_REGION_SLOTS), or -1 when
+ * the copy itself is not valid (magic, layout major, header size, CRC, region size).
+ */
+int ho_region_slots(const __u8 *hdr, __u64 region_size,
+		    struct ho_region_slot out[HO_REGION_SLOTS]);
+
 /* CRC32C of @len bytes continuing @crc (0 to start), as zlib-style crc32 functions do. */
-ho_u32 ho_crc32c(ho_u32 crc, const void *data, ho_u64 len);
+__u32 ho_crc32c(__u32 crc, const void *data, __u64 len);
 
 /* 0 when @data is the strict msgpack map META/PROVENANCE hold; else an offset + 1. */
-ho_u64 ho_msgpack_check(const ho_u8 *data, ho_u64 len);
+__u64 ho_msgpack_check(const __u8 *data, __u64 len);
 
 #endif /* _HANDOVER_PARSE_H */

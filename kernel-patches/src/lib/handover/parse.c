@@ -32,20 +32,20 @@ const char *ho_strerror(int err)
 
 /* ---- CRC32C ------------------------------------------------------------------------ */
 #ifdef __KERNEL__
-ho_u32 ho_crc32c(ho_u32 crc, const void *data, ho_u64 len)
+__u32 ho_crc32c(__u32 crc, const void *data, __u64 len)
 {
 	return ~__crc32c_le(~crc, data, len);
 }
 #else
-static const ho_u32 ho_crc_nibble[16] = {
+static const __u32 ho_crc_nibble[16] = {
 	0x00000000, 0x105ec76f, 0x20bd8ede, 0x30e349b1, 0x417b1dbc, 0x5125dad3,
 	0x61c69362, 0x7198540d, 0x82f63b78, 0x92a8fc17, 0xa24bb5a6, 0xb21572c9,
 	0xc38d26c4, 0xd3d3e1ab, 0xe330a81a, 0xf36e6f75,
 };
 
-ho_u32 ho_crc32c(ho_u32 crc, const void *data, ho_u64 len)
+__u32 ho_crc32c(__u32 crc, const void *data, __u64 len)
 {
-	const ho_u8 *p = data;
+	const __u8 *p = data;
 
 	crc = ~crc;
 	while (len--) {
@@ -57,15 +57,15 @@ ho_u32 ho_crc32c(ho_u32 crc, const void *data, ho_u64 len)
 }
 #endif
 
-static int ho_memeq(const ho_u8 *a, const char *b, ho_u64 n)
+static int ho_memeq(const __u8 *a, const char *b, __u64 n)
 {
 	while (n--)
-		if (*a++ != (ho_u8)*b++)
+		if (*a++ != (__u8)*b++)
 			return 0;
 	return 1;
 }
 
-static int ho_all_zero(const ho_u8 *p, ho_u64 n)
+static int ho_all_zero(const __u8 *p, __u64 n)
 {
 	while (n--)
 		if (*p++)
@@ -73,20 +73,20 @@ static int ho_all_zero(const ho_u8 *p, ho_u64 n)
 	return 1;
 }
 
-static ho_u64 ho_align(ho_u64 n)
+static __u64 ho_align(__u64 n)
 {
-	return (n + HO_SECTION_ALIGN - 1) & ~(ho_u64)(HO_SECTION_ALIGN - 1);
+	return (n + HO_SECTION_ALIGN - 1) & ~(__u64)(HO_SECTION_ALIGN - 1);
 }
 
 /* ---- strict msgpack (handover/formats/mpcheck.py) ----------------------------------- */
-static int ho_utf8_ok(const ho_u8 *s, ho_u64 n)
+static int ho_utf8_ok(const __u8 *s, __u64 n)
 {
-	ho_u64 i = 0;
+	__u64 i = 0;
 
 	while (i < n) {
-		ho_u8 c = s[i];
-		ho_u64 need;
-		ho_u8 lo = 0x80, hi = 0xbf;
+		__u8 c = s[i];
+		__u64 need;
+		__u8 lo = 0x80, hi = 0xbf;
 
 		if (c < 0x80) {
 			i++;
@@ -112,7 +112,7 @@ static int ho_utf8_ok(const ho_u8 *s, ho_u64 n)
 			return 0;
 		if (s[i + 1] < lo || s[i + 1] > hi)
 			return 0;
-		for (ho_u64 k = 2; k <= need; k++)
+		for (__u64 k = 2; k <= need; k++)
 			if (s[i + k] < 0x80 || s[i + k] > 0xbf)
 				return 0;
 		i += need + 1;
@@ -120,25 +120,25 @@ static int ho_utf8_ok(const ho_u8 *s, ho_u64 n)
 	return 1;
 }
 
-static ho_u64 ho_be(const ho_u8 *p, int w)
+static __u64 ho_be(const __u8 *p, int w)
 {
-	ho_u64 v = 0;
+	__u64 v = 0;
 
 	for (int i = 0; i < w; i++)
 		v = v << 8 | p[i];
 	return v;
 }
 
-ho_u64 ho_msgpack_check(const ho_u8 *d, ho_u64 n)
+__u64 ho_msgpack_check(const __u8 *d, __u64 n)
 {
-	struct { ho_u64 remaining; int is_map; ho_u64 seen; } st[HO_MSGPACK_MAX_DEPTH];
+	struct { __u64 remaining; int is_map; __u64 seen; } st[HO_MSGPACK_MAX_DEPTH];
 	int depth = 0, first = 1;
-	ho_u64 pos = 0;
+	__u64 pos = 0;
 
 	for (;;) {
-		ho_u64 start, count = 0, w, ln;
+		__u64 start, count = 0, w, ln;
 		int container = 0, cmap = 0, is_key;
-		ho_u8 t;
+		__u8 t;
 
 		if (!first && depth == 0)
 			break;
@@ -160,7 +160,7 @@ ho_u64 ho_msgpack_check(const ho_u8 *d, ho_u64 n)
 				return start + 1;
 			pos += ln;
 		} else if (t == 0xc0 || t == 0xc2 || t == 0xc3 || (t >= 0xca && t <= 0xd3)) {
-			static const ho_u8 width[] = { [0xca - 0xca] = 4, 8, 1, 2, 4, 8, 1, 2, 4, 8 };
+			static const __u8 width[] = { [0xca - 0xca] = 4, 8, 1, 2, 4, 8, 1, 2, 4, 8 };
 
 			w = (t < 0xca) ? 0 : width[t - 0xca];
 			if (w > n - pos)
@@ -202,7 +202,7 @@ ho_u64 ho_msgpack_check(const ho_u8 *d, ho_u64 n)
 			st[depth - 1].seen++;
 		}
 		if (container) {
-			ho_u64 items = cmap ? count * 2 : count;
+			__u64 items = cmap ? count * 2 : count;
 
 			if (items > n - pos)
 				return start + 1;
@@ -226,15 +226,20 @@ ho_u64 ho_msgpack_check(const ho_u8 *d, ho_u64 n)
 /* ---- the blob ------------------------------------------------------------------------ */
 const struct ho_section *ho_find_section(const struct ho_view *v, unsigned int type)
 {
-	for (ho_u32 i = 0; i < v->nsections; i++)
+	for (__u32 i = 0; i < v->nsections; i++)
 		if (v->sec[i].type == type)
 			return &v->sec[i];
 	return 0;
 }
 
-#define FAIL(code, off) do { *err_off = (off); return (code); } while (0)
+/* record where a check failed; returns @code for the caller to return */
+static int ho_fail(__u64 *err_off, __u64 off, int code)
+{
+	*err_off = off;
+	return code;
+}
 
-static int ho_key_cmp(unsigned int type, const ho_u8 *a, const ho_u8 *b)
+static int ho_key_cmp(unsigned int type, const __u8 *a, const __u8 *b)
 {
 	switch (type) {
 	case HO_SEC_UNIT: return ho_unit_key_cmp(a, b);
@@ -252,13 +257,13 @@ static int ho_key_cmp(unsigned int type, const ho_u8 *a, const ho_u8 *b)
 }
 
 /* index of the UNIT record whose unit == u (units are strictly increasing), or -1 */
-static long ho_unit_find(const struct ho_view *v, const struct ho_section *us, ho_u64 u)
+static long ho_unit_find(const struct ho_view *v, const struct ho_section *us, __u64 u)
 {
-	ho_u64 lo = 0, hi = us ? us->count : 0;
+	__u64 lo = 0, hi = us ? us->count : 0;
 
 	while (lo < hi) {
-		ho_u64 mid = lo + (hi - lo) / 2;
-		ho_u64 m = ho_get_le16(ho_record(v, us, (ho_u32)mid) + HO_UNIT_OFF_UNIT);
+		__u64 mid = lo + (hi - lo) / 2;
+		__u64 m = ho_get_le16(ho_record(v, us, (__u32)mid) + HO_UNIT_OFF_UNIT);
 
 		if (m == u)
 			return (long)mid;
@@ -271,14 +276,14 @@ static long ho_unit_find(const struct ho_view *v, const struct ho_section *us, h
 }
 
 /* first IRTE record whose word 0 >= key */
-static ho_u64 ho_irte_lower(const struct ho_view *v, const struct ho_section *s, ho_u64 key)
+static __u64 ho_irte_lower(const struct ho_view *v, const struct ho_section *s, __u64 key)
 {
-	ho_u64 lo = 0, hi = s->count;
+	__u64 lo = 0, hi = s->count;
 
 	while (lo < hi) {
-		ho_u64 mid = lo + (hi - lo) / 2;
+		__u64 mid = lo + (hi - lo) / 2;
 
-		if (ho_get_le64(ho_record(v, s, (ho_u32)mid)) < key)
+		if (ho_get_le64(ho_record(v, s, (__u32)mid)) < key)
 			lo = mid + 1;
 		else
 			hi = mid;
@@ -286,7 +291,7 @@ static ho_u64 ho_irte_lower(const struct ho_view *v, const struct ho_section *s,
 	return lo;
 }
 
-static int ho_check_state(const struct ho_view *v, ho_u64 *err_off)
+static int ho_check_state(const struct ho_view *v, __u64 *err_off)
 {
 	const struct ho_section *us = ho_find_section(v, HO_SEC_UNIT);
 	const struct ho_section *s;
@@ -300,36 +305,36 @@ static int ho_check_state(const struct ho_view *v, ho_u64 *err_off)
 		s = ho_find_section(v, order[k]);
 		if (!s || s->count < 2)
 			continue;
-		for (ho_u32 i = 1; i < s->count; i++)
+		for (__u32 i = 1; i < s->count; i++)
 			if (ho_key_cmp(s->type, ho_record(v, s, i - 1), ho_record(v, s, i)) >= 0)
-				FAIL(HO_E_ORDER, s->offset + (ho_u64)i * s->record_size);
+				return ho_fail(err_off, s->offset + (__u64)i * s->record_size, HO_E_ORDER);
 	}
 
 	/* IRTEs: a run per unit, indices inside the unit's table, no unknown unit */
 	s = ho_find_section(v, HO_SEC_IRTE);
 	if (s && s->count) {
-		ho_u64 found = 0;
+		__u64 found = 0;
 
-		for (ho_u32 j = 0; us && j < us->count; j++) {
-			const ho_u8 *ur = ho_record(v, us, j);
-			ho_u64 u = ho_get_le16(ur + HO_UNIT_OFF_UNIT);
-			ho_u64 irta = ho_get_le64(ur + HO_UNIT_OFF_IRTA);
-			ho_u64 lo = ho_irte_lower(v, s, u << 32);
-			ho_u64 hi = ho_irte_lower(v, s, (u + 1) << 32);
+		for (__u32 j = 0; us && j < us->count; j++) {
+			const __u8 *ur = ho_record(v, us, j);
+			__u64 u = ho_get_le16(ur + HO_UNIT_OFF_UNIT);
+			__u64 irta = ho_get_le64(ur + HO_UNIT_OFF_IRTA);
+			__u64 lo = ho_irte_lower(v, s, u << 32);
+			__u64 hi = ho_irte_lower(v, s, (u + 1) << 32);
 
 			found += hi - lo;
 			if (hi > lo && irta) {
-				ho_u64 max = 1ULL << ((irta & 0xf) + 1);
-				ho_u64 last = ho_get_le64(ho_record(v, s, (ho_u32)(hi - 1))) & 0xffffffffULL;
+				__u64 max = 1ULL << ((irta & 0xf) + 1);
+				__u64 last = ho_get_le64(ho_record(v, s, (__u32)(hi - 1))) & 0xffffffffULL;
 
 				if (last >= max)
-					FAIL(HO_E_IRTE_INDEX, s->offset + (hi - 1) * s->record_size);
+					return ho_fail(err_off, s->offset + (hi - 1) * s->record_size, HO_E_IRTE_INDEX);
 			}
 		}
 		if (found != s->count) {
-			for (ho_u32 j = 0; j < s->count; j++)
+			for (__u32 j = 0; j < s->count; j++)
 				if (ho_unit_find(v, us, ho_get_le64(ho_record(v, s, j)) >> 32) < 0)
-					FAIL(HO_E_UNIT_REF, s->offset + (ho_u64)j * s->record_size);
+					return ho_fail(err_off, s->offset + (__u64)j * s->record_size, HO_E_UNIT_REF);
 		}
 	}
 
@@ -344,13 +349,13 @@ static int ho_check_state(const struct ho_view *v, ho_u64 *err_off)
 
 		for (unsigned int k = 0; k < sizeof(refs) / sizeof(refs[0]); k++) {
 			s = ho_find_section(v, refs[k].type);
-			for (ho_u32 j = 0; s && j < s->count; j++) {
-				ho_u64 u = ho_get_le16(ho_record(v, s, j) + refs[k].off);
+			for (__u32 j = 0; s && j < s->count; j++) {
+				__u64 u = ho_get_le16(ho_record(v, s, j) + refs[k].off);
 
 				if (refs[k].none_ok && u == HO_NONE16)
 					continue;
 				if (ho_unit_find(v, us, u) < 0)
-					FAIL(HO_E_UNIT_REF, s->offset + (ho_u64)j * s->record_size);
+					return ho_fail(err_off, s->offset + (__u64)j * s->record_size, HO_E_UNIT_REF);
 			}
 		}
 	}
@@ -359,25 +364,25 @@ static int ho_check_state(const struct ho_view *v, ho_u64 *err_off)
 	s = ho_find_section(v, HO_SEC_DEVICE);
 	if (s && s->count) {
 		const struct ho_section *cs = ho_find_section(v, HO_SEC_CONFIG);
-		ho_u64 clen = cs ? cs->length : 0;
+		__u64 clen = cs ? cs->length : 0;
 
-		for (ho_u32 j = 0; j < s->count; j++) {
-			const ho_u8 *r = ho_record(v, s, j);
-			ho_u64 off = ho_get_le32(r + HO_DEVICE_OFF_CONFIG_OFFSET);
-			ho_u64 len = ho_get_le32(r + HO_DEVICE_OFF_CONFIG_LEN);
+		for (__u32 j = 0; j < s->count; j++) {
+			const __u8 *r = ho_record(v, s, j);
+			__u64 off = ho_get_le32(r + HO_DEVICE_OFF_CONFIG_OFFSET);
+			__u64 len = ho_get_le32(r + HO_DEVICE_OFF_CONFIG_LEN);
 
 			if (off + len > clen)
-				FAIL(HO_E_CONFIG, s->offset + (ho_u64)j * s->record_size);
+				return ho_fail(err_off, s->offset + (__u64)j * s->record_size, HO_E_CONFIG);
 		}
 	}
 	return HO_OK;
 }
 
-int ho_parse(const void *blob, ho_u64 n, struct ho_view *v, ho_u64 *err_off)
+int ho_parse(const void *blob, __u64 n, struct ho_view *v, __u64 *err_off)
 {
-	const ho_u8 *b = blob;
-	ho_u64 header_size, total, expect;
-	ho_u32 count, stored, calc;
+	const __u8 *b = blob;
+	__u64 header_size, total, expect;
+	__u32 count, stored, calc;
 	int rc;
 
 	*err_off = 0;
@@ -386,18 +391,18 @@ int ho_parse(const void *blob, ho_u64 n, struct ho_view *v, ho_u64 *err_off)
 	v->nsections = 0;
 	/* header (read_header) */
 	if (n == 0)
-		FAIL(HO_E_NOSTATE, 0);
+		return ho_fail(err_off, 0, HO_E_NOSTATE);
 	if (n < HO_MAGIC_LEN || !ho_memeq(b, HO_MAGIC, HO_MAGIC_LEN)) {
-		ho_u64 head = n < HO_NOSTATE_PROBE ? n : HO_NOSTATE_PROBE;
+		__u64 head = n < HO_NOSTATE_PROBE ? n : HO_NOSTATE_PROBE;
 
 		if (ho_all_zero(b, head))
-			FAIL(HO_E_NOSTATE, 0);
+			return ho_fail(err_off, 0, HO_E_NOSTATE);
 		if (n < HO_MAGIC_LEN && ho_memeq(b, HO_MAGIC, n))
-			FAIL(HO_E_TRUNCATED, n);
-		FAIL(HO_E_MAGIC, 0);
+			return ho_fail(err_off, n, HO_E_TRUNCATED);
+		return ho_fail(err_off, 0, HO_E_MAGIC);
 	}
 	if (n < HO_HEADER_SIZE)
-		FAIL(HO_E_TRUNCATED, n);
+		return ho_fail(err_off, n, HO_E_TRUNCATED);
 	v->major = ho_get_le16(b + HO_HDR_OFF_MAJOR);
 	v->minor = ho_get_le16(b + HO_HDR_OFF_MINOR);
 	header_size = ho_get_le32(b + HO_HDR_OFF_HEADER_SIZE);
@@ -406,32 +411,32 @@ int ho_parse(const void *blob, ho_u64 n, struct ho_view *v, ho_u64 *err_off)
 	v->generation = ho_get_le64(b + HO_HDR_OFF_GENERATION);
 	stored = ho_get_le32(b + HO_HDR_OFF_HEADER_CRC);
 	if (v->major != HO_READ_MAJOR)
-		FAIL(HO_E_VERSION, HO_HDR_OFF_MAJOR);
+		return ho_fail(err_off, HO_HDR_OFF_MAJOR, HO_E_VERSION);
 	if (count > HO_MAX_SECTIONS)
-		FAIL(HO_E_SECTION_COUNT, HO_HDR_OFF_SECTION_COUNT);
-	if (header_size != HO_HEADER_SIZE + (ho_u64)HO_SECTION_ENTRY_SIZE * count)
-		FAIL(HO_E_HEADER_SIZE, HO_HDR_OFF_HEADER_SIZE);
+		return ho_fail(err_off, HO_HDR_OFF_SECTION_COUNT, HO_E_SECTION_COUNT);
+	if (header_size != HO_HEADER_SIZE + (__u64)HO_SECTION_ENTRY_SIZE * count)
+		return ho_fail(err_off, HO_HDR_OFF_HEADER_SIZE, HO_E_HEADER_SIZE);
 	if (n < header_size)
-		FAIL(HO_E_TRUNCATED, n);
+		return ho_fail(err_off, n, HO_E_TRUNCATED);
 	calc = ho_crc32c(ho_crc32c(0, b, HO_HEADER_CRC_OFFSET), b + HO_HEADER_SIZE,
 			 header_size - HO_HEADER_SIZE);
 	if (calc != stored && !HO_IGNORE_CRC)
-		FAIL(HO_E_HEADER_CRC, HO_HDR_OFF_HEADER_CRC);
+		return ho_fail(err_off, HO_HDR_OFF_HEADER_CRC, HO_E_HEADER_CRC);
 	if (total > HO_MAX_BLOB_SIZE)
-		FAIL(HO_E_TOTAL_SIZE, HO_HDR_OFF_TOTAL_SIZE);
+		return ho_fail(err_off, HO_HDR_OFF_TOTAL_SIZE, HO_E_TOTAL_SIZE);
 	if (total > n)
-		FAIL(HO_E_TRUNCATED, n);
+		return ho_fail(err_off, n, HO_E_TRUNCATED);
 	if (total < n)
-		FAIL(HO_E_TRAILING, total);
+		return ho_fail(err_off, total, HO_E_TRAILING);
 
 	/* section table and section CRCs (read_sections) */
 	expect = ho_align(header_size);
 	if (!ho_all_zero(b + header_size, expect - header_size))
-		FAIL(HO_E_PADDING, header_size);
-	for (ho_u32 i = 0; i < count; i++) {
-		const ho_u8 *e = b + HO_HEADER_SIZE + (ho_u64)i * HO_SECTION_ENTRY_SIZE;
+		return ho_fail(err_off, header_size, HO_E_PADDING);
+	for (__u32 i = 0; i < count; i++) {
+		const __u8 *e = b + HO_HEADER_SIZE + (__u64)i * HO_SECTION_ENTRY_SIZE;
 		struct ho_section *s = &v->sec[i];
-		ho_u64 end, nxt;
+		__u64 end, nxt;
 		int last = i + 1 == count;
 
 		s->type = ho_get_le16(e + HO_SEC_OFF_TYPE);
@@ -442,77 +447,77 @@ int ho_parse(const void *blob, ho_u64 n, struct ho_view *v, ho_u64 *err_off)
 		s->count = ho_get_le32(e + HO_SEC_OFF_COUNT);
 		s->record_size = ho_get_le32(e + HO_SEC_OFF_RECORD_SIZE);
 		if (s->offset != expect)
-			FAIL(HO_E_SECTION_OFFSET, (ho_u64)(e - b) + HO_SEC_OFF_OFFSET);
+			return ho_fail(err_off, (__u64)(e - b) + HO_SEC_OFF_OFFSET, HO_E_SECTION_OFFSET);
 		if (s->length > total - s->offset)
-			FAIL(HO_E_SECTION_LENGTH, (ho_u64)(e - b) + HO_SEC_OFF_LENGTH);
-		for (ho_u32 k = 0; k < i; k++)
+			return ho_fail(err_off, (__u64)(e - b) + HO_SEC_OFF_LENGTH, HO_E_SECTION_LENGTH);
+		for (__u32 k = 0; k < i; k++)
 			if (v->sec[k].type == s->type)
-				FAIL(HO_E_SECTION_DUP, (ho_u64)(e - b));
+				return ho_fail(err_off, (__u64)(e - b), HO_E_SECTION_DUP);
 		end = s->offset + s->length;
 		nxt = last ? end : ho_align(end);
 		if (last && end != total)
-			FAIL(HO_E_SECTION_END, end);
+			return ho_fail(err_off, end, HO_E_SECTION_END);
 		if (nxt > total)
-			FAIL(HO_E_SECTION_END, end);
+			return ho_fail(err_off, end, HO_E_SECTION_END);
 		if (!ho_all_zero(b + end, nxt - end))
-			FAIL(HO_E_PADDING, end);
+			return ho_fail(err_off, end, HO_E_PADDING);
 		if (ho_crc32c(0, b + s->offset, s->length) != ho_get_le32(e + HO_SEC_OFF_CRC) &&
 		    !HO_IGNORE_CRC)
-			FAIL(HO_E_SECTION_CRC, s->offset);
+			return ho_fail(err_off, s->offset, HO_E_SECTION_CRC);
 		v->nsections = i + 1;
 		expect = nxt;
 	}
 	if (count == 0 && total != header_size)
-		FAIL(HO_E_SECTION_END, header_size);
+		return ho_fail(err_off, header_size, HO_E_SECTION_END);
 
 	/* per-section structure (decode) */
-	for (ho_u32 i = 0; i < count; i++) {
+	for (__u32 i = 0; i < count; i++) {
 		const struct ho_section *s = &v->sec[i];
 		int rsize = ho_record_size(s->type, 0), min = ho_record_size(s->type, 1);
 
 		if (rsize < 0) {	/* unknown type */
 			if (s->flags & HO_SEC_F_REQUIRED)
-				FAIL(HO_E_REQUIRED, s->offset);
+				return ho_fail(err_off, s->offset, HO_E_REQUIRED);
 			/* records of a newer minor must still tile the section: ho_record() stays in bounds */
 			if ((s->count || s->record_size) &&
-			    (ho_u64)s->count * s->record_size != s->length)
-				FAIL(HO_E_RECORD_COUNT, s->offset);
+			    (__u64)s->count * s->record_size != s->length)
+				return ho_fail(err_off, s->offset, HO_E_RECORD_COUNT);
 			continue;
 		}
 		if (rsize == 0) {	/* byte section */
 			if (s->count || s->record_size)
-				FAIL(HO_E_BYTE_SECTION, s->offset);
+				return ho_fail(err_off, s->offset, HO_E_BYTE_SECTION);
 			if (s->type == HO_SEC_META || s->type == HO_SEC_PROVENANCE) {
-				ho_u64 bad = ho_msgpack_check(b + s->offset, s->length);
+				__u64 bad = ho_msgpack_check(b + s->offset, s->length);
 
 				if (bad)
-					FAIL(HO_E_MSGPACK, s->offset + bad - 1);
+					return ho_fail(err_off, s->offset + bad - 1, HO_E_MSGPACK);
 			}
 			continue;
 		}
-		if (s->record_size < (ho_u32)min)
-			FAIL(HO_E_RECORD_SIZE, s->offset);
-		if ((ho_u64)s->count * s->record_size != s->length)
-			FAIL(HO_E_RECORD_COUNT, s->offset);
+		if (s->record_size < (__u32)min)
+			return ho_fail(err_off, s->offset, HO_E_RECORD_SIZE);
+		if ((__u64)s->count * s->record_size != s->length)
+			return ho_fail(err_off, s->offset, HO_E_RECORD_COUNT);
 		if ((s->flags & HO_SEC_F_ABSENT) && s->count)
-			FAIL(HO_E_ABSENT, s->offset);
+			return ho_fail(err_off, s->offset, HO_E_ABSENT);
 	}
 	rc = ho_check_state(v, err_off);
 	return rc;
 }
 
-ho_u32 ho_preserved_ranges(const struct ho_view *v,
-			   void (*fn)(void *ctx, ho_u64 start, ho_u64 size, unsigned int kind),
+__u32 ho_preserved_ranges(const struct ho_view *v,
+			   void (*fn)(void *ctx, __u64 start, __u64 size, unsigned int kind),
 			   void *ctx)
 {
 	const struct ho_section *rs = ho_find_section(v, HO_SEC_RESERVED);
 	const struct ho_section *ps = ho_find_section(v, HO_SEC_PI_DESC);
-	ho_u32 skipped = 0;
+	__u32 skipped = 0;
 
-	for (ho_u32 i = 0; rs && i < rs->count; i++) {
-		const ho_u8 *r = ho_record(v, rs, i);
-		ho_u64 start = ho_get_le64(r + HO_RESERVED_OFF_START);
-		ho_u64 size = ho_get_le64(r + HO_RESERVED_OFF_SIZE);
+	for (__u32 i = 0; rs && i < rs->count; i++) {
+		const __u8 *r = ho_record(v, rs, i);
+		__u64 start = ho_get_le64(r + HO_RESERVED_OFF_START);
+		__u64 size = ho_get_le64(r + HO_RESERVED_OFF_SIZE);
 
 		if (!size || start + size < start) {
 			skipped++;
@@ -520,8 +525,8 @@ ho_u32 ho_preserved_ranges(const struct ho_view *v,
 		}
 		fn(ctx, start, size, ho_get_le16(r + HO_RESERVED_OFF_KIND));
 	}
-	for (ho_u32 i = 0; ps && i < ps->count; i++) {
-		ho_u64 phys = ho_get_le64(ho_record(v, ps, i) + HO_PI_DESC_OFF_PHYS);
+	for (__u32 i = 0; ps && i < ps->count; i++) {
+		__u64 phys = ho_get_le64(ho_record(v, ps, i) + HO_PI_DESC_OFF_PHYS);
 
 		if (phys > ~0ULL - 4096) {
 			skipped++;
@@ -530,4 +535,34 @@ ho_u32 ho_preserved_ranges(const struct ho_view *v,
 		fn(ctx, phys & ~0xfffULL, 4096, HO_RES_PI_DESC);
 	}
 	return skipped;
+}
+
+/* ---- the region header (handover_region.h) ---------------------------------------- */
+int ho_region_slots(const __u8 *hdr, __u64 region_size,
+		    struct ho_region_slot out[HO_REGION_SLOTS])
+{
+	int n = 0;
+
+	if (!ho_memeq(hdr + HO_REGION_HDR_OFF_MAGIC, HO_REGION_MAGIC, HO_REGION_MAGIC_LEN) ||
+	    ho_get_le16(hdr + HO_REGION_HDR_OFF_LAYOUT_MAJOR) != HO_REGION_LAYOUT_MAJOR ||
+	    ho_get_le32(hdr + HO_REGION_HDR_OFF_HEADER_SIZE) != HO_REGION_HDR_SIZE ||
+	    ho_crc32c(0, hdr, HO_REGION_HDR_CRC_LEN) !=
+	    ho_get_le32(hdr + HO_REGION_HDR_OFF_HDR_CRC) ||
+	    ho_get_le64(hdr + HO_REGION_HDR_OFF_REGION_SIZE) > region_size)
+		return -1;
+	for (int i = 0; i < HO_REGION_SLOTS; i++) {
+		const __u8 *d = hdr + HO_REGION_HDR_OFF_SLOT + i * HO_REGION_SLOT_SIZE;
+		struct ho_region_slot s = {
+			.offset = ho_get_le64(d + HO_REGION_SLOT_OFF_OFFSET),
+			.capacity = ho_get_le64(d + HO_REGION_SLOT_OFF_CAPACITY),
+			.generation = ho_get_le64(d + HO_REGION_SLOT_OFF_GENERATION),
+			.length = ho_get_le64(d + HO_REGION_SLOT_OFF_LENGTH),
+			.crc = ho_get_le32(d + HO_REGION_SLOT_OFF_CRC),
+		};
+
+		if (s.generation && s.length <= s.capacity && s.offset <= region_size &&
+		    s.length <= region_size - s.offset && s.length <= HO_MAX_BLOB_SIZE)
+			out[n++] = s;
+	}
+	return n;
 }

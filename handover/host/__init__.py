@@ -11,9 +11,11 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from .base import REGISTRY, Host, Irq, PciDev, Source, Sysroot, Unit, register
+from .base import (REGISTRY, ContextEntry, Host, Irq, PciDev, Source, Sysroot, Unit, Vector,
+                   register)
 
-__all__ = ["REGISTRY", "Host", "Irq", "PciDev", "Source", "Sysroot", "Unit", "register",
+__all__ = ["REGISTRY", "ContextEntry", "Host", "Irq", "PciDev", "Source", "Sysroot", "Unit",
+           "Vector", "register",
            "all_sources", "read_host"]
 
 _LOADED = False

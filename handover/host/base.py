@@ -209,6 +209,37 @@ def errno_text(e: OSError) -> str:
 
 
 @dataclass
+class Vector:
+    """One MSI/MSI-X vector of a device, as the host shows it."""
+
+    kind: int                      # formats.enums VEC_MSI / VEC_MSIX
+    vector: int                    # index within the capability
+    irq: int                       # Linux irq (0: not allocated)
+    unit: int | None               # seq of the covering IOMMU unit
+    enabled: bool = True
+    masked: bool | None = None     # None: not readable
+    remapped: bool | None = None   # the message is in remappable format; None: not readable
+    irte_index: int | None = None  # IRTE handle (+ sub-handle) when remapped
+    sub_handle: int | None = None
+
+
+@dataclass
+class ContextEntry:
+    """One row of debugfs dmar_translation_struct: a device's root/context (and PASID) entry."""
+
+    bus: int
+    devfn: int
+    root_lo: int
+    root_hi: int
+    lo: int
+    hi: int
+    pasid: int | None = None       # None: legacy mode (no PASID table)
+    pasid_val0: int = 0
+    pasid_val1: int = 0
+    pasid_val2: int = 0
+
+
+@dataclass
 class Unit:
     name: str                      # "dmar0"
     seq: int                       # the kernel's seq_id (N of dmarN)
@@ -223,7 +254,7 @@ class Unit:
     ir_enabled_source: str = ""
     dma_enabled: bool | None = None                # TES
     irtes: dict | None = None                      # index -> (lo, hi); None = not readable
-    contexts: list | None = None                   # dicts; None = not readable
+    contexts: list | None = None                   # [ContextEntry]; None = not readable
 
     def status_from_gsts(self, source: str) -> None:
         """TES (bit 31) and IRES (bit 25) of a GSTS value in regs."""
@@ -259,7 +290,7 @@ class PciDev:
     msix_entries: list | None = None                # [(addr_lo, addr_hi, data, ctrl)]
     msix_reason: str = ""
     domain: dict | None = None                      # debugfs domain_translation_struct
-    vectors: list = field(default_factory=list)     # dicts: kind vector irq irte_index ...
+    vectors: list = field(default_factory=list)     # [Vector]
 
 
 @dataclass

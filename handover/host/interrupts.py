@@ -13,7 +13,7 @@ import re
 import struct
 
 from ..formats import enums as E
-from .base import Host, Irq, PciDev, Source, errno_text, register
+from .base import Host, Irq, PciDev, Source, Vector, errno_text, register
 
 PROC_INTERRUPTS = "/proc/interrupts"
 SYS_IRQ = "/sys/kernel/irq"
@@ -153,12 +153,11 @@ class InterruptsSource(Source):
             dec = decode_remappable(msi["addr_lo"], msi["data"])
             for i in range(n):
                 irq = by_kind["msi"][i] if i < len(by_kind["msi"]) else 0
-                v = {"kind": E.VEC_MSI, "vector": i, "irq": irq, "unit": unit.seq if unit else None,
-                     "masked": bool(msi["mask"] >> i & 1), "enabled": True}
+                v = Vector(E.VEC_MSI, i, irq, unit.seq if unit else None,
+                           masked=bool(msi["mask"] >> i & 1), remapped=dec is not None)
                 if dec:
                     # multi-MSI: the device ORs i into the data, so the index is handle+sub+i
-                    v.update(irte_index=dec["index"] + i, sub_handle=dec["sub_handle"] + i)
-                v["remapped"] = dec is not None
+                    v.irte_index, v.sub_handle = dec["index"] + i, dec["sub_handle"] + i
                 dev.vectors.append(v)
         elif by_kind["msi"] and not msi:
             notes.append(f"{dev.bdf}: MSI capability not in the config snapshot")
@@ -170,15 +169,13 @@ class InterruptsSource(Source):
                 slots[hw if hw is not None else len(slots)] = irq
             entries = self.read_msix(host, dev, msix, msix_notes)
             for slot in sorted(slots) or range(0):
-                v = {"kind": E.VEC_MSIX, "vector": slot, "irq": slots[slot],
-                     "unit": unit.seq if unit else None, "enabled": True, "masked": None}
+                v = Vector(E.VEC_MSIX, slot, slots[slot], unit.seq if unit else None)
                 if entries is not None and slot < len(entries):
                     lo, hi, data, ctrl = entries[slot]
                     dec = decode_remappable(lo, data)
-                    v["masked"] = bool(ctrl & 1)
-                    v["remapped"] = dec is not None
+                    v.masked, v.remapped = bool(ctrl & 1), dec is not None
                     if dec:
-                        v.update(irte_index=dec["index"], sub_handle=dec["sub_handle"])
+                        v.irte_index, v.sub_handle = dec["index"], dec["sub_handle"]
                 dev.vectors.append(v)
             if entries is None and slots:
                 notes.append(f"{dev.bdf}: MSI-X IRTE handles unknown ({dev.msix_reason})")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import errno
 import re
 
-from .base import Host, Source, errno_text, register
+from .base import ContextEntry, Host, Source, errno_text, register
 
 DEBUGFS = "/sys/kernel/debug"
 INTEL = f"{DEBUGFS}/iommu/intel"
@@ -70,7 +70,7 @@ _DT_COLS = "B.D.F\tRoot_entry\t\t\t\tContext_entry\t\t\t\tPASID\tPASID_table_ent
 
 
 def parse_dmar_translation(text: str) -> dict:
-    """-> {unit: {"enabled": bool, "root": int|None, "entries": [dict]}}; an entry has
+    """-> {unit: {"enabled": bool, "root": int|None, "entries": [ContextEntry]}}; an entry has
     bus, devfn, root_hi, root_lo, hi, lo, pasid (None for legacy -1), pasid_val2/1/0."""
     out: dict = {}
     cur = None
@@ -93,13 +93,13 @@ def parse_dmar_translation(text: str) -> dict:
         if m and cur is not None:
             g = m.groups()
             pasid = int(g[7])
-            cur["entries"].append({
-                "bus": int(g[0], 16), "devfn": int(g[1], 16) << 3 | int(g[2]),
-                "root_hi": int(g[3], 16), "root_lo": int(g[4], 16),
-                "hi": int(g[5], 16), "lo": int(g[6], 16),
-                "pasid": None if pasid < 0 else pasid,
-                "pasid_val2": int(g[8], 16), "pasid_val1": int(g[9], 16),
-                "pasid_val0": int(g[10], 16)})
+            cur["entries"].append(ContextEntry(
+                bus=int(g[0], 16), devfn=int(g[1], 16) << 3 | int(g[2]),
+                root_hi=int(g[3], 16), root_lo=int(g[4], 16),
+                hi=int(g[5], 16), lo=int(g[6], 16),
+                pasid=None if pasid < 0 else pasid,
+                pasid_val2=int(g[8], 16), pasid_val1=int(g[9], 16),
+                pasid_val0=int(g[10], 16)))
             continue
         raise _bad("dmar_translation_struct", n, line)
     return out

@@ -18,7 +18,7 @@ from ..errors import HandoverError
 from ..formats import enums as E
 from ..formats.enums import ITEMS
 from ..formats.model import State, StateBuilder
-from ..host.base import Host, PciDev, Unit
+from ..host.base import ContextEntry, Host, PciDev, Unit
 from ..host.pci import bar_raw, normalize_bdf, sbdf_of
 from ..formats.token import hash_token
 
@@ -195,19 +195,19 @@ def device_fields(dev: PciDev, host: Host, token: str | None, salt: bytes | None
     return f
 
 
-def _context_for(u: Unit, dev: PciDev) -> list[dict]:
+def _context_for(u: Unit, dev: PciDev) -> list[ContextEntry]:
     if not u or not u.contexts:
         return []
     bus, devfn = dev.sbdf >> 8 & 0xFF, dev.sbdf & 0xFF
-    return [c for c in u.contexts if c["bus"] == bus and c["devfn"] == devfn]
+    return [c for c in u.contexts if c.bus == bus and c.devfn == devfn]
 
 
-def _domain_of_context(c: dict, scalable: bool) -> dict:
+def _domain_of_context(c: ContextEntry, scalable: bool) -> dict:
     if not scalable:
-        agaw = c["hi"] & 7
-        return dict(did=c["hi"] >> 8 & 0xFFFF, tt=c["lo"] >> 2 & 3, agaw=agaw,
-                    gaw=30 + 9 * agaw, flags=0, pgd=c["lo"] & ADDR_MASK)
-    v0, v1, v2 = c["pasid_val0"], c["pasid_val1"], c["pasid_val2"]
+        agaw = c.hi & 7
+        return dict(did=c.hi >> 8 & 0xFFFF, tt=c.lo >> 2 & 3, agaw=agaw,
+                    gaw=30 + 9 * agaw, flags=0, pgd=c.lo & ADDR_MASK)
+    v0, v1, v2 = c.pasid_val0, c.pasid_val1, c.pasid_val2
     pgtt, agaw = v0 >> 6 & 7, v0 >> 2 & 7
     pgd = v2 & ADDR_MASK if pgtt == 1 else (v0 & ADDR_MASK if pgtt in (2, 3) else 0)
     return dict(did=v1 & 0xFFFF, tt=E.DOMAIN_TT_SCALABLE | pgtt, agaw=agaw, gaw=30 + 9 * agaw,
@@ -272,40 +272,39 @@ def build_state(host: Host, devices: list, opts: SaveOptions) -> tuple[State, di
                 for row in bar_rows(bd, windows_only=True):
                     b.add("bars", **row)
         for v in dev.vectors:
-            fl = E.VEC_F_ENABLED if v.get("enabled") else 0
-            if v.get("masked"):
+            fl = E.VEC_F_ENABLED if v.enabled else 0
+            if v.masked:
                 fl |= E.VEC_F_MASKED
-            if v.get("remapped") is not None:
-                fl |= E.VEC_F_MSG_KNOWN | (E.VEC_F_REMAPPED if v["remapped"] else 0)
-            if v.get("irte_index") is not None:
+            if v.remapped is not None:
+                fl |= E.VEC_F_MSG_KNOWN | (E.VEC_F_REMAPPED if v.remapped else 0)
+            if v.irte_index is not None:
                 fl |= E.VEC_F_IRTE_KNOWN
-                vectors_by_unit.setdefault(v["unit"], set()).add(v["irte_index"])
-            b.add("vectors", sbdf=dev.sbdf, unit=0xFFFF if v["unit"] is None else v["unit"],
-                  kind=v["kind"], flags=fl, vector=v["vector"],
-                  irte_index=v.get("irte_index") or 0, sub_handle=v.get("sub_handle") or 0,
-                  irq=v.get("irq") or 0)
+                vectors_by_unit.setdefault(v.unit, set()).add(v.irte_index)
+            b.add("vectors", sbdf=dev.sbdf, unit=0xFFFF if v.unit is None else v.unit,
+                  kind=v.kind, flags=fl, vector=v.vector, irte_index=v.irte_index or 0,
+                  sub_handle=v.sub_handle or 0, irq=v.irq or 0)
         # DMA remapping: context entries, domains, tables
         if u is not None and u.contexts is not None:
             scalable = bool(u.regs.get("rtaddr", 0) >> 10 & 1)
             for c in _context_for(u, dev):
                 dom = _domain_of_context(c, scalable)
-                pasid = c["pasid"] if c["pasid"] is not None else 0
+                pasid = c.pasid if c.pasid is not None else 0
                 b.add("contexts", sbdf=dev.sbdf, pasid=pasid, unit=u.seq, did=dom["did"],
                       flags=(E.CTX_F_SM | E.CTX_F_PASID) if scalable else 0,
-                      root_lo=c["root_lo"], root_hi=c["root_hi"], lo=c["lo"], hi=c["hi"],
-                      pasid_val0=c["pasid_val0"], pasid_val1=c["pasid_val1"],
-                      pasid_val2=c["pasid_val2"])
+                      root_lo=c.root_lo, root_hi=c.root_hi, lo=c.lo, hi=c.hi,
+                      pasid_val0=c.pasid_val0, pasid_val1=c.pasid_val1,
+                      pasid_val2=c.pasid_val2)
                 if dev.domain and dev.domain.get("pgd") and (dev.domain.get("pasid") in (None, pasid)):
                     dom["pgd"] = dev.domain["pgd"]
                 b._rows["domains"] = [r for r in b._rows["domains"]
                                       if not (r[0] == u.seq and r[1] == dom["did"])]
                 b.add("domains", unit=u.seq, **dom)
-                for ptr in (c["root_lo"], c["root_hi"]):
+                for ptr in (c.root_lo, c.root_hi):
                     if ptr & 1:
                         reserved.append((ptr & ADDR_MASK, 0x1000, 2, u.seq))
-                if scalable and c["lo"] & 1:
-                    pdts = c["lo"] >> 9 & 7
-                    reserved.append((c["lo"] & ADDR_MASK, max(0x1000, 8 << (pdts + 7)), 3, u.seq))
+                if scalable and c.lo & 1:
+                    pdts = c.lo >> 9 & 7
+                    reserved.append((c.lo & ADDR_MASK, max(0x1000, 8 << (pdts + 7)), 3, u.seq))
                 if dom["pgd"] and dom["tt"] & 0x7F != 2 and not dev.domain:
                     reserved.append((dom["pgd"], 0x1000, 5, u.seq))
             if dev.domain:

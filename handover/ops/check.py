@@ -187,13 +187,13 @@ def check_vectors(st: State, host: Host, out: Verdicts) -> None:
             continue
         obj = _dev_name(v.sbdf)
         check = f"{E.VECTOR_KIND.get(v.kind, v.kind)} {v.vector} IRTE"
-        hv = next((x for x in hd.vectors if x["kind"] == v.kind and x["vector"] == v.vector
-                   and x.get("irte_index") is not None), None)
+        hv = next((x for x in hd.vectors if x.kind == v.kind and x.vector == v.vector
+                   and x.irte_index is not None), None)
         if hv is None:
             out.add(obj, check, "unverified", str(v.irte_index), None,
                     "vector not enabled (yet) on this host, or its message not readable")
         else:
-            out.compare(obj, check, v.irte_index, hv["irte_index"])
+            out.compare(obj, check, v.irte_index, hv.irte_index)
 
 
 def check_tables(st: State, host: Host, out: Verdicts) -> None:
@@ -222,9 +222,9 @@ def check_tables(st: State, host: Host, out: Verdicts) -> None:
             out.add(obj, check, "unverified", saved, None, "context entries not readable on this host")
             continue
         bus, devfn = c.sbdf >> 8 & 0xFF, c.sbdf & 0xFF
-        h = next((x for x in hu.contexts if x["bus"] == bus and x["devfn"] == devfn
-                  and (x["pasid"] or 0) == c.pasid), None)
-        out.compare(obj, check, saved, f"{h['hi']:016x}:{h['lo']:016x}" if h else "not present")
+        h = next((x for x in hu.contexts if x.bus == bus and x.devfn == devfn
+                  and (x.pasid or 0) == c.pasid), None)
+        out.compare(obj, check, saved, f"{h.hi:016x}:{h.lo:016x}" if h else "not present")
 
 
 def check_state(st: State, host: Host, token: str | None = None) -> Verdicts:
@@ -252,7 +252,7 @@ def result_doc(st: State, host: Host, verdicts: Verdicts, *, source: dict, check
                  "boot_id": host.sysroot.try_text("/proc/sys/kernel/random/boot_id")},
         "absent_in_state": sorted(st.absent),
         "summary": summary,
-        "failures": [f"{v['item']}: {v['status']}: saved {v.get('saved')}, host {v.get('host')}"
+        "failures": [f"{v['item']}: {v['status']}: saved {v.get('saved', '-')}, host {v.get('host', '-')}"
                      + (f" ({v['detail']})" if v.get("detail") else "")
                      for v in verdicts if v["status"] in FAIL],
         "verdicts": list(verdicts),

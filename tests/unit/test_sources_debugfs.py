@@ -43,9 +43,9 @@ def test_dmar_translation_legacy():
     d = parse_dmar_translation((INTEL / "dmar_translation_struct").read_text())
     u = d["dmar0"]
     assert u["enabled"] and u["root"] == 0x2F0E000
-    edu = [e for e in u["entries"] if e["devfn"] == 0x18][0]
-    assert edu["pasid"] is None and edu["root_lo"] == 0x2F10001
-    assert edu["hi"] >> 8 == 6 and edu["lo"] & ~0xFFF == 0x3A5C000
+    edu = [e for e in u["entries"] if e.devfn == 0x18][0]
+    assert edu.pasid is None and edu.root_lo == 0x2F10001
+    assert edu.hi >> 8 == 6 and edu.lo & ~0xFFF == 0x3A5C000
     assert len(u["entries"]) == 9
 
 
@@ -60,8 +60,8 @@ def test_dmar_translation_scalable_and_disabled():
     d = parse_dmar_translation(text)
     assert d["dmar1"] == {"enabled": False, "root": None, "entries": []}
     e = d["dmar0"]["entries"]
-    assert [x["pasid"] for x in e] == [0, 65] and e[1]["bus"] == 0x3d
-    assert e[0]["pasid_val1"] == 0x12 and e[0]["pasid_val2"] == 0xabc000 and e[0]["root_hi"] == 0x7001
+    assert [x.pasid for x in e] == [0, 65] and e[1].bus == 0x3d
+    assert e[0].pasid_val1 == 0x12 and e[0].pasid_val2 == 0xabc000 and e[0].root_hi == 0x7001
 
 
 def test_domain_translation_levels():

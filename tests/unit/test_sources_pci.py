@@ -5,7 +5,7 @@ import struct
 import pytest
 
 from handover.formats import enums as E
-from handover.host import Sysroot, read_host
+from handover.host import Sysroot, Vector, read_host
 from handover.host.interrupts import decode_remappable, parse_proc_interrupts
 from handover.host.iomem import parse_iomem, pmem_ranges
 from handover.host.pci import parse_resource, upstream_of, walk_caps
@@ -83,8 +83,8 @@ def test_decode_remappable():
 
 def test_vectors_of_edu(host):
     v = host.devices[EDU].vectors
-    assert v == [{"kind": E.VEC_MSI, "vector": 0, "irq": 32, "unit": 0, "masked": False,
-                  "enabled": True, "irte_index": 26, "sub_handle": 0, "remapped": True}]
+    assert v == [Vector(kind=E.VEC_MSI, vector=0, irq=32, unit=0, masked=False, enabled=True,
+                        irte_index=26, sub_handle=0, remapped=True)]
 
 
 def test_msix_table_through_resource(tmp_path):
@@ -94,7 +94,7 @@ def test_msix_table_through_resource(tmp_path):
     (dev_dir(root, E1000E) / "resource3").write_bytes(table + bytes(0x4000 - len(table)))
     h = read_host(str(root), wanted={E1000E})
     v = h.devices[E1000E].vectors
-    assert [(x["vector"], x["irq"], x["irte_index"]) for x in v] == [(0, 29, 40), (1, 30, 41), (2, 31, 42)]
+    assert [(x.vector, x.irq, x.irte_index) for x in v] == [(0, 29, 40), (1, 30, 41), (2, 31, 42)]
     assert h.notes["vectors.irte_index"]["status"] == "captured"
 
 
@@ -102,7 +102,7 @@ def test_msix_table_unreadable_reason(tmp_path):
     root = copy_host(tmp_path / "h")
     h = read_host(str(root), wanted={E1000E})
     d = h.devices[E1000E]
-    assert "irte_index" not in d.vectors[0] and len(d.vectors) == 3
+    assert d.vectors[0].irte_index is None and len(d.vectors) == 3
     assert d.msix_reason.startswith("msix table: ") and "resource3" in d.msix_reason
     (dev_dir(root, E1000E) / "resource3").write_bytes(b"")   # mmap of an empty file fails
     h = read_host(str(root), wanted={E1000E})

@@ -2,7 +2,9 @@
 running host, tell a patched kernel the verdict, write ``result.json``.
 
 :func:`load` returns the result document; its ``exit_code`` is 0 (match), 6 (mismatch: this
-wins), or 7 (match, but read from an older generation because the newest is damaged).
+wins), or 7 (match, but read from an older generation because the newest is damaged). A
+patched kernel is told ``accept`` only for 0: an older generation may not describe the
+devices as they were at the kexec, so 7 tells it ``abort``.
 """
 
 from __future__ import annotations
@@ -45,8 +47,11 @@ def load(req: LoadRequest) -> dict:
             kernel["action"] = "none (--check-only)"
         else:
             fails = [v["item"] for v in verdicts if v["status"] in check.FAIL]
-            verdict = "accept" if verdicts.ok else "abort"
-            kernel["written"] = feed(sr, verdict, "mismatch: " + "; ".join(fails[:4]))
+            # a state read from an older generation (the newest damaged) is not accepted:
+            # the devices may have changed since it was saved
+            verdict = "accept" if verdicts.ok and not loaded.fallback else "abort"
+            kernel["written"] = feed(sr, verdict, "mismatch: " + "; ".join(fails[:4])
+                                     if fails else "the newest generation is damaged")
             kernel["action"] = verdict
             # what the kernel did with it (an abort releases the keepalive devices)
             kernel["status_after"] = read_status(sr)

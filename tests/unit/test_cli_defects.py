@@ -129,6 +129,15 @@ def test_load_says_when_the_newest_generation_was_damaged(host, region, tmp_path
                          tmp_path / "res")
     assert code == 7, err
     assert "newest generation" in err and out.strip().splitlines()[-1].startswith("MATCH")
+    # a patched kernel is not told to accept an older generation
+    k = host / "sys/kernel/handover"
+    k.mkdir(parents=True)
+    (k / "state").write_text("valid\n")
+    (k / "formats").write_text("1.0-1.1\n")
+    (k / "decision").write_text("pending\n")
+    code, _, err = run("load", "--region", region, "--sysroot", host, "--result-dir",
+                       tmp_path / "res")
+    assert code == 7 and (k / "decision").read_text() == "abort\n", err
 
 
 # 5 -----------------------------------------------------------------------------------------

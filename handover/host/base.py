@@ -209,6 +209,61 @@ def errno_text(e: OSError) -> str:
 
 
 @dataclass
+class MsiCap:
+    offset: int
+    ctrl: int
+    enabled: bool
+    mmc: int                       # multiple message capable (log2)
+    mme: int                       # multiple message enable (log2)
+    is64: bool
+    maskable: bool
+    addr_lo: int
+    addr_hi: int
+    data: int
+    mask: int
+
+
+@dataclass
+class MsixCap:
+    offset: int
+    ctrl: int
+    size: int                      # table entries
+    enabled: bool
+    masked: bool
+    table_bir: int
+    table_offset: int
+    pba_bir: int
+    pba_offset: int
+
+
+@dataclass
+class SriovCap:
+    offset: int
+    ctrl: int
+    total_vfs: int
+    num_vfs: int
+    vf_offset: int
+    vf_stride: int
+    vf_device: int
+    vf_bars: list
+
+
+@dataclass
+class Caps:
+    """The capabilities of a config-space snapshot this tool needs (host.pci.walk_caps)."""
+
+    cap_ids: list = field(default_factory=list)     # [(id, offset)] standard capabilities
+    ecap_ids: list = field(default_factory=list)    # [(id, offset)] extended capabilities
+    truncated_at: int | None = None
+    msi: MsiCap | None = None
+    msix: MsixCap | None = None
+    pcie_type: int | None = None   # None: not a PCI Express device
+    dsn: int | None = None         # device serial number
+    dsn_offset: int | None = None
+    sriov: SriovCap | None = None
+
+
+@dataclass
 class Vector:
     """One MSI/MSI-X vector of a device, as the host shows it."""
 
@@ -282,7 +337,7 @@ class PciDev:
     iommu_group: int | None = None
     iommu: str | None = None       # dmarN
     resources: list = field(default_factory=list)   # [(start, end, flags)] by resource index
-    caps: dict = field(default_factory=dict)        # msi, msix, dsn, sriov, pcie
+    caps: Caps = field(default_factory=Caps)
     physfn: str | None = None
     virtfns: list = field(default_factory=list)
     upstream: list = field(default_factory=list)    # bridge BDFs, nearest first

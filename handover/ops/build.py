@@ -164,13 +164,13 @@ def device_fields(dev: PciDev, host: Host, token: str | None, salt: bytes | None
                   token_hash: tuple[bytes, bytes] | None = None) -> dict:
     caps = dev.caps
     flags = E.DEV_F_KEEPALIVE
-    if "dsn" in caps:
+    if caps.dsn is not None:
         flags |= E.DEV_F_DSN
     if dev.physfn:
         flags |= E.DEV_F_VF
-    sriov = caps.get("sriov")
+    sriov = caps.sriov
     if sriov:
-        flags |= E.DEV_F_PF | (E.DEV_F_SRIOV_EN if sriov["ctrl"] & 1 else 0)
+        flags |= E.DEV_F_PF | (E.DEV_F_SRIOV_EN if sriov.ctrl & 1 else 0)
     if dev.header_type & 0x7F == 1:
         flags |= E.DEV_F_BRIDGE
     if dev.config_full:
@@ -179,10 +179,10 @@ def device_fields(dev: PciDev, host: Host, token: str | None, salt: bytes | None
              subsystem_vendor=dev.subsystem_vendor, subsystem_device=dev.subsystem_device,
              class_=dev.class_, revision=dev.revision, header_type=dev.header_type,
              iommu_group=0xFFFFFFFF if dev.iommu_group is None else dev.iommu_group,
-             dsn=caps["dsn"]["value"] if "dsn" in caps else 0,
-             num_vfs=sriov["num_vfs"] if sriov else 0,
-             total_vfs=sriov["total_vfs"] if sriov else 0,
-             sriov_ctrl=sriov["ctrl"] if sriov else 0,
+             dsn=caps.dsn or 0,
+             num_vfs=sriov.num_vfs if sriov else 0,
+             total_vfs=sriov.total_vfs if sriov else 0,
+             sriov_ctrl=sriov.ctrl if sriov else 0,
              physfn=sbdf_of(dev.physfn) if dev.physfn else 0xFFFFFFFF,
              driver=(dev.driver or "").encode()[:32])
     u = host.unit_for(dev)

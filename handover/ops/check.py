@@ -118,9 +118,9 @@ def check_devices(st: State, host: Host, token: str | None, out: Verdicts) -> No
                     f"{hd.subsystem_vendor:04x}:{hd.subsystem_device:04x}")
         out.compare(obj, "class", f"{d.class_:06x}", f"{hd.class_:06x}")
         out.compare(obj, "revision", f"{d.revision:02x}", f"{hd.revision:02x}")
-        host_dsn = hd.caps.get("dsn", {}).get("value")
+        host_dsn = hd.caps.dsn
         if d.flags & E.DEV_F_DSN:
-            if host_dsn is None and len(hd.config) <= 0x100 and "pcie" in hd.caps:
+            if host_dsn is None and len(hd.config) <= 0x100 and hd.caps.pcie_type is not None:
                 out.add(obj, "DSN", "unverified", hx(d.dsn, 16), None,
                         "extended config space not readable (not root?)")
             else:
@@ -227,7 +227,7 @@ def check_tables(st: State, host: Host, out: Verdicts) -> None:
         out.compare(obj, check, saved, f"{h.hi:016x}:{h.lo:016x}" if h else "not present")
 
 
-def check_state(st: State, host: Host, token: str | None = None) -> Verdicts:
+def compare_state(st: State, host: Host, token: str | None = None) -> Verdicts:
     out = Verdicts()
     check_units(st, host, out)
     check_devices(st, host, token, out)

@@ -39,7 +39,7 @@ def load(req: LoadRequest) -> dict:
     loaded = src.load(req.region, req.generation)
     st = loaded.state
     host = save.read_host(sr, {bdf_str(d.sbdf) for d in st.devices}, None)
-    verdicts = check.check_state(st, host, req.token)
+    verdicts = check.compare_state(st, host, req.token)
     kernel = {"present": "kernel-handover" in host.interfaces, "action": "none", "written": None}
     if kernel["present"]:
         kernel.update(host.interfaces["kernel-handover"])

@@ -24,17 +24,17 @@ def test_pci_identity_of_edu(host):
     assert d.class_ == 0x00FF00 and d.revision == 0x10 and d.driver == "vfio-pci"
     assert d.iommu_group == 2 and d.iommu == "dmar0" and d.config_full
     assert d.resources[0] == (0xFEA00000, 0xFEAFFFFF, 0x40200) and len(d.resources) == 13
-    assert d.caps["msi"]["enabled"] and d.caps["msi"]["addr_lo"] == 0xFEE00358
+    assert d.caps.msi.enabled and d.caps.msi.addr_lo == 0xFEE00358
     assert d.upstream == []
 
 
 def test_pci_e1000e_caps(host):
     d = host.devices[E1000E]
     assert d.driver == "e1000e" and len(d.config) == 4096 and d.config_full
-    m = d.caps["msix"]
-    assert m["enabled"] and m["size"] == 5 and m["table_bir"] == 3 and m["table_offset"] == 0
-    assert m["pba_offset"] == 0x2000 and "pcie" in d.caps
-    assert d.caps["dsn"]["value"] == struct.unpack_from("<Q", d.config, d.caps["dsn"]["offset"] + 4)[0]
+    m = d.caps.msix
+    assert m.enabled and m.size == 5 and m.table_bir == 3 and m.table_offset == 0
+    assert m.pba_offset == 0x2000 and d.caps.pcie_type is not None
+    assert d.caps.dsn == struct.unpack_from("<Q", d.config, d.caps.dsn_offset + 4)[0]
 
 
 def test_walk_caps_is_bounded():
@@ -43,9 +43,9 @@ def test_walk_caps_is_bounded():
     cfg[0x34] = 0x40
     cfg[0x40:0x42] = bytes([0x05, 0x40])          # points at itself
     caps = walk_caps(bytes(cfg))
-    assert len(caps["cap_ids"]) == 48
-    assert walk_caps(bytes(cfg[:0x41]))["cap_ids"] == []  # truncated: no crash
-    assert walk_caps(b"")["cap_ids"] == []
+    assert len(caps.cap_ids) == 48
+    assert walk_caps(bytes(cfg[:0x41])).cap_ids == []  # truncated: no crash
+    assert walk_caps(b"").cap_ids == []
 
 
 def test_parse_resource_and_upstream():

@@ -9,9 +9,12 @@ and encoding a decoded state is a join plus a CRC.
 
 from __future__ import annotations
 
+import operator
+import struct
 import sys
 from array import array
 from dataclasses import dataclass, field
+from itertools import starmap
 from typing import Any, Iterable, Iterator
 
 from .enums import ITEMS, SECTION_LAYOUT
@@ -36,15 +39,29 @@ class Table:
     @classmethod
     def from_rows(cls, spec: RecordSpec, rows: Iterable[tuple], *, presorted: bool = False) -> "Table":
         """Pack rows (tuples in field order, or dicts) sorted by the spec's key."""
-        rows = [spec.tuple_type(**r) if isinstance(r, dict) else r for r in rows]
+        rows = rows if isinstance(rows, list) else list(rows)
+        try:
+            if rows and isinstance(rows[0], dict):
+                raise TypeError("dict rows")
+            return cls._pack(spec, rows, presorted)
+        except (TypeError, KeyError, IndexError, struct.error):
+            pass  # dicts among the rows: name their fields (the slow path)
+        make = spec.tuple_type
+        rows = [make(**r) if isinstance(r, dict) else r for r in rows]
+        try:
+            return cls._pack(spec, rows, presorted)
+        except (TypeError, struct.error) as e:  # a value out of range for its field
+            raise ValueError(f"{spec.name}: cannot pack record: {e}") from None
+
+    @classmethod
+    def _pack(cls, spec: RecordSpec, rows: list, presorted: bool) -> "Table":
         if not presorted:
             idx = [spec.fields.index(k) for k in spec.key]
-            rows.sort(key=lambda r: tuple(r[i] for i in idx))
-        pack = spec_struct(spec).pack
-        try:
-            return cls(spec, b"".join([pack(*r) for r in rows]))
-        except Exception as e:  # struct.error: a value out of range for its field
-            raise ValueError(f"{spec.name}: cannot pack record: {e}") from None
+            if len(idx) == 1:
+                rows = sorted(rows, key=operator.itemgetter(idx[0]))
+            else:
+                rows = sorted(rows, key=operator.itemgetter(*idx))
+        return cls(spec, b"".join(starmap(spec_struct(spec).pack, rows)))
 
     def __len__(self) -> int:
         return len(self.buf) // self.spec.size

@@ -1,9 +1,12 @@
-"""Live-host sources: one module per kernel subsystem, all reading under a sysroot.
+"""The live host (or a captured tree under ``--sysroot``): the only code that reads /sys,
+/proc and debugfs, always through :class:`~handover.host.base.Sysroot`.
 
-A source module defines a :class:`~handover.sources.base.Source` subclass decorated with
-:func:`~handover.sources.base.register`. Every module of this package (other than ``base``)
-is imported by :func:`all_sources`, so a new source (e.g. the patched kernel's
-``/sys/kernel/handover`` interface) slots in by adding a file: nothing else changes.
+``base`` holds the Sysroot and the typed records (Host, Unit, PciDev, Vector, ContextEntry,
+Caps); one *source* module per kernel subsystem (pci, intel_iommu, iommu_debugfs,
+interrupts, iomem, kernel_handover) defines a :class:`~handover.host.base.Source` subclass
+decorated with :func:`~handover.host.base.register`. Every module of this package is
+imported by :func:`all_sources`, so a new source slots in by adding a file: nothing else
+changes. ``kernelimage`` reads kernel images, /sys/kernel/notes and crash dumps.
 """
 
 from __future__ import annotations

@@ -205,7 +205,7 @@ def errno_text(e: OSError) -> str:
 
 
 # ---------------------------------------------------------------------------------------
-# Host model: what the sources found. Plain data; collect.py turns it into a State.
+# Host model: what the sources found. Typed records; ops/build.py turns them into a State.
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""From a read host (handover.sources) to a keepalive State, with provenance.
+"""From a read host (handover.host) to a keepalive State, with provenance.
 
 ``select_devices`` applies the keepalive rules (vfio-pci only, whole IOMMU groups);
 ``build_state`` turns the kept devices, their units, vectors, context entries, domains,

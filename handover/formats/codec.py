@@ -184,6 +184,25 @@ def read_header(blob) -> dict:
                 section_count=count, flags=flags, generation=generation, header_crc=hcrc)
 
 
+def header_checksum_ok(blob) -> bool | None:
+    """Does the header CRC verify in this major's layout (header and section table)? None
+    when the header cannot be laid out that way (too short, another layout).
+
+    ``read_header`` refuses another major before it checks the CRC, as the kernel's parser
+    does; a caller that names the failure to a person asks this first: a header whose CRC
+    fails is damaged (a flipped bit in the major field), not of another version."""
+    n = len(blob)
+    if n < HEADER_SIZE:
+        return None
+    (_m, _major, _minor, header_size, _total, count, _flags, _gen, _r,
+     hcrc) = _HDR.unpack_from(blob, 0)
+    if count > MAX_SECTIONS or header_size != HEADER_SIZE + SECTION_ENTRY_SIZE * count \
+            or n < header_size:
+        return None
+    return crc32c(bytes(blob[HEADER_SIZE:header_size]),
+                  crc32c(bytes(blob[:HEADER_CRC_OFFSET]))) == hcrc
+
+
 def read_sections(blob, hdr: dict) -> list[dict]:
     """Check the section table and every section's CRC; return the entries."""
     out, seen = [], set()

@@ -7,7 +7,7 @@ import stat
 import sys
 from dataclasses import dataclass, field
 
-from ..errors import HandoverError, IntegrityError, NoStateError
+from ..errors import HandoverError, IntegrityError, NoStateError, VersionError
 from ..formats.structs import MAGIC, MAX_BLOB_SIZE
 
 
@@ -98,7 +98,7 @@ def _read_file(path: str) -> bytes:
 
 def load(path: str, generation: int | None = None, *, check_refs: bool = True,
          vmcore: bool = False) -> Loaded:
-    from ..formats.codec import decode
+    from ..formats.codec import decode, header_checksum_ok
 
     if vmcore:
         from ..host.kernelimage import state_from_vmcore
@@ -108,6 +108,13 @@ def load(path: str, generation: int | None = None, *, check_refs: bool = True,
         blob, info = read_blob(path, generation)
     try:
         st = decode(blob, check_refs=check_refs)
+    except VersionError as e:
+        if e.code == "VERSION" and header_checksum_ok(blob) is False:
+            raise IntegrityError(f"{path}: header at offset 0x0: checksum mismatch (the "
+                                 f"version field is damaged, not another version: {e})",
+                                 code="HEADER_CRC") from None
+        e.args = (f"{path}: {e}",)
+        raise
     except HandoverError as e:
         e.args = (f"{path}: {e}",)
         raise

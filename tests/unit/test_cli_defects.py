@@ -370,3 +370,25 @@ def test_inspect_json_of_the_max_blob_streams_in_bounded_memory(tmp_path):
         doc = json.load(f)
     assert doc["counts"]["irtes"] == len(doc["irtes"]) == 8 * 65536
     del resource
+
+
+def test_a_flipped_major_bit_is_an_integrity_failure_another_major_a_version(tmp_path):
+    """The header CRC covers the major: a flipped bit there fails the CRC (exit 4); a blob
+    of another major with a valid CRC is refused as a version (exit 5)."""
+    from handover.formats import codec
+
+    tiny = encode(synth_state("tiny"))
+    for bit in range(16):                         # the u16 major at offset 8
+        b = bytearray(tiny)
+        b[8 + bit // 8] ^= 1 << (bit % 8)
+        p = tmp_path / f"flip{bit}.bin"
+        p.write_bytes(bytes(b))
+        code, _, err = run("verify", p)
+        assert code == 4 and "checksum" in one_error_line(err), (bit, err)
+    hdr = codec.read_header(tiny)
+    secs = [(e["type"], e["version"], e["flags"], e["count"], e["record_size"], e["data"])
+            for e in codec.read_sections(tiny, hdr)]
+    p = tmp_path / "two.bin"
+    p.write_bytes(codec.assemble(secs, 2, 0, 1))
+    code, _, err = run("verify", p)
+    assert code == 5 and "format 2.0 is not supported" in one_error_line(err)

@@ -11,7 +11,7 @@ HANDOVER_VENV ?= $(HOME)/.cache/handover/venv
 VPY := $(HANDOVER_VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: venv tools man test test-unit test-system test-kernel test-keepalive kernel demo bench bench-keepalive vectors clean-venv
+.PHONY: venv tools man test test-unit test-system test-kernel test-keepalive kernel kernel-debian kernel-check demo bench bench-keepalive vectors clean-venv
 
 $(VPY): pyproject.toml
 	@echo "handover: setting up $(HANDOVER_VENV)" >&2
@@ -42,8 +42,19 @@ test-system: $(VPY)
 	$(VPY) -m pytest -ra -m 'system and not kernel' $(PYTEST_ARGS) tests
 
 # the patched kernel: build it (cached in ~/.cache/handover-kernel) and boot it in the lab
+#   make kernel          the lab configuration (everything built in)
+#   make kernel-debian   Debian's own configuration with modules (localmodconfig)
+#   make kernel-check    checkpatch --strict on every patch, and every patch compiles alone
 kernel: $(VPY)
 	$(VPY) tools/kernel.py build
+
+kernel-debian: $(VPY)
+	$(VPY) tools/kernel.py build --config debian
+
+kernel-check: $(VPY)
+	$(VPY) tools/kernel.py checkpatch
+	$(VPY) tools/kernel.py check-series --config lab
+	$(VPY) tools/kernel.py check-series --config debian
 
 test-kernel: $(VPY)
 	HANDOVER_BUILD_KERNEL=1 $(VPY) -m pytest -ra -s -m kernel $(PYTEST_ARGS) tests

@@ -46,7 +46,7 @@ TREE = os.path.join(CACHE, "linux-source-6.12")
 BUILD = os.path.join(CACHE, "build")        # the lab configuration (kept path)
 CONFIGS = ("lab", "debian")
 TARBALL = "/usr/src/linux-source-6.12.tar.xz"
-BASE_VERSION = "6.12.117"   # Debian bookworm-backports linux-source-6.12 the series is made on
+BASE_VERSION = "6.12.118"   # Debian bookworm-backports linux-source-6.12 the series is made on
 APT = ["linux-source-6.12", "build-essential", "bc", "bison", "flex", "libelf-dev", "libssl-dev",
        "ccache", "cpio", "kmod"]
 CONFIG_ON = ["INTEL_IOMMU", "IRQ_REMAP", "IOMMU_DEBUGFS", "INTEL_IOMMU_DEBUGFS", "KEXEC", "KEXEC_FILE",

@@ -3,7 +3,8 @@
 # tests/system/lab.py; do not run on a host.
 #
 # Phase N (kernel cmdline word handover.lab.phase=N, default 1):
-#   1. mount proc/sys/dev/tmp/debugfs, load the modules in /etc/lab/modules.load
+#   1. mount proc/sys/dev/tmp/debugfs, load the modules in /etc/lab/modules.load.$(uname -r)
+#      if the initrd has that list (another kernel's modules), else /etc/lab/modules.load
 #   2. unpack the read-only payload disk (virtio-blk at 00:05.0, a plain tar) into /payload
 #   3. run /payload/lab/phaseN.sh with stdout/stderr teed to the console between markers
 #   4. if /payload/lab/phase$((N+1)).sh exists: kexec-load the payload kernel+initrd with
@@ -44,6 +45,9 @@ finish() {
     mark "RESULTS-BEGIN phase=$PHASE"
     dmesg > /lab/out/lab-dmesg.txt 2>/dev/null
     cp /proc/cmdline /lab/out/lab-cmdline.txt
+    uname -r > /lab/out/lab-release.txt
+    cat /proc/modules > /lab/out/lab-modules.txt 2>/dev/null
+    cat /lab/modules.list /lab/modules.failed > /lab/out/lab-modules-load.txt 2>/dev/null
     RES=$(resdev)
     if [ -n "$RES" ]; then
         SLOT_MB=$(cat /payload/lab/slot_mb 2>/dev/null || echo 32)
@@ -91,10 +95,16 @@ blkdev() {
 resdev() { blkdev 06.0; }
 
 # --- modules ---------------------------------------------------------------
-if [ -f /etc/lab/modules.load ]; then
+# the initrd may carry the modules of several kernels (lab.build_modules_cpio): a kernel
+# whose release has its own load list uses it, any other the base list
+REL=$(uname -r)
+LOADS=/etc/lab/modules.load
+[ -f "/etc/lab/modules.load.$REL" ] && LOADS="/etc/lab/modules.load.$REL"
+echo "$LOADS" > /lab/modules.list
+if [ -f "$LOADS" ]; then
     while read -r m; do
-        [ -n "$m" ] && insmod "/lib/modules/$(uname -r)/$m" 2>/dev/null
-    done < /etc/lab/modules.load
+        [ -n "$m" ] && { insmod "/lib/modules/$REL/$m" 2>/dev/null || echo "$m" >> /lab/modules.failed; }
+    done < "$LOADS"
 fi
 mark "MODULES-LOADED phase=$PHASE"
 

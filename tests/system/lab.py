@@ -93,7 +93,46 @@ DEFAULT_TIMEOUT = 300.0
 RESULT_SLOT_MB = 32
 
 #: Bump when guest_init.sh or the initramfs layout changes (part of the cache key).
-BUILD_FORMAT = 2
+BUILD_FORMAT = 3
+
+#: Guest shell snippet (prepend it to a script): ``hstatus`` prints what a patched kernel says
+#: in /sys/kernel/handover/ as ``key: value`` lines. A kernel of the first series has one
+#: multi-line ``status`` file: printed as it is. The current one has one value per file:
+#: a line for each non-empty file of HSTATUS_KEYS, then one line per keepalive device,
+#: ``device: <bdf> <state>[ adopted domain=<n>][ (<reason>)]``. Exit 1 (and a line saying
+#: so) without /sys/kernel/handover (``HSTATUS_DIR``: another directory, for tests). Parse the
+#: text with ``parse_hstatus``.
+HSTATUS_KEYS = ("state", "reason", "region", "error", "generation", "format", "reserved_ranges",
+                "reserved_bytes", "ir_tables_kept", "root_tables_kept")
+HSTATUS = r"""
+hstatus() {
+    _hd=${HSTATUS_DIR:-/sys/kernel/handover}
+    if [ -f $_hd/status ]; then cat $_hd/status; return; fi
+    [ -d $_hd ] || { echo "no $_hd"; return 1; }
+    for _hk in KEYS; do
+        [ -f $_hd/$_hk ] || continue
+        _hv=$(cat $_hd/$_hk 2>/dev/null)
+        [ -n "$_hv" ] && echo "$_hk: $_hv"
+    done
+    for _hdev in $_hd/devices/*; do
+        [ -d "$_hdev" ] || continue
+        _hl="device: ${_hdev##*/} $(cat $_hdev/state 2>/dev/null)"
+        _hv=$(cat $_hdev/domain 2>/dev/null)
+        [ -n "$_hv" ] && _hl="$_hl adopted domain=$_hv"
+        _hv=$(cat $_hdev/reason 2>/dev/null)
+        [ -n "$_hv" ] && _hl="$_hl ($_hv)"
+        echo "$_hl"
+    done
+    return 0
+}
+""".replace("KEYS", " ".join(HSTATUS_KEYS))
+
+
+def parse_hstatus(text: str) -> dict:
+    """``hstatus`` output -> {key: value} (device lines: the last one under "device"; use
+    the text for those)."""
+    return dict(ln.split(": ", 1) for ln in text.splitlines() if ": " in ln)
+
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
@@ -331,6 +370,76 @@ def _base_key(k: Kernel) -> str:
     return h.hexdigest()[:16]
 
 
+_DECOMPRESS = {".xz": ["xz", "-dc"], ".zst": ["zstd", "-dcq"], ".gz": ["gzip", "-dc"]}
+
+
+def _install_modules(root: Path, k: Kernel) -> list[str]:
+    """GUEST_MODULES of ``k`` and their modules.dep closure into ``root``/lib/modules/<version>,
+    decompressed (busybox insmod takes plain .ko), with a modules.dep of their own (depmod, for
+    modprobe). Returns the load list: paths relative to that directory, dependencies first."""
+    mdst = root / "lib" / "modules" / k.version
+    mdst.mkdir(parents=True, exist_ok=True)
+    loads = []
+    for rel in _module_closure(k, GUEST_MODULES):
+        src = k.modules / rel
+        suffix = next((x for x in _DECOMPRESS if rel.endswith(x)), "")
+        plain = rel[:-len(suffix)] if suffix else rel
+        (mdst / plain).parent.mkdir(parents=True, exist_ok=True)
+        if suffix:
+            with open(mdst / plain, "wb") as f:
+                _run([*_DECOMPRESS[suffix], str(src)], stdout=f)
+        else:
+            shutil.copy2(src, mdst / plain)
+        loads.append(plain)
+    for extra in ["modules.builtin", "modules.builtin.modinfo", "modules.order"]:
+        if (k.modules / extra).exists():
+            shutil.copy2(k.modules / extra, mdst / extra)
+    _run(["depmod", "-b", str(root), k.version], capture_output=True)
+    return loads
+
+
+def _modules_key(k: Kernel) -> str:
+    """Cache key of ``k``'s module cpio: the module list, modules.dep and every module of the
+    closure (size and mtime: a rebuild of the kernel changes them)."""
+    h = hashlib.sha256()
+    h.update(repr((BUILD_FORMAT, k.version, GUEST_MODULES)).encode())
+    h.update((k.modules / "modules.dep").read_bytes())
+    for rel in _module_closure(k, GUEST_MODULES):
+        st = os.stat(k.modules / rel)
+        h.update(f"{rel}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def build_modules_cpio(k: Kernel, force: bool = False, timings: dict | None = None) -> Path:
+    """An extra initramfs archive (cached) with the guest modules of another kernel ``k``
+    (e.g. the patched kernel's Debian-config build: ``Kernel(release, mod_root)``, an
+    installed tree with lib/modules/<release>/modules.dep; it needs no boot/vmlinuz):
+    /lib/modules/<release>/... and the load list /etc/lab/modules.load.<release>, which
+    guest_init.sh prefers to /etc/lab/modules.load when ``uname -r`` is <release>.
+    Linux unpacks concatenated archives as one initramfs: build_initramfs appends it."""
+    if not (k.modules / "modules.dep").exists():
+        raise LabError(f"{k.modules}/modules.dep missing: not an installed module tree")
+    out = cache_dir() / "initramfs" / f"modules-{k.version}-{_modules_key(k)}.cpio.zst"
+    if out.exists() and not force:
+        return out
+    out.parent.mkdir(exist_ok=True)
+    with _Step(f"build module archive for {k.version}", timings), \
+            tempfile.TemporaryDirectory(dir=out.parent) as td:
+        root = Path(td) / "root"
+        loads = _install_modules(root, k)
+        (root / "etc" / "lab").mkdir(parents=True, exist_ok=True)
+        (root / "etc" / "lab" / f"modules.load.{k.version}").write_text("\n".join(loads) + "\n")
+        _cpio(root, out, ["zstd", "-3", "-T0", "-q", "-c"])
+    log(f"module archive {out.name}: {out.stat().st_size / 1e6:.1f} MB")
+    return out
+
+
+def module_names(k: Kernel) -> list[str]:
+    """Names (as in /proc/modules) of the loadable modules the guest loads for ``k``."""
+    return [os.path.basename(m).split(".ko")[0].replace("-", "_")
+            for m in _module_closure(k, GUEST_MODULES)]
+
+
 def build_base_initramfs(k: Kernel, force: bool = False, timings: dict | None = None) -> Path:
     """busybox + modules + kexec/ndctl/daxctl + Python 3.11 and trimmed stdlib (cached)."""
     out = cache_dir() / "initramfs" / f"base-{k.version}-{_base_key(k)}.cpio.zst"
@@ -345,23 +454,7 @@ def build_base_initramfs(k: Kernel, force: bool = False, timings: dict | None = 
         shutil.copy(HERE / "guest_init.sh", root / "init")
         os.chmod(root / "init", 0o755)
         # kernel modules, decompressed (busybox insmod takes plain .ko)
-        mods = _module_closure(k, GUEST_MODULES)
-        mdst = root / "lib" / "modules" / k.version
-        loads = []
-        for rel in mods:
-            src = k.modules / rel
-            plain = rel[:-3] if rel.endswith(".xz") else rel
-            (mdst / plain).parent.mkdir(parents=True, exist_ok=True)
-            if rel.endswith(".xz"):
-                with open(mdst / plain, "wb") as f:
-                    _run(["xz", "-dc", str(src)], stdout=f)
-            else:
-                shutil.copy2(src, mdst / plain)
-            loads.append(plain)
-        for extra in ["modules.builtin", "modules.builtin.modinfo", "modules.order"]:
-            if (k.modules / extra).exists():
-                shutil.copy2(k.modules / extra, mdst / extra)
-        _run(["depmod", "-b", str(root), k.version], capture_output=True)
+        loads = _install_modules(root, k)
         (root / "etc/lab/modules.load").write_text("\n".join(loads) + "\n")
         # binaries + stdlib + shared libraries
         for b in GUEST_BINARIES:
@@ -399,35 +492,43 @@ def build_overlay(force: bool = False, timings: dict | None = None,
 
 
 def build_initramfs(kernel: Kernel | None = None, force: bool = False,
-                    timings: dict | None = None) -> Path:
-    """Return the path of the guest initrd: cached base archive + handover overlay, concatenated."""
+                    timings: dict | None = None, extra_kernels=()) -> Path:
+    """Return the path of the guest initrd: cached base archive + handover overlay (+ one
+    module archive per ``extra_kernels``, see build_modules_cpio), concatenated."""
     k = kernel or fetch_kernel()
     base = build_base_initramfs(k, force, timings)
     ov = build_overlay(force, timings)
-    out = cache_dir() / "initramfs" / f"initrd-{base.name.split('.cpio')[0]}-{ov.name.split('.cpio')[0]}.img"
+    extras = [build_modules_cpio(x, force, timings) for x in extra_kernels or ()]
+    name = f"initrd-{base.name.split('.cpio')[0]}-{ov.name.split('.cpio')[0]}"
+    if extras:
+        name += "-" + hashlib.sha256("".join(e.name for e in extras).encode()).hexdigest()[:12]
+    out = cache_dir() / "initramfs" / f"{name}.img"
     if not out.exists() or force:
         tmp = out.with_suffix(".tmp")
         with open(tmp, "wb") as f:
-            for part in (base, ov):
+            for part in (base, ov, *extras):
                 f.write(part.read_bytes())
         tmp.replace(out)
         # keep the cache from growing without bound: drop older combined images
-        for pat in ("initrd-*.img", "overlay-*.cpio.gz", "base-*.cpio.zst"):
+        for pat in ("initrd-*.img", "overlay-*.cpio.gz", "base-*.cpio.zst", "modules-*.cpio.zst"):
             olds = sorted(out.parent.glob(pat), key=lambda p: p.stat().st_mtime, reverse=True)
             for old in olds[4:]:
-                if old not in (out, ov, base):
+                if old not in (out, ov, base, *extras):
                     old.unlink(missing_ok=True)
     return out
 
 
-def setup(timings: dict | None = None, kernel: Kernel | None = None) -> tuple[Kernel, Path]:
+def setup(timings: dict | None = None, kernel: Kernel | None = None,
+          extra_kernels=()) -> tuple[Kernel, Path]:
     """ensure_host_packages + fetch_kernel + build_initramfs.  Returns (kernel, initrd).
 
     ``kernel``: use this tree (e.g. a self-built one laid out as boot/vmlinuz-<v> and
-    lib/modules/<v> with modules.dep) instead of Debian's."""
+    lib/modules/<v> with modules.dep) instead of Debian's.  ``extra_kernels``: Kernel trees
+    (lib/modules/<release> with modules.dep; no vmlinuz needed) whose modules the initrd
+    carries too, for phases that a test kexecs into such a kernel."""
     ensure_host_packages()
     k = kernel or fetch_kernel()
-    return k, build_initramfs(k, timings=timings)
+    return k, build_initramfs(k, timings=timings, extra_kernels=extra_kernels)
 
 
 # --------------------------------------------------------------------------------------
@@ -446,6 +547,10 @@ class PhaseResult:
     kexec_rc: int | None = None
     kexec_log: str = ""
     tar: bytes = b""                     # the raw results tar of this phase (./files/... etc.)
+    release: str = ""                    # uname -r of the kernel this phase ran on
+    modules: list = dataclasses.field(default_factory=list)   # names in /proc/modules at the end
+    modules_list: str = ""               # the load list /init used (/etc/lab/modules.load[.<release>])
+    modules_failed: list = dataclasses.field(default_factory=list)  # its entries insmod refused
 
     def extract(self, dest: str | Path, subdir: str = "") -> Path:
         """Extract ``$LAB_OUT/<subdir>`` of this phase to ``dest``, symlinks and empty dirs
@@ -481,16 +586,37 @@ class GuestResult:
     markers: list                         # (host seconds since QEMU start, marker, rest)
     workdir: Path
     nvdimm_file: Path | None = None
+    #: {release: module names} of run_guest's extra_kernels: a phase that runs on such a
+    #: kernel must have loaded all of them (check())
+    expected_modules: dict = dataclasses.field(default_factory=dict)
 
     def check(self) -> "GuestResult":
-        """Raise LabError with the console tail unless every phase ran and exited 0."""
+        """Raise LabError with the console tail unless every phase ran and exited 0, and every
+        phase booted into one of run_guest's ``extra_kernels`` loaded that kernel's modules."""
         bad = [p for p in self.phases if p.rc != 0]
         if bad:
             p = bad[0]
             raise LabError(
                 f"guest phase {p.phase} rc={p.rc}\n--- stdout ---\n{p.stdout[-3000:]}\n"
                 f"--- stderr ---\n{p.stderr[-3000:]}\n--- console tail ---\n{self.console[-4000:]}")
+        for p in self.phases:
+            missing = self.missing_modules(p)
+            if missing:
+                raise LabError(
+                    f"guest phase {p.phase} ran on {p.release} without its modules {missing} "
+                    f"(load list {p.modules_list or '?'}, insmod failed: {p.modules_failed})\n"
+                    f"--- console tail ---\n{self.console[-4000:]}")
         return self
+
+    def missing_modules(self, p: "PhaseResult") -> list:
+        """The modules of an extra kernel that phase ``p`` ran on but did not load (else [])."""
+        want = self.expected_modules.get(p.release)
+        if want is None:
+            return []
+        if not p.modules_list.endswith(f"modules.load.{p.release}"):
+            return list(want)
+        return [m for m in want if m not in p.modules] + [
+            f"insmod {m}" for m in p.modules_failed]
 
     def format_timings(self) -> str:
         return "\n".join(f"  {k:32s} {v:7.2f} s" for k, v in self.timings.items())
@@ -556,6 +682,14 @@ def _read_results(res_img: Path, nphases: int) -> list[PhaseResult]:
                                         "lab-cmdline.txt": "cmdline", "kexec.log": "kexec_log"}.get(name)
                                 if attr:
                                     setattr(pr, attr, txt)
+                                elif name == "lab-release.txt":
+                                    pr.release = txt.strip()
+                                elif name == "lab-modules.txt":
+                                    pr.modules = [ln.split()[0] for ln in txt.splitlines() if ln.strip()]
+                                elif name == "lab-modules-load.txt":
+                                    lines = [ln for ln in txt.splitlines() if ln.strip()]
+                                    pr.modules_list = lines[0] if lines else ""
+                                    pr.modules_failed = lines[1:]
                 except tarfile.TarError as e:
                     pr.stderr += f"\n[lab] results slot {n} unreadable: {e}"
             out.append(pr)
@@ -658,7 +792,7 @@ def run_guest(scripts, *, pmem: str | None = "legacy", append: str = "",
               memory: str = "1G", cpu: str | None = None, qemu_args: list | None = None,
               timeout: float = DEFAULT_TIMEOUT, workdir: str | Path | None = None,
               echo: bool = False, shell: bool = False,
-              kernel: Kernel | None = None) -> GuestResult:
+              kernel: Kernel | None = None, extra_kernels=()) -> GuestResult:
     """Boot the lab guest and run ``scripts`` (a str or a list of str, shell source).
 
     scripts[0] runs in the first kernel; for each further script the guest init kexecs
@@ -670,6 +804,11 @@ def run_guest(scripts, *, pmem: str | None = "legacy", append: str = "",
     append: extra kernel args for every phase.  kexec_append: extra args for the kexec'd
     phases only (default: same as append).  files: {payload path: bytes | str | host Path},
     visible in the guest under /payload/<path> (cwd of the scripts).
+    extra_kernels: Kernel trees (``Kernel(release, mod_root)``: lib/modules/<release> with
+    modules.dep; no vmlinuz needed) whose GUEST_MODULES the initrd carries as well, loaded
+    by /init when ``uname -r`` is that release; the test puts such a kernel's image for phase
+    N at ``files={"lab/vmlinuz.N": ...}``.  check() then also fails a phase that ran on one of
+    them without loading its modules.
     Whole run killed after ``timeout`` seconds (LabTimeout).  Results: GuestResult.
     """
     if isinstance(scripts, str):
@@ -677,7 +816,9 @@ def run_guest(scripts, *, pmem: str | None = "legacy", append: str = "",
     if shell:
         scripts = scripts or [""]
     timings: dict[str, float] = {}
-    kernel, initrd = setup(timings, kernel)
+    extra_kernels = list(extra_kernels or ())
+    kernel, initrd = setup(timings, kernel, extra_kernels)
+    expected = {x.version: module_names(x) for x in extra_kernels}
     if not workdir:
         _prune_runs()
     wd = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="run-", dir=cache_dir() / "runs"))
@@ -720,7 +861,9 @@ def run_guest(scripts, *, pmem: str | None = "legacy", append: str = "",
         return subprocess.call(cmd)  # type: ignore[return-value]
     try:
         with _guest_lock():
-            return _boot(cmd, wd, scripts, timeout, echo, timings, nv)
+            res = _boot(cmd, wd, scripts, timeout, echo, timings, nv)
+            res.expected_modules = expected
+            return res
     finally:
         inuse.close()
 

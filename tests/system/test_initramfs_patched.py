@@ -1,6 +1,6 @@
 """The cycle into the PATCHED kernel (kernel-patches/, tools/kernel.py): `handover arm` reads
 its Handover ELF note and adds `handover=<size>@<phys>`; the kernel validates the state early
-(/sys/kernel/handover/status); the initramfs (real mkinitramfs, our hook) runs `handover load`
+(/sys/kernel/handover/, one value per file); the initramfs (real mkinitramfs, our hook) runs `handover load`
 with handover.policy=abort and tells the kernel `accept` (match) or `abort` (stale state)
 through /sys/kernel/handover/decision, and the boot goes on to the root's /sbin/init.
 
@@ -10,6 +10,8 @@ kernel is built (make kernel; HANDOVER_BUILD_KERNEL=1 builds it here, 15-25 min)
 """
 
 from __future__ import annotations
+
+import os
 
 import pytest
 
@@ -21,8 +23,13 @@ pytestmark = [pytest.mark.system, pytest.mark.kernel]
 
 @pytest.fixture(scope="module")
 def kernel(patched):
-    """The lab tree of the kernel that test_kernel_handover's fixture builds or skips for."""
-    return e2e.patched_kernel()
+    """The lab tree of the kernel that test_kernel_handover's fixture builds or skips for.
+    Only the lab configuration: e2e builds its mkinitramfs tree and vfat root for a kernel
+    without modules (e2e.patched_kernel)."""
+    if patched["config"] != "lab":
+        pytest.skip(f"the mkinitramfs cycle runs on the lab build only (e2e.patched_kernel), "
+                    f"not on the {patched['config']} configuration")
+    return e2e.patched_kernel(stale_ok=os.environ.get("HANDOVER_KERNEL_STALE_OK") == "1")
 
 
 def _cycle(k, **kw) -> e2e.Cycle:

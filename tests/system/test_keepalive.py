@@ -38,7 +38,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.system.test_kernel_handover import REGION, ROOT, _status, patched  # noqa: F401
+from tests.system import lab
+from tests.system.test_kernel_handover import REGION, ROOT, _status, on_patched, patched  # noqa: F401
 
 pytestmark = [pytest.mark.system, pytest.mark.kernel]
 
@@ -114,8 +115,9 @@ EOF
     "irta": _rewrite("units", "r._replace(irta=r.irta + 0x100000)"),
 }
 
-NEW_KERNEL_COMMON = r"""
-cat /sys/kernel/handover/status > "$LAB_OUT/status.txt" 2>&1
+# hstatus: /sys/kernel/handover/ as "key: value" lines (lab.HSTATUS)
+NEW_KERNEL_COMMON = lab.HSTATUS + r"""
+hstatus > "$LAB_OUT/status.txt" 2>&1
 cat /sys/class/iommu/dmar0/intel-iommu/rtaddr > "$LAB_OUT/rtaddr.txt"
 cat /sys/class/iommu/dmar0/intel-iommu/gsts > "$LAB_OUT/gsts.txt"
 cat /sys/kernel/debug/iommu/intel/dmar_translation_struct > "$LAB_OUT/dmar_translation.txt" 2>&1 || true
@@ -130,21 +132,21 @@ python3 -m handover load --region /dev/pmem0 --token TOKEN --json > "$LAB_OUT/lo
 echo vfio-pci > /sys/bus/pci/devices/0000:00:03.0/driver_override
 echo 0000:00:03.0 > /sys/bus/pci/drivers_probe
 python3 edu_keepalive.py owner 0000:00:03.0 "$dax" "$LAB_OUT/owner.json" TOKEN WRONG
-cat /sys/kernel/handover/status > "$LAB_OUT/status-end.txt" 2>&1
+hstatus > "$LAB_OUT/status-end.txt" 2>&1
 dmesg > "$LAB_OUT/dmesg.txt"
 """.replace("TOKEN", TOKEN).replace("WRONG", WRONG)
 
 NEW_KERNEL_REJECT = NEW_KERNEL_COMMON + r"""
 python3 -m handover load --region /dev/pmem0 --token WRONG --json > "$LAB_OUT/load.json" 2>"$LAB_OUT/load.err" || echo "load rc=$?" >> "$LAB_OUT/load.err"
-cat /sys/kernel/handover/status > "$LAB_OUT/status-end.txt" 2>&1
+hstatus > "$LAB_OUT/status-end.txt" 2>&1
 cat /sys/kernel/debug/iommu/intel/dmar_translation_struct > "$LAB_OUT/dmar_translation-end.txt" 2>&1 || true
 od -An -tx2 -j4 -N2 /sys/bus/pci/devices/0000:00:03.0/config > "$LAB_OUT/command-end.txt"
 dmesg > "$LAB_OUT/dmesg.txt"
 """.replace("WRONG", WRONG)
 
 
-NEW_KERNEL_KERNEL_REJECTS = r"""
-cat /sys/kernel/handover/status > "$LAB_OUT/status.txt" 2>&1
+NEW_KERNEL_KERNEL_REJECTS = lab.HSTATUS + r"""
+hstatus > "$LAB_OUT/status.txt" 2>&1
 cat /sys/class/iommu/dmar0/intel-iommu/gsts > "$LAB_OUT/gsts.txt"
 od -An -tx2 -j4 -N2 /sys/bus/pci/devices/0000:00:03.0/config > "$LAB_OUT/command-end.txt"
 dmesg > "$LAB_OUT/dmesg.txt"
@@ -152,15 +154,15 @@ dmesg > "$LAB_OUT/dmesg.txt"
 
 
 def _run(patched, last, spoil: str = ""):  # noqa: F811
-    from tests.system import lab
-
     bz = Path(patched["bzImage"])
     files = {"lab/vmlinuz.2": bz, "lab/vmlinuz.3": bz,
              "vfio_edu.py": ROOT / "tests" / "system" / "guest" / "vfio_edu.py",
              "edu_keepalive.py": ROOT / "tests" / "system" / "guest" / "edu_keepalive.py"}
     res = lab.run_guest(["true\n", OLD_KERNEL + spoil, last], pmem="legacy",
-                        kexec_append=f"handover={REGION} {DAX_RANGE}", files=files, timeout=900)
+                        kexec_append=f"handover={REGION} {DAX_RANGE}", files=files, timeout=900,
+                        **patched["run_guest"])
     res.check()
+    on_patched(patched, res, 2, 3)   # the old and the new kernel (debian: with its modules)
     return res
 
 

@@ -1,0 +1,145 @@
+"""Kernel safety in the lab: what the series guarantees when something goes wrong.
+
+Own command with the kernel tests (``make test-kernel``, marker ``kernel``). Each scenario
+arms edu exactly as tests/system/test_keepalive.py does (edu bound to vfio-pci in the old
+kernel, a DMA buffer on device-dax, ``handover arm --token``, a DMA in flight across
+``handover arm --exec``) and then looks at one guarantee in the new kernel:
+
+- a host driver cannot bind a held device (only vfio-pci, which manages its DMA);
+- a refusal is safe: when the IOMMU driver turns translation off under a held device (the
+  state's RTADDR is not the live one; ``intel_iommu=off``), the device is stopped first:
+  its release is logged before the driver's "Translation was enabled" line, and its bus
+  mastering is off afterwards;
+- a state whose preserved ranges are not what the kernel can keep (an IOMMU table outside
+  RAM, a range straddling the end of RAM, more than 1/16 of RAM) is refused at boot
+  without a panic, and edu, left bus-mastering, is stopped during enumeration.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from tests.system.test_kernel_handover import REGION, ROOT, on_patched, patched  # noqa: F401
+from tests.system.test_keepalive import DAX_RANGE, OLD_KERNEL, _rewrite
+
+pytestmark = [pytest.mark.system, pytest.mark.kernel]
+
+# /sys/kernel/handover/ as "path:value" lines (one value per file), plus edu's COMMAND
+KFILES = r"""
+grep -r . /sys/kernel/handover/ --exclude=blob > "$LAB_OUT/kfiles.txt" 2>/dev/null || true
+od -An -tx2 -j4 -N2 /sys/bus/pci/devices/0000:00:03.0/config > "$LAB_OUT/command-end.txt"
+dmesg > "$LAB_OUT/dmesg.txt"
+"""
+
+
+def _kfiles(text: str) -> dict:
+    """{"state": "valid", "devices/0000:00:03.0/state": "held", ...}"""
+    out = {}
+    for ln in text.splitlines():
+        m = re.match(r"/sys/kernel/handover/(.+?):(.*)$", ln)
+        if m:
+            out[m.group(1)] = m.group(2)
+    return out
+
+
+def _run(patched, last, spoil: str = "", append: str = ""):  # noqa: F811
+    from tests.system import lab
+
+    bz = Path(patched["bzImage"])
+    files = {"lab/vmlinuz.2": bz, "lab/vmlinuz.3": bz,
+             "vfio_edu.py": ROOT / "tests" / "system" / "guest" / "vfio_edu.py",
+             "edu_keepalive.py": ROOT / "tests" / "system" / "guest" / "edu_keepalive.py"}
+    res = lab.run_guest(["true\n", OLD_KERNEL + spoil, last], pmem="legacy",
+                        kexec_append=f"handover={REGION} {DAX_RANGE} {append}".strip(),
+                        files=files, timeout=900, **patched["run_guest"])
+    res.check()
+    on_patched(patched, res, 2, 3)
+    new = res.phases[2]
+    return {name: new.files[name].decode(errors="replace") for name in new.files}
+
+
+def _stopped(out: dict) -> bool:
+    return not int(out["command-end.txt"].split()[0], 16) & 0x4
+
+
+def test_host_driver_cannot_bind_a_held_device(patched):  # noqa: F811
+    """e1000e claims edu's ID: its probe is refused, edu stays held and keeps working."""
+    out = _run(patched, r"""
+dax=$(ls /dev/dax* | head -1)
+echo "1234 11e8" > /sys/bus/pci/drivers/e1000e/new_id 2> "$LAB_OUT/new_id.err" || true
+basename "$(readlink /sys/bus/pci/devices/0000:00:03.0/driver 2>/dev/null)" > "$LAB_OUT/driver.txt"
+python3 edu_keepalive.py probe 0000:00:03.0 "$dax" "$LAB_OUT/probe.json"
+""" + KFILES)
+    dmesg, k = out["dmesg.txt"], _kfiles(out["kfiles.txt"])
+    assert "0000:00:03.0: handover: e1000e may not bind a held keepalive device" in dmesg, dmesg[-3000:]
+    assert out["driver.txt"].strip() in ("", ".")
+    assert k["devices/0000:00:03.0/state"] == "held"
+    assert '"dma_old_iova": true' in out["probe.json"]
+    assert not _stopped(out)
+
+
+def test_refusal_stops_the_device_before_translation_goes_off(patched):  # noqa: F811
+    """The state's RTADDR is not the live one: the IOMMU driver refuses to keep the root
+    table and turns translation off; edu, held at enumeration, is stopped before."""
+    out = _run(patched, KFILES, _rewrite("units", "r._replace(rtaddr=r.rtaddr + 0x1000)"))
+    dmesg, k = out["dmesg.txt"], _kfiles(out["kfiles.txt"])
+    released = dmesg.find("0000:00:03.0: handover: released (its DMA translation was not kept)")
+    off = dmesg.find("Translation was enabled for dmar0 but we are not in kdump mode")
+    assert "root table not kept: the register differs from the saved one" in dmesg, dmesg[-3000:]
+    assert 0 <= released < off, dmesg[-3000:]
+    assert k["devices/0000:00:03.0/state"] == "released"
+    assert k["devices/0000:00:03.0/reason"] == "its DMA translation was not kept"
+    assert _stopped(out)
+
+
+def test_iommu_off_stops_the_device_first(patched):  # noqa: F811
+    """intel_iommu=off on the new kernel's command line: every held device is stopped
+    before the driver switches the units off."""
+    out = _run(patched, KFILES, append="intel_iommu=off")
+    dmesg, k = out["dmesg.txt"], _kfiles(out["kfiles.txt"])
+    assert "0000:00:03.0: handover: released (DMA remapping is disabled)" in dmesg, dmesg[-3000:]
+    assert k["devices/0000:00:03.0/state"] == "released"
+    assert _stopped(out)
+
+
+def _add_range(start: str, size: str, kind: int) -> str:
+    return f"""
+python3 - <<'EOF'
+from handover.formats.codec import decode, encode
+from handover.formats.model import Table
+from handover.pmem import commit, read_latest
+st = decode(read_latest("/dev/pmem0").blob)
+rows = list(st.reserved)
+rows.append(rows[0]._replace(start={start}, size={size}, kind={kind}))
+st.reserved = Table.from_rows(st.reserved.spec, rows)
+commit("/dev/pmem0", encode(st))
+EOF
+"""
+
+
+RANGES = {
+    # a page-table range on the VT-d unit's registers (MMIO): tables must be RAM
+    "table-mmio": (_add_range("0xfed90000", "0x1000", 5), "a preserved table is not in RAM"),
+    # a DMA buffer straddling the end of RAM (the legacy pmem range starts at 0x30000000)
+    "partly-ram": (_add_range("0x2fff0000", "0x20000", 10), "a preserved range is partly RAM"),
+    # 512 MiB of the 1 GiB guest: more than 1/16 of RAM
+    "huge": (_add_range("0x4000000", "0x20000000", 10),
+             "the preserved RAM exceeds the limit (1/16 of RAM)"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RANGES))
+def test_ranges_the_kernel_cannot_keep_are_refused(patched, case):  # noqa: F811
+    spoil, why = RANGES[case]
+    out = _run(patched, KFILES, spoil)
+    dmesg, k = out["dmesg.txt"], _kfiles(out["kfiles.txt"])
+    assert k["state"] == "rejected", out["kfiles.txt"]
+    assert k["reason"] == why
+    assert f"refused: {why}" in dmesg
+    assert ("0000:00:03.0: handover: left bus-mastering by the previous kernel but not adopted "
+            "(no valid state): stopped") in dmesg
+    assert k.get("reserved_ranges") == "0"
+    assert _stopped(out)

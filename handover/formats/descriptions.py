@@ -31,6 +31,10 @@ def bdf_str(sbdf: int) -> str:
     return f"{sbdf >> 16:04x}:{(sbdf >> 8) & 0xff:02x}:{(sbdf >> 3) & 0x1f:02x}.{sbdf & 7}"
 
 
+#: a PCI address as sysfs spells it, for patterns that contain one
+BDF_PATTERN = r"[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]"
+
+
 def parse_bdf(text: str) -> int:
     """'0000:00:03.0' or '00:03.0' -> sbdf. Raises ValueError."""
     t = text.strip()

@@ -13,11 +13,12 @@ import re
 import struct
 
 from ..formats import enums as E
+from ..formats.descriptions import BDF_PATTERN
 from .base import Host, Irq, MsixCap, PciDev, Source, Vector, errno_text, register
 
 PROC_INTERRUPTS = "/proc/interrupts"
 SYS_IRQ = "/sys/kernel/irq"
-CHIP_RE = re.compile(r"^(IR-)?PCI-(MSI|MSIX)-([0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7])$")
+CHIP_RE = re.compile(rf"^(IR-)?PCI-(MSI|MSIX)-({BDF_PATTERN})$")
 _LINE = re.compile(r"^\s*(\d+):((?:\s+\d+)*)\s+(\S+)(?:\s+(\d+))?-(\S+)(?:\s+(.*))?$")
 
 

@@ -34,12 +34,13 @@ import errno
 import re
 
 from ..errors import HandoverError
+from ..formats.descriptions import BDF_PATTERN
 from .base import Host, Source, Sysroot, register
 
 ROOT = "/sys/kernel/handover"
 
 
-_DEVICE = re.compile(r"^(?P<bdf>[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]) (?P<state>[a-z]+)"
+_DEVICE = re.compile(rf"^(?P<bdf>{BDF_PATTERN}) (?P<state>[a-z]+)"
                      r"(?: adopted domain=(?P<domain>\d+))?(?: \((?P<why>.*)\))?$")
 
 

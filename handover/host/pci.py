@@ -13,11 +13,11 @@ import re
 import struct
 
 from ..errors import HandoverError
-from ..formats.descriptions import bdf_str, parse_bdf
+from ..formats.descriptions import BDF_PATTERN, bdf_str, parse_bdf
 from .base import Caps, Host, MsiCap, MsixCap, PciDev, Source, SriovCap, register
 
 PCI_DEVICES = "/sys/bus/pci/devices"
-BDF_RE = re.compile(r"^([0-9a-f]{4}):([0-9a-f]{2}):([0-9a-f]{2})\.([0-7])$")
+BDF_RE = re.compile(rf"^{BDF_PATTERN}$")
 
 CAP_MSI, CAP_PCIE, CAP_MSIX = 0x05, 0x10, 0x11
 ECAP_DSN, ECAP_SRIOV = 0x0003, 0x0010

@@ -15,6 +15,8 @@ pyelftools names notes by their type alone (ecosystem.md section 6), so notes ar
 from __future__ import annotations
 
 import io
+import os
+import stat
 import struct
 from dataclasses import dataclass
 
@@ -170,6 +172,9 @@ def state_from_vmcore(path: str) -> tuple[bytes, dict]:
     from elftools.elf.elffile import ELFFile
 
     try:
+        if stat.S_ISFIFO(os.stat(path).st_mode):
+            raise HandoverError(f"{path}: a FIFO is not read as a crash dump (it could block "
+                                f"forever): give the dump file")
         f = open(path, "rb")
     except OSError as e:
         raise HandoverError(f"{path}: {e.strerror}") from None
@@ -213,7 +218,8 @@ def state_from_vmcore(path: str) -> tuple[bytes, dict]:
             if paddr <= phys and phys + length <= paddr + filesz:
                 f.seek(off + phys - paddr)
                 blob = f.read(length)
-                return blob, {"kind": "vmcore", "path": path, "phys": hex(phys), "length": length,
-                              "file_offset": off + phys - paddr}
+                return blob, {"kind": "vmcore", "path": os.path.abspath(path), "phys": hex(phys),
+                              "length": length, "file_offset": hex(off + phys - paddr),
+                              "fallback": False}
         raise NoStateError(f"{path}: state at {phys:#x}+{length:#x} is not in any PT_LOAD "
                            f"(excluded from the dump?)")

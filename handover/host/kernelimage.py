@@ -140,6 +140,8 @@ def read_declaration(path: str | None) -> Declaration | None:
 
         return running_declaration(Sysroot("/"))
     try:
+        if stat.S_ISFIFO(os.stat(path).st_mode):
+            raise KernelImageError(f"{path}: a FIFO is not a kernel image")
         with open(path, "rb") as f:
             data = f.read(MAX_IMAGE + 1)
     except OSError as e:

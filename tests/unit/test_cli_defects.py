@@ -178,7 +178,9 @@ def test_fifo_never_hangs_and_stdin_is_a_source(tmp_path):
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
     for args in (("inspect", fifo), ("verify", fifo), ("region", "status", fifo),
-                 ("load", "--region", fifo, "--result-dir", tmp_path / "r")):
+                 ("load", "--region", fifo, "--result-dir", tmp_path / "r"),
+                 ("check-kernel", fifo), ("save", "--region", fifo, "-q"),
+                 ("region", "init", fifo), ("diff", fifo, fifo)):
         r = cli(*args, timeout=30)
         assert r.returncode == 1, (args, r.stderr)
         one_error_line(r.stderr.decode())

@@ -15,6 +15,7 @@ import sys
 import click
 
 from .. import __version__
+from ..errors import safe_text
 from .common import Settings
 
 log = logging.getLogger("handover")
@@ -52,7 +53,37 @@ def _print_version(ctx, _param, value):
     ctx.exit(0)
 
 
+class UsageLine(click.UsageError):
+    """A usage error as one line like every other error (exit 2):
+    ``handover: usage: <command>: <what> (see <command> --help)``."""
+
+    def show(self, file=None) -> None:
+        cmd = self.ctx.command_path if self.ctx is not None else "handover"
+        click.echo(f"handover: usage: {cmd}: {safe_text(self.message)} (see {cmd} --help)",
+                   err=True)
+
+
+def _one_line(e: click.UsageError) -> UsageLine:
+    return UsageLine(" ".join(e.format_message().split()), ctx=e.ctx)
+
+
 class _LazyGroup(click.Group):
+    def make_context(self, *args, **kwargs):
+        try:
+            return super().make_context(*args, **kwargs)
+        except click.exceptions.NoArgsIsHelpError:
+            raise
+        except click.UsageError as e:
+            raise _one_line(e) from None
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.NoArgsIsHelpError, UsageLine):
+            raise
+        except click.UsageError as e:
+            raise _one_line(e) from None
+
     def list_commands(self, ctx):
         return sorted(COMMANDS)
 

@@ -323,6 +323,13 @@ def test_one_error_format_everywhere(host, region, tmp_path):
         code, _, err = run(*args)
         assert code not in (0, 2), (args, err)
         one_error_line(err)
+    # usage errors too (exit 2): click's multi-line block becomes the same one line
+    for args in (("save",), ("inspect", "--limit", "-1", empty), ("bogus",),
+                 ("region", "bogus"), ("diff", empty), ("arm", "--kernel", empty, "--pass-token",
+                                                        "--sysroot", host, "--dry-run")):
+        code, _, err = run(*args)
+        assert code == 2, (args, err)
+        assert one_error_line(err).startswith("handover: usage: "), err
 
 
 # security: strings read from a state are sanitized ---------------------------------------

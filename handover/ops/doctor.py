@@ -44,7 +44,8 @@ def _running_kernel(sr, host) -> tuple[Check, bool]:
     from ..formats.structs import FORMAT_MAJOR, WRITABLE_MINORS
     from ..host.kernelimage import running_declaration
 
-    release = sr.try_text("/proc/sys/kernel/osrelease") or "unknown release"
+    release = sr.try_text("/proc/sys/kernel/osrelease") or (
+        os.uname().release if sr.root == "/" else "of unknown release")
     iface = host.interfaces.get("kernel-handover")
     try:
         d = running_declaration(sr)

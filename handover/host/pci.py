@@ -115,57 +115,6 @@ def walk_caps(config: bytes) -> Caps:
                 break
             pos, seen = nxt, seen + 1
     return caps
-    pos, seen = _u8(c, 0x34) & 0xFC, 0
-    while pos >= 0x40 and seen < 48:
-        if pos + 2 > len(c):
-            caps["truncated_at"] = pos
-            break
-        cid, nxt = c[pos], c[pos + 1] & 0xFC
-        caps["cap_ids"].append((cid, pos))
-        if cid == CAP_MSI and pos + 0x10 <= len(c):
-            ctrl = _u16(c, pos + 2)
-            is64 = bool(ctrl & 0x80)
-            caps["msi"] = {
-                "offset": pos, "ctrl": ctrl, "enabled": bool(ctrl & 1),
-                "mmc": (ctrl >> 1) & 7, "mme": (ctrl >> 4) & 7, "is64": is64,
-                "maskable": bool(ctrl & 0x100),
-                "addr_lo": _u32(c, pos + 4),
-                "addr_hi": _u32(c, pos + 8) if is64 else 0,
-                "data": _u16(c, pos + (0x0C if is64 else 0x08)),
-                "mask": (_u32(c, pos + (0x10 if is64 else 0x0C)) if ctrl & 0x100 else 0),
-            }
-        elif cid == CAP_MSIX and pos + 12 <= len(c):
-            ctrl, table, pba = _u16(c, pos + 2), _u32(c, pos + 4), _u32(c, pos + 8)
-            caps["msix"] = {
-                "offset": pos, "ctrl": ctrl, "size": (ctrl & 0x7FF) + 1,
-                "enabled": bool(ctrl & 0x8000), "masked": bool(ctrl & 0x4000),
-                "table_bir": table & 7, "table_offset": table & ~7,
-                "pba_bir": pba & 7, "pba_offset": pba & ~7,
-            }
-        elif cid == CAP_PCIE:
-            caps["pcie"] = {"offset": pos, "type": (_u16(c, pos + 2) >> 4) & 0xF}
-        pos, seen = nxt, seen + 1
-    if len(c) > 0x100:
-        pos, seen = 0x100, 0
-        while pos and pos + 4 <= len(c) and seen < 960:
-            hdr = _u32(c, pos)
-            if hdr == 0 or hdr == 0xFFFFFFFF:
-                break
-            eid, nxt = hdr & 0xFFFF, (hdr >> 20) & 0xFFC
-            caps["ecap_ids"].append((eid, pos))
-            if eid == ECAP_DSN and pos + 12 <= len(c):
-                caps["dsn"] = {"offset": pos, "value": _u32(c, pos + 4) | _u32(c, pos + 8) << 32}
-            elif eid == ECAP_SRIOV and pos + 0x3C <= len(c):
-                caps["sriov"] = {
-                    "offset": pos, "ctrl": _u16(c, pos + 8), "total_vfs": _u16(c, pos + 0x0E),
-                    "num_vfs": _u16(c, pos + 0x10), "vf_offset": _u16(c, pos + 0x14),
-                    "vf_stride": _u16(c, pos + 0x16), "vf_device": _u16(c, pos + 0x1A),
-                    "vf_bars": [_u32(c, pos + 0x24 + 4 * i) for i in range(6)],
-                }
-            if nxt < 0x100:
-                break
-            pos, seen = nxt, seen + 1
-    return caps
 
 
 def bar_raw(dev: PciDev, index: int) -> int:

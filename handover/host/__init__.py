@@ -14,11 +14,11 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from .base import (REGISTRY, ContextEntry, Host, Irq, PciDev, Source, Sysroot, Unit, Vector,
-                   register)
+from .base import (REGISTRY, Caps, ContextEntry, DomainWalk, Host, Irq, PciDev, Source, Sysroot,
+                   Unit, Vector, register)
 
-__all__ = ["REGISTRY", "ContextEntry", "Host", "Irq", "PciDev", "Source", "Sysroot", "Unit",
-           "Vector", "register",
+__all__ = ["REGISTRY", "Caps", "ContextEntry", "DomainWalk", "Host", "Irq", "PciDev", "Source",
+           "Sysroot", "Unit", "Vector", "register",
            "all_sources", "read_host"]
 
 _LOADED = False

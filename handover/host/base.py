@@ -295,6 +295,16 @@ class ContextEntry:
 
 
 @dataclass
+class DomainWalk:
+    """debugfs domain_translation_struct of one device: its page-table root and leaves."""
+
+    device: str                    # "0000:00:03.0"
+    pasid: int | None = None
+    pgd: int | None = None         # None: not walked
+    leaves: list = field(default_factory=list)   # [(iova_pfn, (pml5e, pml4e, pdpe, pde, pte))]
+
+
+@dataclass
 class Unit:
     name: str                      # "dmar0"
     seq: int                       # the kernel's seq_id (N of dmarN)
@@ -344,7 +354,7 @@ class PciDev:
     msi_irqs: dict = field(default_factory=dict)    # irq -> "msi" | "msix"
     msix_entries: list | None = None                # [(addr_lo, addr_hi, data, ctrl)]
     msix_reason: str = ""
-    domain: dict | None = None                      # debugfs domain_translation_struct
+    domain: DomainWalk | None = None                # debugfs domain_translation_struct
     vectors: list = field(default_factory=list)     # [Vector]
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import errno
 import re
 
-from .base import ContextEntry, Host, Source, errno_text, register
+from .base import ContextEntry, DomainWalk, Host, Source, errno_text, register
 
 DEBUGFS = "/sys/kernel/debug"
 INTEL = f"{DEBUGFS}/iommu/intel"
@@ -112,9 +112,9 @@ _DM_COLS = re.compile(r"^IOVA_PFN\s+\tPML5E\s+\tPML4E\s+\tPDPE\s+\tPDE\s+\tPTE$"
 _DM_ROW = re.compile(rf"^0x({_HEX}{{13,}}) \|\t(0x{_HEX}{{16}}(?:\t0x{_HEX}{{16}}){{2,4}})$")
 
 
-def parse_domain_translation(text: str) -> list[dict]:
-    """-> [{"device": "0000:00:03.0", "pasid": int|None, "pgd": int,
-            "leaves": [(iova_pfn, (pml5e, pml4e, pdpe, pde, pte))]}] (missing levels 0)."""
+def parse_domain_translation(text: str) -> list[DomainWalk]:
+    """-> [DomainWalk(device "0000:00:03.0", pasid, pgd, leaves [(iova_pfn, (pml5e, pml4e,
+    pdpe, pde, pte))])] (missing levels 0)."""
     out: list = []
     cur = None
     for n, line in enumerate(text.splitlines(), 1):
@@ -123,9 +123,9 @@ def parse_domain_translation(text: str) -> list[dict]:
         m = _DM_HDR.match(line)
         if m:
             g = m.groups()
-            cur = {"device": f"{g[0]}:{g[1]}:{g[2]}.{g[3]}".lower(),
-                   "pasid": int(g[4], 16) if g[4] is not None else None,
-                   "pgd": int(g[5], 16), "leaves": []}
+            cur = DomainWalk(device=f"{g[0]}:{g[1]}:{g[2]}.{g[3]}".lower(),
+                             pasid=int(g[4], 16) if g[4] is not None else None,
+                             pgd=int(g[5], 16))
             out.append(cur)
             continue
         if _DM_COLS.match(line) and cur is not None:
@@ -134,7 +134,7 @@ def parse_domain_translation(text: str) -> list[dict]:
         if m and cur is not None:
             vals = [int(v, 16) for v in m.group(2).split("\t")]
             vals += [0] * (5 - len(vals))
-            cur["leaves"].append((int(m.group(1), 16), tuple(vals)))
+            cur.leaves.append((int(m.group(1), 16), tuple(vals)))
             continue
         raise _bad("domain_translation_struct", n, line)
     return out
@@ -320,8 +320,7 @@ class IntelIommuDebugfs(Source):
             except OSError as e:
                 failed.append(f"{bdf}: {errno_text(e)}")
                 continue
-            dev.domain = doms[0] if doms else {"device": bdf, "pasid": None, "pgd": None,
-                                               "leaves": []}
+            dev.domain = doms[0] if doms else DomainWalk(device=bdf)
             got.append(bdf)
         if got or failed:
             host.note("domains", "captured" if not failed else "partial", self.name,

@@ -18,7 +18,7 @@ from ..errors import HandoverError
 from ..formats import enums as E
 from ..formats.enums import ITEMS
 from ..formats.model import State, StateBuilder
-from ..host.base import ContextEntry, Host, PciDev, Unit
+from ..host.base import ContextEntry, DomainWalk, Host, PciDev, Unit
 from ..host.pci import bar_raw, normalize_bdf, sbdf_of
 from ..formats.token import hash_token
 
@@ -214,11 +214,11 @@ def _domain_of_context(c: ContextEntry, scalable: bool) -> dict:
                 flags=(1 if pgtt == 1 else 0) | 2, pgd=pgd)
 
 
-def walk_tables(domain: dict) -> tuple[set, list]:
+def walk_tables(domain: DomainWalk) -> tuple[set, list]:
     """From a parsed domain_translation_struct: (page-table pages, leaf data ranges)."""
-    tables = {domain["pgd"] & ADDR_MASK} if domain.get("pgd") else set()
+    tables = {domain.pgd & ADDR_MASK} if domain.pgd else set()
     leaves = []
-    for _pfn, vals in domain["leaves"]:
+    for _pfn, vals in domain.leaves:
         nz = [(lvl, v) for lvl, v in zip((5, 4, 3, 2, 1), vals) if v]
         if not nz:
             continue
@@ -294,8 +294,8 @@ def build_state(host: Host, devices: list, opts: SaveOptions) -> tuple[State, di
                       root_lo=c.root_lo, root_hi=c.root_hi, lo=c.lo, hi=c.hi,
                       pasid_val0=c.pasid_val0, pasid_val1=c.pasid_val1,
                       pasid_val2=c.pasid_val2)
-                if dev.domain and dev.domain.get("pgd") and (dev.domain.get("pasid") in (None, pasid)):
-                    dom["pgd"] = dev.domain["pgd"]
+                if dev.domain and dev.domain.pgd and dev.domain.pasid in (None, pasid):
+                    dom["pgd"] = dev.domain.pgd
                 b._rows["domains"] = [r for r in b._rows["domains"]
                                       if not (r[0] == u.seq and r[1] == dom["did"])]
                 b.add("domains", unit=u.seq, **dom)

@@ -8,6 +8,10 @@
  *   ho_check --ranges FILE  the verdict, then one "<start> <size> <kind>" line (hex, hex,
  *                           decimal) per range the kernel reserves (ho_preserved_ranges),
  *                           then "skipped <n>"
+ *   ho_check --head FILE    the early-boot view: ho_parse_head() on the first bytes of FILE
+ *                           (at most the largest header and section table), then, when it
+ *                           is OK, the ranges ho_preserved_ranges_raw() gives for the
+ *                           RESERVED and PI_DESC sections, as --ranges prints them
  *   ho_check --region FILE  FILE is a whole region: per header copy, "copy <n> invalid" or
  *                           "copy <n> slots <k>" then one "<generation> <offset> <length>
  *                           <capacity> <crc>" line (decimal) per slot ho_region_slots() keeps
@@ -82,6 +86,44 @@ static int region(const char *path)
 	return 0;
 }
 
+static int head(const char *path)
+{
+	FILE *f = fopen(path, "rb");
+	static struct ho_view v;
+	const struct ho_section *rs, *ps;
+	unsigned char *buf;
+	__u64 off = 0, hl;
+	long n;
+	int rc;
+
+	if (!f || fseek(f, 0, SEEK_END) || (n = ftell(f)) < 0 || fseek(f, 0, SEEK_SET)) {
+		perror(path);
+		return 2;
+	}
+	buf = read_all(f, (size_t)n);
+	fclose(f);
+	if (!buf)
+		return 2;
+	hl = HO_HEADER_SIZE + HO_SECTION_ENTRY_SIZE * HO_MAX_SECTIONS;
+	if (hl > (__u64)n)
+		hl = (__u64)n;
+	rc = ho_parse_head(buf, hl, (__u64)n, &v, &off);
+	if (rc != HO_OK) {
+		printf("%s %llu\n", ho_strerror(rc), (unsigned long long)off);
+		free(buf);
+		return 0;
+	}
+	printf("OK %u.%u %u\n", v.major, v.minor, v.nsections);
+	rs = ho_find_section(&v, HO_SEC_RESERVED);
+	ps = ho_find_section(&v, HO_SEC_PI_DESC);
+	printf("skipped %u\n", ho_preserved_ranges_raw(rs ? buf + rs->offset : NULL, rs ? rs->count : 0,
+						       rs ? rs->record_size : 0,
+						       ps ? buf + ps->offset : NULL, ps ? ps->count : 0,
+						       ps ? ps->record_size : 0, print_range, NULL));
+	free(buf);
+	return 0;
+}
+
 int main(int argc, char **argv)
 {
 	if (ho_crc32c(0, "123456789", 9) != HO_CRC32C_CHECK) {
@@ -110,6 +152,8 @@ int main(int argc, char **argv)
 	}
 	if (argc == 3 && !strcmp(argv[1], "--region"))
 		return region(argv[2]);
+	if (argc == 3 && !strcmp(argv[1], "--head"))
+		return head(argv[2]);
 	int ranges = argc == 3 && !strcmp(argv[1], "--ranges");
 
 	for (int i = 1 + ranges; i < argc; i++) {

@@ -68,3 +68,41 @@ def test_hostile_reserved_sizes_are_skipped(ho_check, tmp_path):
     rows, skipped = _ranges(ho_check, tmp_path, st)
     assert skipped == 2
     assert all(n and s + n <= 1 << 64 for s, n, _k in rows)
+
+
+def _head(exe, path):
+    return subprocess.run([exe, "--head", str(path)], check=True, capture_output=True,
+                          text=True).stdout.splitlines()
+
+
+def test_early_view_reserves_what_the_full_parse_does(ho_check, tmp_path):  # noqa: F811
+    """Early boot reserves before it may allocate the RAM copy: from the header, the section
+    table and the two mapped sections only (ho_parse_head + ho_preserved_ranges_raw). On
+    valid states that is exactly what the whole-blob walk reserves."""
+    for profile in ("tiny", "typical"):
+        p = tmp_path / f"{profile}.bin"
+        p.write_bytes(encode(synth_state(profile)))
+        full = subprocess.run([ho_check, "--ranges", str(p)], check=True, capture_output=True,
+                              text=True).stdout.splitlines()
+        early = _head(ho_check, p)
+        assert early[0].startswith("OK") and full[0].startswith("OK")
+        assert early[1:] == full[1:] and len(early) > 2, profile
+
+
+def test_early_view_refuses_a_damaged_head(ho_check, tmp_path):  # noqa: F811
+    """A bit flip in every byte of the header and the section table (a different bit each
+    byte), and every truncation, is refused by the early view (the header CRC covers both; the blob CRC is the caller's),
+    under ASan/UBSan, without reading outside the blob."""
+    blob = encode(synth_state("tiny"))
+    count = int.from_bytes(blob[24:28], "little")
+    head_len = 64 + 40 * count
+    p = tmp_path / "b.bin"
+    for byte in range(head_len):
+        bit = byte * 8 + byte % 8
+        bad = bytearray(blob)
+        bad[bit // 8] ^= 1 << (bit % 8)
+        p.write_bytes(bytes(bad))
+        assert not _head(ho_check, p)[0].startswith("OK"), bit
+    for n in list(range(0, head_len + 1)) + [len(blob) - 1]:
+        p.write_bytes(blob[:n])
+        assert not _head(ho_check, p)[0].startswith("OK"), n

@@ -75,6 +75,26 @@ struct ho_region_slot {
 int ho_region_slots(const __u8 *hdr, __u64 region_size,
 		    struct ho_region_slot out[HO_REGION_SLOTS]);
 
+/* The same walk over record arrays given directly (@nres RESERVED records of @res_size
+ * bytes at @res, @npi PI_DESC records of @pi_size bytes at @pi): early boot maps them
+ * before the blob can be copied.
+ */
+__u32 ho_preserved_ranges_raw(const __u8 *res, __u32 nres, __u32 res_size,
+			       const __u8 *pi, __u32 npi, __u32 pi_size,
+			       void (*fn)(void *ctx, __u64 start, __u64 size, unsigned int kind),
+			       void *ctx);
+
+/*
+ * For early boot, before the blob can be copied: the header and section table of a blob
+ * of @size bytes (whose checksum the caller verified), from its first @head_len bytes.
+ * Checks magic, major, section count, header size, header CRC, total size, that every
+ * section lies inside the blob, and the record size and count of the RESERVED and
+ * PI_DESC sections; fills @v (sections only, @v->blob is NULL). ho_parse() checks the
+ * whole blob once it is copied.
+ */
+int ho_parse_head(const __u8 *head, __u64 head_len, __u64 size, struct ho_view *v,
+		  __u64 *err_off);
+
 /* CRC32C of @len bytes continuing @crc (0 to start), as zlib-style crc32 functions do. */
 __u32 ho_crc32c(__u32 crc, const void *data, __u64 len);
 

@@ -378,6 +378,18 @@ static int ho_check_state(const struct ho_view *v, __u64 *err_off)
 	return HO_OK;
 }
 
+/* section table entry @e */
+static void ho_section_entry(const __u8 *e, struct ho_section *s)
+{
+	s->type = ho_get_le16(e + HO_SEC_OFF_TYPE);
+	s->version = ho_get_le16(e + HO_SEC_OFF_VERSION);
+	s->flags = ho_get_le32(e + HO_SEC_OFF_FLAGS);
+	s->offset = ho_get_le64(e + HO_SEC_OFF_OFFSET);
+	s->length = ho_get_le64(e + HO_SEC_OFF_LENGTH);
+	s->count = ho_get_le32(e + HO_SEC_OFF_COUNT);
+	s->record_size = ho_get_le32(e + HO_SEC_OFF_RECORD_SIZE);
+}
+
 int ho_parse(const void *blob, __u64 n, struct ho_view *v, __u64 *err_off)
 {
 	const __u8 *b = blob;
@@ -439,13 +451,7 @@ int ho_parse(const void *blob, __u64 n, struct ho_view *v, __u64 *err_off)
 		__u64 end, nxt;
 		int last = i + 1 == count;
 
-		s->type = ho_get_le16(e + HO_SEC_OFF_TYPE);
-		s->version = ho_get_le16(e + HO_SEC_OFF_VERSION);
-		s->flags = ho_get_le32(e + HO_SEC_OFF_FLAGS);
-		s->offset = ho_get_le64(e + HO_SEC_OFF_OFFSET);
-		s->length = ho_get_le64(e + HO_SEC_OFF_LENGTH);
-		s->count = ho_get_le32(e + HO_SEC_OFF_COUNT);
-		s->record_size = ho_get_le32(e + HO_SEC_OFF_RECORD_SIZE);
+		ho_section_entry(e, s);
 		if (s->offset != expect)
 			return ho_fail(err_off, (__u64)(e - b) + HO_SEC_OFF_OFFSET, HO_E_SECTION_OFFSET);
 		if (s->length > total - s->offset)
@@ -506,16 +512,15 @@ int ho_parse(const void *blob, __u64 n, struct ho_view *v, __u64 *err_off)
 	return rc;
 }
 
-__u32 ho_preserved_ranges(const struct ho_view *v,
-			   void (*fn)(void *ctx, __u64 start, __u64 size, unsigned int kind),
-			   void *ctx)
+__u32 ho_preserved_ranges_raw(const __u8 *res, __u32 nres, __u32 res_size,
+			       const __u8 *pi, __u32 npi, __u32 pi_size,
+			       void (*fn)(void *ctx, __u64 start, __u64 size, unsigned int kind),
+			       void *ctx)
 {
-	const struct ho_section *rs = ho_find_section(v, HO_SEC_RESERVED);
-	const struct ho_section *ps = ho_find_section(v, HO_SEC_PI_DESC);
 	__u32 skipped = 0;
 
-	for (__u32 i = 0; rs && i < rs->count; i++) {
-		const __u8 *r = ho_record(v, rs, i);
+	for (__u32 i = 0; i < nres; i++) {
+		const __u8 *r = res + (__u64)i * res_size;
 		__u64 start = ho_get_le64(r + HO_RESERVED_OFF_START);
 		__u64 size = ho_get_le64(r + HO_RESERVED_OFF_SIZE);
 
@@ -525,8 +530,8 @@ __u32 ho_preserved_ranges(const struct ho_view *v,
 		}
 		fn(ctx, start, size, ho_get_le16(r + HO_RESERVED_OFF_KIND));
 	}
-	for (__u32 i = 0; ps && i < ps->count; i++) {
-		__u64 phys = ho_get_le64(ho_record(v, ps, i) + HO_PI_DESC_OFF_PHYS);
+	for (__u32 i = 0; i < npi; i++) {
+		__u64 phys = ho_get_le64(pi + (__u64)i * pi_size + HO_PI_DESC_OFF_PHYS);
 
 		if (phys > ~0ULL - 4096) {
 			skipped++;
@@ -535,6 +540,75 @@ __u32 ho_preserved_ranges(const struct ho_view *v,
 		fn(ctx, phys & ~0xfffULL, 4096, HO_RES_PI_DESC);
 	}
 	return skipped;
+}
+
+__u32 ho_preserved_ranges(const struct ho_view *v,
+			   void (*fn)(void *ctx, __u64 start, __u64 size, unsigned int kind),
+			   void *ctx)
+{
+	const struct ho_section *rs = ho_find_section(v, HO_SEC_RESERVED);
+	const struct ho_section *ps = ho_find_section(v, HO_SEC_PI_DESC);
+
+	return ho_preserved_ranges_raw(rs ? v->blob + rs->offset : 0, rs ? rs->count : 0,
+				       rs ? rs->record_size : 0, ps ? v->blob + ps->offset : 0,
+				       ps ? ps->count : 0, ps ? ps->record_size : 0, fn, ctx);
+}
+
+int ho_parse_head(const __u8 *b, __u64 head_len, __u64 size, struct ho_view *v,
+		  __u64 *err_off)
+{
+	__u64 header_size;
+	__u32 count;
+
+	*err_off = 0;
+	v->blob = 0;
+	v->size = size;
+	v->nsections = 0;
+	if (head_len < HO_HEADER_SIZE || head_len > size)
+		return ho_fail(err_off, head_len, HO_E_TRUNCATED);
+	if (!ho_memeq(b, HO_MAGIC, HO_MAGIC_LEN))
+		return ho_fail(err_off, 0, HO_E_MAGIC);
+	v->major = ho_get_le16(b + HO_HDR_OFF_MAJOR);
+	v->minor = ho_get_le16(b + HO_HDR_OFF_MINOR);
+	v->generation = ho_get_le64(b + HO_HDR_OFF_GENERATION);
+	header_size = ho_get_le32(b + HO_HDR_OFF_HEADER_SIZE);
+	count = ho_get_le32(b + HO_HDR_OFF_SECTION_COUNT);
+	if (v->major != HO_READ_MAJOR)
+		return ho_fail(err_off, HO_HDR_OFF_MAJOR, HO_E_VERSION);
+	if (count > HO_MAX_SECTIONS)
+		return ho_fail(err_off, HO_HDR_OFF_SECTION_COUNT, HO_E_SECTION_COUNT);
+	if (header_size != HO_HEADER_SIZE + (__u64)HO_SECTION_ENTRY_SIZE * count)
+		return ho_fail(err_off, HO_HDR_OFF_HEADER_SIZE, HO_E_HEADER_SIZE);
+	if (head_len < header_size)
+		return ho_fail(err_off, head_len, HO_E_TRUNCATED);
+	if (ho_crc32c(ho_crc32c(0, b, HO_HEADER_CRC_OFFSET), b + HO_HEADER_SIZE,
+		      header_size - HO_HEADER_SIZE) != ho_get_le32(b + HO_HDR_OFF_HEADER_CRC) &&
+	    !HO_IGNORE_CRC)
+		return ho_fail(err_off, HO_HDR_OFF_HEADER_CRC, HO_E_HEADER_CRC);
+	if (ho_get_le64(b + HO_HDR_OFF_TOTAL_SIZE) != size)
+		return ho_fail(err_off, HO_HDR_OFF_TOTAL_SIZE, HO_E_TOTAL_SIZE);
+	for (__u32 i = 0; i < count; i++) {
+		const __u8 *e = b + HO_HEADER_SIZE + (__u64)i * HO_SECTION_ENTRY_SIZE;
+		struct ho_section *s = &v->sec[i];
+		__u64 at = (__u64)(e - b);
+
+		ho_section_entry(e, s);
+		if (s->offset < header_size || s->offset > size)
+			return ho_fail(err_off, at + HO_SEC_OFF_OFFSET, HO_E_SECTION_OFFSET);
+		if (s->length > size - s->offset)
+			return ho_fail(err_off, at + HO_SEC_OFF_LENGTH, HO_E_SECTION_LENGTH);
+		for (__u32 k = 0; k < i; k++)
+			if (v->sec[k].type == s->type)
+				return ho_fail(err_off, at, HO_E_SECTION_DUP);
+		if (s->type == HO_SEC_RESERVED || s->type == HO_SEC_PI_DESC) {
+			if (s->record_size < (__u32)ho_record_size(s->type, 1))
+				return ho_fail(err_off, s->offset, HO_E_RECORD_SIZE);
+			if ((__u64)s->count * s->record_size != s->length)
+				return ho_fail(err_off, s->offset, HO_E_RECORD_COUNT);
+		}
+		v->nsections = i + 1;
+	}
+	return HO_OK;
 }
 
 /* ---- the region header (handover_region.h) ---------------------------------------- */

@@ -4,7 +4,6 @@
   NaN and the infinities as strings, keys as strings);
 - :func:`dumps_json`: the one JSON writer (strict: no NaN, sorted keys);
 - :func:`parse_size`: the one size parser (``64M``, ``0x30000000``, ``1G``, ``4096``, ``2MiB``);
-- :func:`parse_iomem`: the one ``/proc/iomem`` parser;
 - :func:`write_new_file`: a blob file, never over an existing one without ``force``.
 """
 
@@ -51,24 +50,6 @@ def jsonable(obj):
 def dumps_json(obj) -> str:
     """The JSON text of ``obj`` (after :func:`jsonable`): indented, sorted, strict."""
     return json.dumps(jsonable(obj), indent=2, sort_keys=True, allow_nan=False)
-
-
-_IOMEM_LINE = re.compile(r"^( *)([0-9a-fA-F]+)-([0-9a-fA-F]+) : (.*)$")
-
-
-def parse_iomem(text: str) -> list[tuple[int, int, str, int]]:
-    """/proc/iomem text -> [(start, end, name, depth)] in file order (depth = indentation
-    / 2). Raises ValueError naming the first line that is not a range."""
-    out = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        m = _IOMEM_LINE.match(line)
-        if not m:
-            raise ValueError(f"/proc/iomem: line {n}: unexpected text {line[:80]!r}")
-        out.append((int(m.group(2), 16), int(m.group(3), 16), m.group(4).strip(),
-                    len(m.group(1)) // 2))
-    return out
 
 
 def write_new_file(path: str, data: bytes, force: bool = False) -> None:

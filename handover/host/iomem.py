@@ -4,7 +4,7 @@ register windows (``dmarN``) and PCI BAR claims. Addresses read as 0 for non-roo
 
 from __future__ import annotations
 
-from ..util import parse_iomem
+from ..formats.iomem import parse_iomem
 from .base import Host, Source, register
 
 PROC_IOMEM = "/proc/iomem"

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import re
 
-from ..util import parse_iomem as _parse_iomem
+from ..formats.iomem import parse_iomem as _parse_iomem
 from .kinds import int_sysfs, read_sysfs
 
 IOMEM_PMEM = ("Persistent Memory", "Persistent Memory (legacy)")

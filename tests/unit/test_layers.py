@@ -26,7 +26,7 @@ ALLOWED = {
     "errors": set(), "util": {"errors"}, "handover": set(), "initramfs": set(), "schemas": set(),
     "formats": {"errors"},
     "synth": {"errors", "formats"},
-    "pmem": {"errors", "util", "formats"},
+    "pmem": {"errors", "formats"},
 }
 
 

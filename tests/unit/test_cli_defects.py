@@ -212,15 +212,23 @@ def test_exit_codes_of_unreadable_sources(tmp_path):
 def test_exit_code_of_a_file_without_read_permission(tmp_path):
     p = blob_file(tmp_path)
     p.chmod(0)
-    # root without CAP_DAC_OVERRIDE/CAP_DAC_READ_SEARCH: the permission bits apply
-    r = subprocess.run(["setpriv", "--bounding-set=-dac_override,-dac_read_search",
-                        "--inh-caps=-all", sys.executable, "-m", "handover", "inspect", str(p)],
-                       cwd=ROOT, capture_output=True, timeout=60)
-    if r.returncode == 0:
-        pytest.skip("setpriv could not drop the capabilities here")
-    assert r.returncode == 1, r.stderr
-    line = one_error_line(r.stderr.decode())
-    assert "ermission denied" in line and "Usage" not in r.stderr.decode()
+    d = tmp_path / "closed"
+    d.mkdir()
+    inner = blob_file(d)
+    d.chmod(0)
+    try:
+        for path in (p, inner):       # an unreadable file; a file in an unreadable directory
+            # root without CAP_DAC_OVERRIDE/CAP_DAC_READ_SEARCH: the permission bits apply
+            r = subprocess.run(["setpriv", "--bounding-set=-dac_override,-dac_read_search",
+                                "--inh-caps=-all", sys.executable, "-m", "handover", "inspect",
+                                str(path)], cwd=ROOT, capture_output=True, timeout=60)
+            if r.returncode == 0:
+                pytest.skip("setpriv could not drop the capabilities here")
+            assert r.returncode == 1, r.stderr
+            line = one_error_line(r.stderr.decode())
+            assert "ermission denied" in line and "does not exist" not in line
+    finally:
+        d.chmod(0o755)
 
 
 def test_load_with_a_missing_sysroot_is_an_error_not_a_mismatch(tmp_path):

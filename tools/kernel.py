@@ -394,7 +394,7 @@ def sizes(config: str = "lab") -> dict:
         total = n = 0
         for dp, _d, fs in os.walk(p["modules"]):
             for fn in fs:
-                if fn.endswith(".ko"):
+                if fn.endswith((".ko", ".ko.xz", ".ko.zst", ".ko.gz")):
                     total += os.path.getsize(os.path.join(dp, fn))
                     n += 1
         out.update(modules=n, modules_bytes=total)

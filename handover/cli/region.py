@@ -1,7 +1,8 @@
-"""``handover region list|init|status|wipe``.
+"""``handover region list|init|status|wipe``: persistent-memory regions (``handover.pmem``).
 
-Errors are one line on stderr with the documented exit code (handover/errors.py); JSON goes
-to stdout only with --json; everything else a human reads goes to stderr or stdout as text.
+Errors go through the one error mapper (``common.handle_errors``): one line on stderr with
+the documented exit code. JSON goes to stdout only with --json; its addresses
+(``phys_start``, ``phys``, ``offset``, ``start``, ``crc``) are ``"0x..."`` strings.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def list_cmd(as_json):
         err("no persistent memory found (/sys/bus/nd, /sys/bus/dax, /proc/iomem)")
         return
     out(f"{'DEVICE':<14} {'KIND':<10} {'MODE':<7} {'PHYS START':>14} {'SIZE':>12} "
-               f"{'ALIGN':>9} {'DATA OFF':>10} {'HANDOVER':<12} GEN")
+        f"{'ALIGN':>9} {'DATA OFF':>10} {'HANDOVER':<12} GEN")
     for e in entries:
         out(
             f"{e['device'] or '-':<14} {e['kind']:<10} {e['mode'] or '-':<7} "
@@ -72,7 +73,7 @@ def list_cmd(as_json):
             f"{e.get('generation') if e.get('generation') is not None else '-'}")
         if e.get("next_cmdline"):
             out(f"{'':<14} legacy range: the next kernel's command line must repeat "
-                       f"{e['next_cmdline']}")
+                f"{e['next_cmdline']}")
         if e.get("note"):
             out(f"{'':<14} {e['note']}")
 
@@ -94,8 +95,8 @@ def init_cmd(region_path, size, force, as_json):
         emit_json({"schema": SCHEMA_INIT, **hexify(info)})
         return
     out(f"initialized {info['path']} ({info['kind']}, {info['size']} bytes): two slots of "
-               f"{info['slot_capacity']} bytes at offsets "
-               f"{', '.join(hex(o) for o in info['slots'])}; uuid {info['uuid']}")
+        f"{info['slot_capacity']} bytes at offsets "
+        f"{', '.join(hex(o) for o in info['slots'])}; uuid {info['uuid']}")
     if not settings().quiet:
         err(f"durability: {info['durability']}")
 
@@ -131,7 +132,7 @@ def status_cmd(region_path, as_json):
     for h in st["headers"]:
         if h["valid"]:
             out(f"header {h['copy']}   @{h['offset']:#x}: layout {h['layout']} seq {h['seq']} "
-                       f"generation {h['generation']} active slot {h['active_slot']}")
+                f"generation {h['generation']} active slot {h['active_slot']}")
         else:
             out(f"header {h['copy']}   @{h['offset']:#x}: INVALID: {h['problem']}")
     for s in st.get("slots", []):
@@ -139,7 +140,7 @@ def status_cmd(region_path, as_json):
     s = st["state"]
     if s:
         out(f"state      generation {s['generation']} in slot {s['slot']}: {s['length']} bytes "
-                   f"crc32c {s['crc']:#010x} at offset {s['offset']:#x} (phys {_hex(s['phys'])})")
+            f"crc32c {s['crc']:#010x} at offset {s['offset']:#x} (phys {_hex(s['phys'])})")
     for p in st["problems"]:
         out(f"problem    {p}")
     sys.exit(code)

@@ -2,7 +2,8 @@
 #   make demo   - the main job on an emulated host (see README)
 #   make test   - every test: unit, property, and system tests in QEMU
 # Each does its own set-up: a virtualenv cached outside the repository
-# (HANDOVER_VENV, default ~/.cache/handover/venv) and, for system tests, the
+# (HANDOVER_VENV, default ~/.cache/handover/venv), the build tools of the C tests
+# (gcc with ASan/UBSan, clang for libFuzzer: `make tools`) and, for system tests, the
 # apt packages and Debian kernel the QEMU lab needs (cached in ~/.cache/handover-lab).
 
 PYTHON ?= python3
@@ -10,7 +11,7 @@ HANDOVER_VENV ?= $(HOME)/.cache/handover/venv
 VPY := $(HANDOVER_VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: venv test test-unit test-system test-kernel test-keepalive kernel kernel-debian kernel-check demo bench bench-keepalive vectors clean-venv
+.PHONY: venv tools man test test-unit test-system test-kernel test-keepalive kernel kernel-debian kernel-check demo bench bench-keepalive vectors clean-venv
 
 $(VPY): pyproject.toml
 	@echo "handover: setting up $(HANDOVER_VENV)" >&2
@@ -22,7 +23,16 @@ $(VPY): pyproject.toml
 
 venv: $(VPY)
 
-test: $(VPY)
+# the C parser tests: gcc (ASan/UBSan) and clang (libFuzzer); apt-get only what is missing
+TOOLS := make gcc clang
+tools:
+	@need=""; for t in $(TOOLS); do command -v $$t >/dev/null || need="$$need $$t"; done; \
+	if [ -n "$$need" ]; then \
+		echo "handover: installing$$need (the C parser tests need them)" >&2; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$need; \
+	fi
+
+test: $(VPY) tools
 	$(VPY) -m pytest -ra -m 'not kernel' $(PYTEST_ARGS) tests
 
 test-unit: $(VPY)
@@ -49,7 +59,7 @@ kernel-check: $(VPY)
 test-kernel: $(VPY)
 	HANDOVER_BUILD_KERNEL=1 $(VPY) -m pytest -ra -s -m kernel $(PYTEST_ARGS) tests
 
-# issue 7's proof alone: a device kept alive across kexec, and the fallback (needs the kernel)
+# the keepalive proof alone: a device kept alive across kexec, and the fallback (needs the kernel)
 test-keepalive: $(VPY)
 	HANDOVER_BUILD_KERNEL=1 $(VPY) -m pytest -ra -s -m kernel $(PYTEST_ARGS) tests/system/test_keepalive.py
 
@@ -65,6 +75,10 @@ bench-keepalive: $(VPY)
 
 vectors: $(VPY)
 	$(VPY) -m tests.vectors.make_vectors
+
+# man pages from the click definitions (docs/man/handover*.1)
+man: $(VPY)
+	$(VPY) tools/manpage.py docs/man
 
 clean-venv:
 	rm -rf $(HANDOVER_VENV)

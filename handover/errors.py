@@ -12,6 +12,17 @@ EXIT_INTEGRITY = 4      # magic, checksum, truncation, bounds
 EXIT_VERSION = 5        # unsupported format (or region layout) version
 EXIT_MISMATCH = 6       # saved state does not match the running host (load)
 EXIT_FALLBACK = 7       # state read, but from an older generation: the newest is damaged
+EXIT_PIPE = 141         # stdout closed by the reader (``| head``), as a shell reports SIGPIPE
+
+# C0 controls (ESC, CR, LF, BS, ...), DEL and C1 controls (CSI 0x9b, ...): never printed raw
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0))}
+
+
+def safe_text(text) -> str:
+    """``text`` for a terminal or a log line: control characters (terminal escapes, CR, LF)
+    as ``\\xNN``, so that a string read from a state or a host cannot forge a line or
+    drive the terminal."""
+    return str(text).translate(_CONTROL)
 
 
 class HandoverError(Exception):
@@ -23,12 +34,14 @@ class HandoverError(Exception):
     exit_code = EXIT_ERROR
     kind = "error"
 
-    def __init__(self, *args, code: str | None = None):
+    def __init__(self, *args, code: str | None = None, document: dict | None = None):
         super().__init__(*args)
         self.code = code
+        # with --json, the command's own document goes out with the error (one document)
+        self.document = document
 
-    def __str__(self) -> str:  # one line, always
-        return " ".join(super().__str__().split())
+    def __str__(self) -> str:  # one line, always, without terminal control characters
+        return safe_text(" ".join(super().__str__().split()))
 
 
 class NoStateError(HandoverError):

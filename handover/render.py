@@ -12,12 +12,17 @@ from typing import Iterator
 from .formats import descriptions as D
 from .formats import enums as E
 from .formats.model import TABLE_ATTRS, State
+from .util import jsonable as _jsonable
 
-SCHEMA = "handover.inspect/1"
+SCHEMA = "handover.inspect/2"   # 2: one spelling of unit references ("dmar0")
 
 
 def _cstr(b: bytes) -> str:
     return bytes(b).split(b"\0", 1)[0].decode("utf-8", "replace")
+
+
+def _t(v) -> str:
+    return "-" if v is None else str(v)
 
 
 def unit_name(u: int) -> str:
@@ -27,7 +32,7 @@ def unit_name(u: int) -> str:
 # --- per-record dicts ----------------------------------------------------------------------
 def unit_dict(u, missing=()) -> dict:
     present = u.present
-    d = {"unit": u.unit, "name": unit_name(u.unit), "segment": u.segment,
+    d = {"unit": unit_name(u.unit), "segment": u.segment,
          "reg_base": D.hx(u.reg_base), "flags": E.flag_names(u.flags, E.UNIT_FLAGS)}
 
     def have(name):
@@ -56,7 +61,7 @@ def unit_dict(u, missing=()) -> dict:
 
 
 def irte_dict(r) -> dict:
-    return {"unit": r.unit, "index": r.index, "lo": D.hx(r.lo, 16), "hi": D.hx(r.hi, 16),
+    return {"unit": unit_name(r.unit), "index": r.index, "lo": D.hx(r.lo, 16), "hi": D.hx(r.hi, 16),
             "decoded": D.decode_irte(r.lo, r.hi)}
 
 
@@ -136,34 +141,61 @@ _DICT = {"units": None, "domains": domain_dict, "contexts": context_dict, "irtes
          "bridges": bridge_dict, "reserved": reserved_dict}
 
 
-def state_dict(st: State, source: dict | None = None) -> dict:
-    out = {"schema": SCHEMA, "format": f"{st.version[0]}.{st.version[1]}",
-           "generation": st.generation, "meta": _jsonable(st.meta),
-           "absent": sorted(st.absent), "provenance": _jsonable(st.provenance)}
+def _state_parts(st: State, source: dict | None):
+    """(key, value) of the top-level JSON object; the tables as generators of dicts."""
+    head = {"schema": SCHEMA, "format": f"{st.version[0]}.{st.version[1]}",
+            "generation": st.generation, "meta": _jsonable(st.meta),
+            "absent": sorted(st.absent), "provenance": _jsonable(st.provenance),
+            "counts": {a: len(getattr(st, a)) for a in TABLE_ATTRS},
+            "unknown_sections": [
+                {"type": u.type, "version": u.version, "flags": u.flags, "count": u.count,
+                 "record_size": u.record_size, "length": len(u.data)}
+                for u in st.unknown_sections]}
     if source:
-        out["source"] = source
+        head["source"] = source
     missing = st.units.missing_fields()
-    out["units"] = [unit_dict(u, missing) for u in st.units]
-    out["devices"] = [device_dict(st, d) for d in st.devices]
+    tables = {"units": lambda: (unit_dict(u, missing) for u in st.units),
+              "devices": lambda: (device_dict(st, d) for d in st.devices)}
     for attr in TABLE_ATTRS:
-        if attr in ("units", "devices"):
+        if attr not in tables:
+            tables[attr] = (lambda a: lambda: (_DICT[a](r) for r in getattr(st, a)))(attr)
+    return head, tables
+
+
+def state_dict(st: State, source: dict | None = None) -> dict:
+    head, tables = _state_parts(st, source)
+    return {**head, **{k: list(gen()) for k, gen in tables.items()}}
+
+
+def state_json_chunks(st: State, source: dict | None = None) -> Iterator[str]:
+    """The JSON text of :func:`state_dict`, record by record: memory stays bounded by one
+    record (the max blob's 19 MB state never exists as one dict or one string)."""
+    import json
+
+    # the record dicts hold str, int, bool, None, lists and dicts only (bytes as hex):
+    # the C encoder takes them as they are
+    dump = json.JSONEncoder(sort_keys=True, allow_nan=False, check_circular=False,
+                            default=_jsonable).encode
+
+    head, tables = _state_parts(st, source)
+    yield "{"
+    for n, key in enumerate(sorted(head.keys() | tables.keys())):
+        yield ("," if n else "") + f"\n  {json.dumps(key)}: "
+        if key in head:
+            yield json.dumps(_jsonable(head[key]), indent=2, sort_keys=True,
+                             allow_nan=False).replace("\n", "\n  ")
             continue
-        out[attr] = [_DICT[attr](r) for r in getattr(st, attr)]
-    out["counts"] = {a: len(getattr(st, a)) for a in TABLE_ATTRS}
-    out["unknown_sections"] = [
-        {"type": u.type, "version": u.version, "flags": u.flags, "count": u.count,
-         "record_size": u.record_size, "length": len(u.data)} for u in st.unknown_sections]
-    return out
-
-
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (bytes, bytearray)):
-        return obj.hex()
-    return obj
+        first = True
+        buf = []
+        for rec in tables[key]():
+            buf.append(("[\n    " if first else ",\n    ") + dump(rec))
+            first = False
+            if len(buf) >= 256:
+                yield "".join(buf)
+                buf.clear()
+        buf.append("[]" if first else "\n  ]")
+        yield "".join(buf)
+    yield "\n}\n"
 
 
 # --- human tree ------------------------------------------------------------------------------
@@ -171,9 +203,13 @@ def tree_lines(st: State, *, limit: int = 16, source: str = "") -> Iterator[str]
     m = st.meta
     yield (f"handover state {st.version[0]}.{st.version[1]}, generation {st.generation}"
            + (f"  ({source})" if source else ""))
-    yield (f"  saved by {m.get('tool', '?')} {m.get('tool_version', '')} on {m.get('hostname', '?')} "
-           f"at {m.get('created', '?')}, kernel {m.get('kernel_release', '?')}"
-           + (f" -> {m['target_kernel_release']}" if m.get("target_kernel_release") else ""))
+    def mt(key, default="?"):
+        v = _jsonable(m.get(key))
+        return default if v is None or v == "" else str(v)
+
+    yield (f"  saved by {mt('tool')} {mt('tool_version', '')} on {mt('hostname')} "
+           f"at {mt('created')}, kernel {mt('kernel_release')}"
+           + (f" -> {mt('target_kernel_release')}" if m.get("target_kernel_release") else ""))
     if st.absent:
         yield f"  not captured: {', '.join(sorted(st.absent))}"
     missing = st.units.missing_fields()
@@ -183,7 +219,7 @@ def tree_lines(st: State, *, limit: int = 16, source: str = "") -> Iterator[str]
     yield f"IOMMU units ({len(st.units)})"
     for u in st.units:
         d = unit_dict(u, missing)
-        yield f"  {d['name']}  segment {u.segment}  registers @ {d['reg_base']}  VT-d {d.get('ver', '?')}  [{' '.join(d['flags'])}]"
+        yield f"  {d['unit']}  segment {u.segment}  registers @ {d['reg_base']}  VT-d {d.get('ver', '?')}  [{' '.join(d['flags'])}]"
         if "cap" in d:
             c = d["cap_decoded"]
             yield (f"    CAP   {d['cap']}  {c['nd_domains']} domains, SAGAW {'/'.join(map(str, c['sagaw']))}-bit,"
@@ -223,7 +259,7 @@ def tree_lines(st: State, *, limit: int = 16, source: str = "") -> Iterator[str]
         d = device_dict(st, dev)
         yield (f"  {d['device']}  {dev.vendor:04x}:{dev.device:04x} ({dev.subsystem_vendor:04x}:"
                f"{dev.subsystem_device:04x})  class {dev.class_:06x} rev {dev.revision:02x}  "
-               f"driver {d['driver'] or '-'}  group {d['iommu_group']}  {d['unit']}  [{' '.join(d['flags'])}]")
+               f"driver {d['driver'] or '-'}  group {_t(d['iommu_group'])}  {d['unit']}  [{' '.join(d['flags'])}]")
         if d["dsn"]:
             yield f"    DSN {d['dsn']}"
         yield f"    config snapshot {d['config']['length']} bytes, token {'hash stored' if d['token']['set'] else 'none'}"
@@ -233,7 +269,7 @@ def tree_lines(st: State, *, limit: int = 16, source: str = "") -> Iterator[str]
         for v in per_dev["vectors"].get(dev.sbdf, []):
             vd = vector_dict(v)
             tgt = f"{vd['unit']} IRTE {vd['irte_index']}" if "irte_index" in vd else "IRTE unknown"
-            yield f"    {vd['kind']} {v.vector} -> {tgt}  irq {vd['irq']}"
+            yield f"    {vd['kind']} {v.vector} -> {tgt}  irq {_t(vd['irq'])}"
         for c in per_dev["contexts"].get(dev.sbdf, []):
             cd = context_dict(c)
             yield f"    context {cd['unit']} did {c.did}  entry {cd['entry'][0]}:{cd['entry'][1]}"
@@ -265,23 +301,29 @@ def tree_lines(st: State, *, limit: int = 16, source: str = "") -> Iterator[str]
 
 
 # --- diff ------------------------------------------------------------------------------------
+# per table: (sort key, label) of a record: indices sort as numbers, not as text
 _KEYS = {
-    "units": lambda r: unit_name(r.unit),
-    "domains": lambda r: f"{unit_name(r.unit)} did {r.did}",
-    "contexts": lambda r: f"{D.bdf_str(r.sbdf)} {unit_name(r.unit)} pasid {r.pasid}",
-    "irtes": lambda r: f"{unit_name(r.unit)} IRTE {r.index}",
-    "vectors": lambda r: f"{D.bdf_str(r.sbdf)} {E.VECTOR_KIND.get(r.kind, r.kind)} {r.vector}",
-    "pi_descs": lambda r: D.hx(r.phys),
-    "bars": lambda r: f"{D.bdf_str(r.sbdf)} {E.bar_index_name(r.index)}",
-    "devices": lambda r: D.bdf_str(r.sbdf),
-    "bridges": lambda r: f"{D.bdf_str(r.sbdf)} depth {r.depth}",
-    "reserved": lambda r: f"{D.hx(r.start)}+{D.hx(r.size)} {E.RESERVED_KIND.get(r.kind, r.kind)}",
+    "units": lambda r: ((r.unit,), unit_name(r.unit)),
+    "domains": lambda r: ((r.unit, r.did), f"{unit_name(r.unit)} did {r.did}"),
+    "contexts": lambda r: ((r.sbdf, r.unit, r.pasid),
+                           f"{D.bdf_str(r.sbdf)} {unit_name(r.unit)} pasid {r.pasid}"),
+    "irtes": lambda r: ((r.unit, r.index), f"{unit_name(r.unit)} IRTE {r.index}"),
+    "vectors": lambda r: ((r.sbdf, r.kind, r.vector),
+                          f"{D.bdf_str(r.sbdf)} {E.VECTOR_KIND.get(r.kind, r.kind)} {r.vector}"),
+    "pi_descs": lambda r: ((r.phys,), D.hx(r.phys)),
+    "bars": lambda r: ((r.sbdf, r.index), f"{D.bdf_str(r.sbdf)} {E.bar_index_name(r.index)}"),
+    "devices": lambda r: ((r.sbdf,), D.bdf_str(r.sbdf)),
+    "bridges": lambda r: ((r.sbdf, r.depth), f"{D.bdf_str(r.sbdf)} depth {r.depth}"),
+    "reserved": lambda r: ((r.start, r.size, r.kind),
+                           f"{D.hx(r.start)}+{D.hx(r.size)} {E.RESERVED_KIND.get(r.kind, r.kind)}"),
 }
 _IGNORE = {"devices": {"config_offset"}}
 _META_VOLATILE = {"created", "generation", "boot_id"}
 
 
 def _fmt(v):
+    if v is None:
+        return "not captured"
     if isinstance(v, (bytes, bytearray)):
         return bytes(v).hex()
     if isinstance(v, int):
@@ -289,8 +331,20 @@ def _fmt(v):
     return v
 
 
+def _unit_value(st: State, r, field: str):
+    """A UNIT field as a diff sees it: None when the register was not captured (its present
+    bit clear, or a field the blob's minor does not carry)."""
+    if field in E.UNIT_PRESENT_BIT and (not r.present & E.UNIT_PRESENT_BIT[field]
+                                        or field in st.units.missing_fields()):
+        return None
+    return getattr(r, field)
+
+
 def diff_states(a: State, b: State, *, include_meta: bool = False) -> list[dict]:
     out = []
+    if include_meta and a.generation != b.generation:
+        out.append({"section": "header", "key": "generation", "change": "changed",
+                    "fields": {"generation": [a.generation, b.generation]}})
     for attr in TABLE_ATTRS:
         ta, tb = getattr(a, attr), getattr(b, attr)
         if ta == tb and attr != "devices":
@@ -301,17 +355,23 @@ def diff_states(a: State, b: State, *, include_meta: bool = False) -> list[dict]
         ign = _IGNORE.get(attr, set())
         for k in sorted(ma.keys() | mb.keys()):
             ra, rb = ma.get(k), mb.get(k)
+            label = k[1]
             if ra is None:
-                out.append({"section": attr, "key": k, "change": "added"})
+                out.append({"section": attr, "key": label, "change": "added"})
             elif rb is None:
-                out.append({"section": attr, "key": k, "change": "removed"})
+                out.append({"section": attr, "key": label, "change": "removed"})
             else:
-                fields = {f: [_fmt(x), _fmt(y)] for f, x, y in zip(ra._fields, ra, rb)
-                          if x != y and f not in ign}
+                if attr == "units":
+                    pairs = ((f, _unit_value(a, ra, f), _unit_value(b, rb, f)) for f in ra._fields)
+                else:
+                    pairs = zip(ra._fields, ra, rb)
+                fields = {f: [_fmt(x), _fmt(y)] for f, x, y in pairs
+                          if x != y and f not in ign and f != "present"}
                 if attr == "devices" and a.device_config(ra) != b.device_config(rb):
                     fields["config"] = ["snapshot", "differs"]
                 if fields:
-                    out.append({"section": attr, "key": k, "change": "changed", "fields": fields})
+                    out.append({"section": attr, "key": label, "change": "changed",
+                                "fields": fields})
     if sorted(a.absent) != sorted(b.absent):
         out.append({"section": "absent", "key": "items", "change": "changed",
                     "fields": {"absent": [sorted(a.absent), sorted(b.absent)]}})

@@ -1,8 +1,8 @@
 """Deterministic synthetic hosts, for golden vectors, property tests and benchmarks.
 
-The register values of unit 0 are those the QEMU lab's emulated VT-d reports
-(shared/reference/qemu-kexec-lab.md: ``dmar0 address=fed90000 cap=d2008c22260286
-ecap=f00f4a version=1:0``); everything else is generated from a seed so that the same
+The register values of unit 0 are those QEMU's emulated VT-d (``-device intel-iommu``)
+reports in the lab's guests (``dmar0 address=fed90000 cap=d2008c22260286 ecap=f00f4a
+version=1:0`` in their boot log); everything else is generated from a seed so that the same
 profile always yields the same bytes.
 """
 
@@ -14,7 +14,7 @@ import struct
 from .formats import enums as E
 from .formats.model import State, StateBuilder
 from .formats.structs import make_sbdf
-from .token import hash_token
+from .formats.token import hash_token
 
 PROFILES = {
     # name: units, irtes per unit, devices, domains, pi_descs, bars, reserved ranges, config bytes

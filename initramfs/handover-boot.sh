@@ -99,8 +99,9 @@ handover_boot() {
     _ho_action=none
     if [ "$_ho_rc" != 0 ] && [ "$_ho_policy" = abort ]; then
         if [ -w "$_HO_R/sys/kernel/handover/decision" ]; then
-            # load wrote abort already on a mismatch (6); for any other failure write it here
-            [ "$_ho_rc" = 6 ] || echo abort > "$_HO_R/sys/kernel/handover/decision" 2>/dev/null
+            # load wrote abort already on a mismatch (6) or an older generation (7); for any
+            # other failure write it here
+            case "$_ho_rc" in 6|7) ;; *) echo abort > "$_HO_R/sys/kernel/handover/decision" 2>/dev/null ;; esac
             _ho_action=abort
         else
             _ho_action="none (stock kernel: no /sys/kernel/handover/decision)"
@@ -119,7 +120,7 @@ handover_boot() {
         "$_ho_region" "$_ho_dev" "$_ho_policy" "$_ho_rc" "$_ho_action" "$_ho_t0" "$_ho_t1" \
         > "$_HO_RUN/boot.json"
     case "$_ho_rc" in
-        0|6) _ho_log "$(_ho_last "$_HO_RUN/load.txt")" ;;
+        0|6|7) _ho_log "$(_ho_last "$_HO_RUN/load.txt")" ;;
         *) _ho_log "NOT CHECKED (exit $_ho_rc)" ;;
     esac
     if [ "$_ho_rc" != 0 ]; then _ho_e=$(_ho_last "$_HO_RUN/load.err"); _ho_log "${_ho_e#handover: }"; fi

@@ -24,6 +24,7 @@ from .structs import (
     HEADER_SIZE,
     MAGIC,
     MAX_BLOB_SIZE,
+    MAX_GENERATION,
     MAX_SECTIONS,
     READ_MAJOR,
     RECORD_SPECS,
@@ -70,7 +71,11 @@ def encode(state: State, minor: int = FORMAT_MINOR, generation: int | None = Non
         known = ", ".join(f"{FORMAT_MAJOR}.{m}" for m in WRITABLE_MINORS)
         raise VersionError(f"cannot write format {FORMAT_MAJOR}.{minor}: this writer emits {known}")
     if generation is None:
-        generation = int(state.meta.get("generation", state.generation) or 0)
+        # a built state names its generation in META; a decoded one in its header (META is
+        # anyone's msgpack: a value that is not a u64 is not taken)
+        g = state.meta.get("generation") if isinstance(state.meta, dict) else None
+        ok = isinstance(g, int) and not isinstance(g, bool) and 0 <= g <= MAX_GENERATION
+        generation = g if ok else state.generation
     sections = []  # (type, version, flags, count, record_size, data)
     for stype, (attr, spec_name, since, wflags) in SECTION_LAYOUT.items():
         if since > minor:
@@ -177,6 +182,25 @@ def read_header(blob) -> dict:
                              f"at offset 0x{total:x}", code="TRAILING")
     return dict(major=major, minor=minor, header_size=header_size, total_size=total,
                 section_count=count, flags=flags, generation=generation, header_crc=hcrc)
+
+
+def header_checksum_ok(blob) -> bool | None:
+    """Does the header CRC verify in this major's layout (header and section table)? None
+    when the header cannot be laid out that way (too short, another layout).
+
+    ``read_header`` refuses another major before it checks the CRC, as the kernel's parser
+    does; a caller that names the failure to a person asks this first: a header whose CRC
+    fails is damaged (a flipped bit in the major field), not of another version."""
+    n = len(blob)
+    if n < HEADER_SIZE:
+        return None
+    (_m, _major, _minor, header_size, _total, count, _flags, _gen, _r,
+     hcrc) = _HDR.unpack_from(blob, 0)
+    if count > MAX_SECTIONS or header_size != HEADER_SIZE + SECTION_ENTRY_SIZE * count \
+            or n < header_size:
+        return None
+    return crc32c(bytes(blob[HEADER_SIZE:header_size]),
+                  crc32c(bytes(blob[:HEADER_CRC_OFFSET]))) == hcrc
 
 
 def read_sections(blob, hdr: dict) -> list[dict]:

@@ -1,8 +1,10 @@
 # handover: formats/descriptions.py
 """Decode raw hardware words for people: IRTE, pi_desc, CAP/ECAP, context entries, BARs.
 
-Pure functions from numbers to dicts/strings; bit positions follow Linux 6.12 and the VT-d
-spec as summarised in shared/reference/hardware-facts.md (sections 1-3, 7).
+Pure functions from numbers to dicts/strings; bit positions follow Linux 6.12
+(drivers/iommu/intel/iommu.h, irq_remapping.c, include/linux/pci_regs.h) and the Intel VT-d
+specification (CAP/ECAP registers, remapped and posted IRTE formats, context and PASID
+entries, the posted-interrupt descriptor).
 """
 
 from __future__ import annotations
@@ -29,6 +31,10 @@ def bdf_str(sbdf: int) -> str:
     return f"{sbdf >> 16:04x}:{(sbdf >> 8) & 0xff:02x}:{(sbdf >> 3) & 0x1f:02x}.{sbdf & 7}"
 
 
+#: a PCI address as sysfs spells it, for patterns that contain one
+BDF_PATTERN = r"[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]"
+
+
 def parse_bdf(text: str) -> int:
     """'0000:00:03.0' or '00:03.0' -> sbdf. Raises ValueError."""
     t = text.strip()
@@ -50,25 +56,27 @@ def sid_str(sid: int) -> str:
 
 # --- IRTE (include/linux/dmar.h struct irte) --------------------------------------------
 def decode_irte(lo: int, hi: int) -> dict:
+    # bit arithmetic inline (no helper calls): inspect --json decodes up to 8 x 65,536 of these
+    sid = hi & 0xFFFF
     d = {
         "present": bool(lo & 1),
         "fpd": bool(lo >> 1 & 1),
-        "avail": bits(lo, 11, 8),
+        "avail": lo >> 8 & 0xF,
         "posted": bool(lo >> 15 & 1),          # IM
-        "vector": bits(lo, 23, 16),
-        "sid": sid_str(bits(hi, 15, 0)),
-        "sq": bits(hi, 17, 16),
-        "svt": bits(hi, 19, 18),
+        "vector": lo >> 16 & 0xFF,
+        "sid": f"{sid >> 8:02x}:{(sid >> 3) & 0x1f:02x}.{sid & 7}",
+        "sq": hi >> 16 & 3,
+        "svt": hi >> 18 & 3,
     }
-    if d["posted"]:
+    if lo >> 15 & 1:
         d["urgent"] = bool(lo >> 14 & 1)
-        d["pda"] = hx((bits(hi, 63, 32) << 32) | (bits(lo, 63, 38) << 6))
+        d["pda"] = f"0x{(hi >> 32 & 0xFFFFFFFF) << 32 | (lo >> 38 & 0x3FFFFFF) << 6:x}"
     else:
         d["dst_mode"] = "logical" if lo >> 2 & 1 else "physical"
         d["redir_hint"] = bool(lo >> 3 & 1)
         d["trigger_mode"] = "level" if lo >> 4 & 1 else "edge"
-        d["dlvry_mode"] = bits(lo, 7, 5)
-        d["dest_id"] = hx(bits(lo, 63, 32))
+        d["dlvry_mode"] = lo >> 5 & 7
+        d["dest_id"] = f"0x{lo >> 32 & 0xFFFFFFFF:x}"
     return d
 
 

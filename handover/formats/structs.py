@@ -17,8 +17,9 @@ Record sections hold ``count`` fixed-size records of ``record_size`` bytes. A re
 the fields it knows and skips trailing bytes it does not (a newer minor only appends fields).
 Byte sections (meta, provenance, config) have record_size 0.
 
-Field comments give the kernel's names and bit positions (Linux 6.12, see
-shared/reference/hardware-facts.md).
+Field comments give the kernel's names and bit positions (Linux 6.12:
+include/linux/intel-iommu.h, drivers/iommu/intel/iommu.h and irq_remapping.c, and the
+Intel VT-d specification's register and table-entry layouts).
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ SECTION_ENTRY_SIZE = 40
 SECTION_ALIGN = 8
 MAX_SECTIONS = 64          # a blob claiming more is refused before the table is read
 MAX_BLOB_SIZE = 1 << 30    # 1 GiB: far above the largest real host (~40 MB)
+#: The largest generation a header (u64) carries.
+MAX_GENERATION = (1 << 64) - 1
 
 FileHeader = Struct(
     "magic" / Const(MAGIC),          # +0  "HOVRSTAT"

@@ -16,24 +16,20 @@ from __future__ import annotations
 import os
 import re
 
-from .kinds import _int_sysfs, _read_sysfs
+from ..formats.iomem import parse_iomem as _parse_iomem
+from .kinds import int_sysfs, read_sysfs
 
 IOMEM_PMEM = ("Persistent Memory", "Persistent Memory (legacy)")
 
 
 def parse_iomem(text: str) -> list[dict]:
     """Top-level and nested ranges named Persistent Memory[ (legacy)] from /proc/iomem."""
-    out = []
-    for line in text.splitlines():
-        m = re.match(r"^(\s*)([0-9a-fA-F]+)-([0-9a-fA-F]+) : (.*)$", line)
-        if not m:
-            continue
-        name = m.group(4).strip()
-        if name in IOMEM_PMEM:
-            start, end = int(m.group(2), 16), int(m.group(3), 16)
-            out.append({"start": start, "size": end - start + 1, "legacy": name.endswith("(legacy)"),
-                        "name": name})
-    return out
+    try:
+        ranges = _parse_iomem(text)
+    except ValueError:
+        return []
+    return [{"start": s, "size": e - s + 1, "legacy": name.endswith("(legacy)"), "name": name}
+            for s, e, name, _depth in ranges if name in IOMEM_PMEM]
 
 
 def memmap_option(start: int, size: int) -> str:
@@ -59,7 +55,7 @@ def _namespace_of(devdir: str) -> str | None:
     name = os.path.basename(devdir)
     if name.startswith("namespace"):
         return devdir
-    ns = _read_sysfs(f"{devdir}/namespace")
+    ns = read_sysfs(f"{devdir}/namespace")
     if ns:
         cand = os.path.join(os.path.dirname(devdir), ns)
         if os.path.isdir(cand):
@@ -105,15 +101,15 @@ def discover(*, sysfs: str = "/sys", proc: str = "/proc", dev: str = "/dev",
         devdir = os.path.realpath(f"{blk}/{name}/device")
         ns = _namespace_of(devdir)
         dname = os.path.basename(devdir)
-        mode = "fsdax" if dname.startswith("pfn") else (_read_sysfs(f"{ns}/mode") if ns else None) or "raw"
-        start = _int_sysfs(f"{devdir}/resource")
-        ns_start = _int_sysfs(f"{ns}/resource") if ns else start
-        sectors = _int_sysfs(f"{blk}/{name}/size")
-        size = sectors * 512 if sectors is not None else _int_sysfs(f"{devdir}/size")
+        mode = "fsdax" if dname.startswith("pfn") else (read_sysfs(f"{ns}/mode") if ns else None) or "raw"
+        start = int_sysfs(f"{devdir}/resource")
+        ns_start = int_sysfs(f"{ns}/resource") if ns else start
+        sectors = int_sysfs(f"{blk}/{name}/size")
+        size = sectors * 512 if sectors is not None else int_sysfs(f"{devdir}/size")
         entries.append({
             "device": f"{dev}/{name}", "kind": "pmem-block", "mode": mode,
             "namespace": os.path.basename(ns) if ns else None,
-            "phys_start": start, "size": size, "align": _int_sysfs(f"{devdir}/align") or 4096,
+            "phys_start": start, "size": size, "align": int_sysfs(f"{devdir}/align") or 4096,
             "data_offset": (start - ns_start) if start is not None and ns_start is not None else None,
         })
 
@@ -121,17 +117,17 @@ def discover(*, sysfs: str = "/sys", proc: str = "/proc", dev: str = "/dev",
     daxbus = f"{sysfs}/bus/dax/devices"
     for name in sorted(os.listdir(daxbus)) if os.path.isdir(daxbus) else []:
         d = f"{daxbus}/{name}"
-        start = _int_sysfs(f"{d}/resource")
+        start = int_sysfs(f"{d}/resource")
         if start is None:
-            start = _int_sysfs(f"{d}/mapping0/start")
+            start = int_sysfs(f"{d}/mapping0/start")
         parent = os.path.dirname(os.path.realpath(d))
         ns = _namespace_of(parent) if os.path.basename(parent).startswith("dax") else None
-        ns_start = _int_sysfs(f"{ns}/resource") if ns else None
+        ns_start = int_sysfs(f"{ns}/resource") if ns else None
         entries.append({
             "device": f"{dev}/{name}", "kind": "devdax", "mode": "devdax",
             "namespace": os.path.basename(ns) if ns else None,
-            "phys_start": start, "size": _int_sysfs(f"{d}/size"),
-            "align": _int_sysfs(f"{d}/align") or 2 * 1024 * 1024,
+            "phys_start": start, "size": int_sysfs(f"{d}/size"),
+            "align": int_sysfs(f"{d}/align") or 2 * 1024 * 1024,
             "data_offset": (start - ns_start) if start is not None and ns_start is not None else None,
         })
 

@@ -82,7 +82,7 @@ def libpmem() -> _LibPmem:
 # --------------------------------------------------------------------------------------------
 # detection helpers
 
-def _read_sysfs(path: str) -> str | None:
+def read_sysfs(path: str) -> str | None:
     try:
         with open(path) as f:
             return f.read().strip()
@@ -90,8 +90,8 @@ def _read_sysfs(path: str) -> str | None:
         return None
 
 
-def _int_sysfs(path: str) -> int | None:
-    v = _read_sysfs(path)
+def int_sysfs(path: str) -> int | None:
+    v = read_sysfs(path)
     if v is None:
         return None
     try:
@@ -135,11 +135,11 @@ def fs_type(path: str) -> str | None:
 def devdax_info(st: os.stat_result, sysfs: str = SYSFS) -> dict:
     """size, align and physical start of a device-dax character device, from sysfs."""
     base = f"{sysfs}/dev/char/{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
-    size = _int_sysfs(f"{base}/size")
-    align = _int_sysfs(f"{base}/align") or 2 * 1024 * 1024
-    start = _int_sysfs(f"{base}/resource")
+    size = int_sysfs(f"{base}/size")
+    align = int_sysfs(f"{base}/align") or 2 * 1024 * 1024
+    start = int_sysfs(f"{base}/resource")
     if start is None:
-        start = _int_sysfs(f"{base}/mapping0/start")
+        start = int_sysfs(f"{base}/mapping0/start")
     return {"size": size, "align": align, "phys_start": start}
 
 
@@ -305,12 +305,12 @@ def _block_phys(st: os.stat_result, sysfs: str = SYSFS) -> int | None:
     try:
         for name in os.listdir(base):
             if name.startswith("pfn") and os.path.isdir(f"{base}/{name}"):
-                v = _int_sysfs(f"{base}/{name}/resource")
+                v = int_sysfs(f"{base}/{name}/resource")
                 if v is not None:
                     return v
     except OSError:
         pass
-    return _int_sysfs(f"{base}/resource")
+    return int_sysfs(f"{base}/resource")
 
 
 def describe(path: str, sysfs: str = SYSFS) -> dict:
@@ -340,7 +340,14 @@ def open_access(path: str, *, write: bool = False, mode: str | None = None,
     """Open PATH and return (access, fd, stat).  ``mode`` forces "mmap" or "pio" (tests)."""
     flags = (os.O_RDWR if write else os.O_RDONLY) | os.O_CLOEXEC
     try:
-        fd = os.open(path, flags)
+        # a FIFO or socket would block the open (a FIFO until a writer comes): a region is
+        # a file or a device with random access, never a stream
+        kind = os.stat(path).st_mode
+        if stat.S_ISFIFO(kind) or stat.S_ISSOCK(kind):
+            raise RegionError(f"{path}: a {'FIFO' if stat.S_ISFIFO(kind) else 'socket'} is "
+                              f"not a region (a region is a file or a pmem/dax device)")
+        fd = os.open(path, flags | os.O_NONBLOCK)
+        os.set_blocking(fd, True)
     except FileNotFoundError:
         raise RegionError(f"{path}: no such file or device") from None
     except PermissionError:

@@ -21,6 +21,7 @@ fail theirs (the same 2^-32 CRC reliance as for a torn header copy).
 from __future__ import annotations
 
 import contextlib
+import errno
 import dataclasses
 import os
 import threading
@@ -29,6 +30,7 @@ import uuid as _uuid
 
 from handover.errors import IntegrityError, NoStateError, VersionError
 from handover.formats.crc import crc32c
+from handover.formats.structs import MAX_GENERATION
 
 from . import kinds
 from .kinds import RegionError
@@ -300,6 +302,9 @@ class Region:
                 break
         top_gen = max([h.generation for h in valid] + [c.desc.generation for c in cands] + [0])
         gen = top_gen + 1
+        if gen > MAX_GENERATION:
+            raise RegionError(f"{self.path}: generation {top_gen} is the last a region can "
+                              f"hold; re-initialize it (handover region init --force)")
         target = 0 if keep is None else 1 - keep.slot
         seq = max(h.seq for h in valid) + 1
 
@@ -433,17 +438,36 @@ def open_region(path: str, *, write: bool = False, wait: bool = False, force: bo
 
 
 def create_file(path: str, size: int) -> None:
-    """Create a region file of SIZE bytes, mode 0600, blocks allocated up front."""
+    """Create a region file of SIZE bytes, mode 0600, blocks allocated up front.
+
+    Refuses a SIZE beyond the free space of the filesystem before writing anything, and
+    removes the file when the allocation fails: a region file never fills a filesystem, and
+    a failed ``region init`` leaves nothing behind.  Only a filesystem without fallocate
+    (EOPNOTSUPP) gets a sparse file instead."""
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        vfs = os.statvfs(directory)
+    except OSError as e:
+        raise RegionError(f"{path}: cannot create a region file: {e.strerror}") from None
+    free = vfs.f_bavail * vfs.f_frsize
+    if size > free:
+        raise RegionError(f"{path}: cannot create a region file of {size} bytes: the "
+                          f"filesystem of {directory} has {free} bytes free")
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
         os.fchmod(fd, 0o600)
         try:
             os.posix_fallocate(fd, 0, size)
-        except OSError:
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise RegionError(f"{path}: cannot allocate {size} bytes: {e.strerror}") from None
             os.ftruncate(fd, size)
         os.fsync(fd)
-    finally:
+    except BaseException:
         os.close(fd)
+        os.unlink(path)
+        raise
+    os.close(fd)
     dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
     try:
         os.fsync(dfd)

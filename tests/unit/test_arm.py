@@ -2,13 +2,14 @@
 (--dry-run on a captured host tree).  tests/system/test_initramfs_e2e.py runs it for real."""
 
 import json
+import os
 import struct
 
 import pytest
 from click.testing import CliRunner
 
 from handover.cli import main  # noqa: I001 (first: it registers the subcommand modules)
-from handover import cli_arm as A
+from handover.ops import arm as A
 from tests.elfwriter import elf, note
 
 from hosttree import TOKEN, copy_host
@@ -162,13 +163,23 @@ def test_exec_alone_needs_an_armed_kernel(tmp_path):
     assert code == 2
 
 
+def _marker(region, token=None) -> dict:
+    from handover.formats.token import hash_token
+
+    m = {"schema": "handover.armed/2", "region": str(region)}
+    if token:
+        salt, digest = hash_token(token)
+        m.update(token_salt=salt.hex(), token_hash=digest.hex())
+    return m
+
+
 def test_on_shutdown_gate(host, tmp_path):
     root, region = host
     rd = tmp_path / "run"
     code, _, err = run("arm", "--on-shutdown", "--result-dir", rd, "--sysroot", root)
     assert code == 0 and "not armed" in err
     rd.mkdir()
-    (rd / "armed").write_text(json.dumps({"region": str(region), "token": TOKEN}))
+    (rd / "armed").write_text(json.dumps(_marker(region, TOKEN)))
     kl = root / "sys/kernel/kexec_loaded"
     kl.write_text("0\n")
     code, _, err = run("arm", "--on-shutdown", "--result-dir", rd, "--sysroot", root)
@@ -180,14 +191,93 @@ def test_on_shutdown_gate(host, tmp_path):
     assert run("region", "status", region)[0] == 0
 
 
-def test_arm_keepalive_feature_detected(tmp_path):
-    from handover.cli_arm import KEEPALIVE, arm_keepalive
+def test_on_shutdown_refuses_a_marker_with_a_clear_token(host, tmp_path):
+    """A marker of the old layout held the token in clear: it is refused, not used."""
+    root, region = host
+    rd = tmp_path / "run"
+    rd.mkdir()
+    (rd / "armed").write_text(json.dumps({"region": str(region), "token": TOKEN}))
+    (root / "sys/kernel/kexec_loaded").write_text("1\n")
+    code, _, err = run("arm", "--on-shutdown", "--result-dir", rd, "--sysroot", root)
+    assert code == 1 and "token in clear" in err and TOKEN not in err
+    assert run("region", "status", region)[0] == 3
 
-    assert arm_keepalive(str(tmp_path), ["0000:00:03.0"])["armed"] is False
-    f = tmp_path / KEEPALIVE
+
+@pytest.fixture
+def fake_kexec(tmp_path, monkeypatch):
+    """A ``kexec`` on PATH that records its arguments (the real one would load a kernel)."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    log = tmp_path / "kexec.args"
+    (bindir / "kexec").write_text(f"#!/bin/sh\nprintf '%s\\n' \"$@\" > {log}\n")
+    (bindir / "kexec").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
+    return log
+
+
+def test_arm_marker_never_holds_the_token_and_the_shutdown_save_keeps_it_checkable(
+        host, tmp_path, fake_kexec):
+    root, region = host
+    rd = tmp_path / "run"
+    tf = tmp_path / "token"
+    tf.write_text(TOKEN + "\n")
+    code, out, err = run("arm", "--kernel", kernel(tmp_path), "--initrd", "/boot/i.img",
+                         "--region", region, "--token-file", tf, "--pass-token",
+                         "--sysroot", root, "--result-dir", rd, "--json")
+    assert code == 0, err
+    marker = (rd / "armed").read_text()
+    assert TOKEN not in marker and TOKEN.replace("-", "") not in marker
+    assert "/proc/cmdline" in err and "--pass-token" in err        # the exposure is said
+    # the kexec got the token (that is what --pass-token is for); the report hides it
+    assert f"handover.token={TOKEN}" in fake_kexec.read_text()
+    assert TOKEN not in out and "handover.token=<hidden>" in json.loads(out)["cmdline"]
+    # the shutdown save writes a state whose token still checks, from the hash alone
+    (root / "sys/kernel/kexec_loaded").write_text("1\n")
+    code, _, err = run("arm", "--on-shutdown", "--result-dir", rd, "--sysroot", root)
+    assert code == 0 and "generation 2" in err, err
+    code, out, err = run("load", "--region", region, "--token", TOKEN, "--sysroot", root,
+                         "--result-dir", tmp_path / "res", "--json")
+    items = {v["item"]: v["status"] for v in json.loads(out)["verdicts"]}
+    assert code == 0 and items["device 0000:00:03.0 token"] == "match", err
+    wrong = "00000000-0000-4000-8000-000000000000"
+    code, out, _ = run("load", "--region", region, "--token", wrong, "--sysroot", root,
+                       "--result-dir", tmp_path / "res", "--json")
+    assert code == 6
+
+
+def test_token_from_stdin_and_errors_never_echo_it(host, tmp_path):
+    root, region = host
+    r = CliRunner().invoke(main, ["save", "--sysroot", str(root), "--output",
+                                  str(tmp_path / "b.bin"), "--token-file", "-", "--json"],
+                           input=TOKEN + "\n")
+    assert r.exit_code == 0, r.stderr
+    code, _, err = run("save", "--sysroot", root, "--dry-run", "--token", "not-a-uuid-secret")
+    assert code == 1 and "not a UUID" in err and "not-a-uuid-secret" not in err
+    code, _, err = run("save", "--sysroot", root, "--dry-run", "--token", TOKEN,
+                       "--token-file", "-")
+    assert code == 2
+
+
+def test_arm_relative_region_goes_absolute_and_no_initrd_warns(host, tmp_path, monkeypatch):
+    root, region = host
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run("arm", "--kernel", kernel(tmp_path), "--region", "region.img",
+                         "--sysroot", root, "--dry-run", "--json")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert f"handover.region={tmp_path}/region.img" in doc["cmdline"].split()
+    assert "warning: no --initrd" in err
+
+
+def test_arm_keepalive_feature_detected(tmp_path):
+    from handover.host import Sysroot
+    from handover.host.kernel_handover import KEEPALIVE, arm_keepalive
+
+    assert arm_keepalive(Sysroot(str(tmp_path)), ["0000:00:03.0"])["armed"] is False
+    f = tmp_path / KEEPALIVE.lstrip("/")
     f.parent.mkdir(parents=True)
     f.write_text("")
-    got = arm_keepalive(str(tmp_path), ["0000:00:03.0", "0000:00:04.0"])
+    got = arm_keepalive(Sysroot(str(tmp_path)), ["0000:00:03.0", "0000:00:04.0"])
     assert got == {"armed": True, "devices": ["0000:00:03.0", "0000:00:04.0"]}
     assert f.read_text() == "0000:00:04.0\n"  # one device per write, after a "clear"
 
@@ -195,11 +285,12 @@ def test_arm_keepalive_feature_detected(tmp_path):
 def test_arm_keepalive_only_for_a_kernel_that_reads_the_state(tmp_path):
     """A next kernel without the Handover note would disable translation while the devices
     still bus-master: nothing is armed, and an earlier arming is cleared."""
-    from handover.cli_arm import KEEPALIVE, arm_keepalive
+    from handover.host import Sysroot
+    from handover.host.kernel_handover import KEEPALIVE, arm_keepalive
 
-    f = tmp_path / KEEPALIVE
+    f = tmp_path / KEEPALIVE.lstrip("/")
     f.parent.mkdir(parents=True)
     f.write_text("")
-    got = arm_keepalive(str(tmp_path), ["0000:00:03.0"], next_reads_state=False)
+    got = arm_keepalive(Sysroot(str(tmp_path)), ["0000:00:03.0"], next_reads_state=False)
     assert got["armed"] is False and "does not declare" in got["reason"]
     assert f.read_text() == "clear\n"

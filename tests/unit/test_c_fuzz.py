@@ -13,7 +13,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-@pytest.mark.skipif(shutil.which("clang") is None, reason="clang not installed (.ci/run installs it)")
+@pytest.mark.skipif(shutil.which("clang") is None, reason="clang not installed (make test installs it)")
 def test_fuzz_parser_briefly(tmp_path):
     subprocess.run(["make", "-s", "-C", os.path.join(ROOT, "tests", "c"), "fuzz", f"OUT={tmp_path}"],
                    check=True)
@@ -35,7 +35,7 @@ def test_fuzz_parser_briefly(tmp_path):
     assert runs and int(runs[0].split(":")[-1]) > 1000, tail
 
 
-@pytest.mark.skipif(shutil.which("clang") is None, reason="clang not installed (.ci/run installs it)")
+@pytest.mark.skipif(shutil.which("clang") is None, reason="clang not installed (make test installs it)")
 def test_fuzz_regressions(tmp_path):
     """Inputs the fuzzer once crashed on (tests/c/regressions/) stay fixed."""
     subprocess.run(["make", "-s", "-C", os.path.join(ROOT, "tests", "c"), "fuzz", f"OUT={tmp_path}"],

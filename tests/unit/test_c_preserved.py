@@ -1,4 +1,4 @@
-"""The ranges the kernel keeps out of its allocator, computed by the kernel's own C (issue 7).
+"""The ranges the kernel keeps out of its allocator, computed by the kernel's own C.
 
 Posted interrupts need KVM, which the QEMU lab's guest cannot run, so pi_desc preservation is
 covered here: ``ho_preserved_ranges()`` (kernel-patches/src/lib/handover/parse.c) is the walk
@@ -13,7 +13,6 @@ import subprocess
 from handover.formats.codec import encode
 from handover.formats.model import Table
 from handover.synth import synth_state
-from tests.unit.test_c_parser import ho_check, pytestmark  # noqa: F401  (fixture, gcc skip)
 
 
 PI_DESC_KIND = 7   # HO_RES_PI_DESC
@@ -35,7 +34,7 @@ def _covered(rows, start, size):
     return any(s <= start and start + size <= s + n for s, n, _k in rows)
 
 
-def test_every_pi_desc_is_kept(ho_check, tmp_path):  # noqa: F811
+def test_every_pi_desc_is_kept(ho_check, tmp_path):
     st = synth_state("typical")
     rows, skipped = _ranges(ho_check, tmp_path, st)
     assert skipped == 0
@@ -49,7 +48,7 @@ def test_every_pi_desc_is_kept(ho_check, tmp_path):  # noqa: F811
     assert rows[len(res):] == [(p & ~0xFFF, 0x1000, PI_DESC_KIND) for p in pis]
 
 
-def test_pi_desc_pages_kept_even_when_not_listed(ho_check, tmp_path):  # noqa: F811
+def test_pi_desc_pages_kept_even_when_not_listed(ho_check, tmp_path):
     st = synth_state("typical")
     spec = st.reserved.spec
     st.reserved = Table.from_rows(spec, [r for r in st.reserved if r.kind != PI_DESC_KIND])
@@ -60,7 +59,7 @@ def test_pi_desc_pages_kept_even_when_not_listed(ho_check, tmp_path):  # noqa: F
         assert _covered(rows, phys, 64), hex(phys)
 
 
-def test_hostile_reserved_sizes_are_skipped(ho_check, tmp_path):  # noqa: F811
+def test_hostile_reserved_sizes_are_skipped(ho_check, tmp_path):
     st = synth_state("tiny")
     spec = st.reserved.spec
     bad = [spec.tuple_type(start=0x1000, size=0, kind=15, unit=0xFFFF, flags=0),

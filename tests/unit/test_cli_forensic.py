@@ -5,7 +5,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 from click.testing import CliRunner
 
 from handover.cli import main
@@ -46,7 +45,7 @@ def test_inspect_tree_decodes_irtes_devices_bars():
 def test_inspect_json_is_stdout_only(tmp_path):
     code, out, err = run("inspect", "--json", TYPICAL)
     d = json.loads(out)
-    assert code == 0 and d["schema"] == "handover.inspect/1"
+    assert code == 0 and d["schema"] == "handover.inspect/2"
     assert d["counts"]["irtes"] == 1024 and len(d["irtes"]) == 1024
     posted = [i for i in d["irtes"] if i["decoded"]["posted"]]
     assert posted and all("pda" in i["decoded"] for i in posted)

@@ -1,4 +1,4 @@
-"""Bad input: every bit flip, every truncation, hostile lengths, versions (issue 2)."""
+"""Bad input: every bit flip, every truncation, hostile lengths, versions."""
 
 import struct
 

@@ -4,7 +4,7 @@ The texts are what the patched 6.12.117 kernel wrote in the QEMU lab
 (tests/system/test_keepalive.py, phase 3: `cat /sys/kernel/handover/status`).
 """
 
-from handover.sources.kernel_handover import parse_status
+from handover.host.kernel_handover import parse_status
 
 HELD = """state: valid
 region: 0x4000000@0x30000000

@@ -3,14 +3,19 @@
 import gzip
 import json
 import lzma
+import os
 import struct
+import subprocess
+import sys
 
+import jsonschema
 import pytest
 from click.testing import CliRunner
 
+from handover import schemas
 from handover.cli import main
 from handover.formats.codec import encode
-from handover.kernelimage import read_declaration
+from handover.host.kernelimage import read_declaration
 from handover.synth import synth_state
 from tests.elfwriter import elf, note
 
@@ -76,6 +81,8 @@ def test_inspect_vmcore(tmp_path):
     d = json.loads(out)
     assert d["source"]["kind"] == "vmcore" and d["source"]["phys"] == hex(phys)
     assert d["counts"]["irtes"] == 6
+    jsonschema.validate(d, schemas.load(d["schema"]))      # absolute path, hex offset
+    assert d["source"]["file_offset"].startswith("0x")
     # the state is not in the dump
     core2 = elf([("note", note("VMCOREINFO", 0, info), 0), ("load", ram, 0x9000000)])
     p.write_bytes(core2)
@@ -85,3 +92,9 @@ def test_inspect_vmcore(tmp_path):
     p.write_bytes(elf([("note", note("VMCOREINFO", 0, b"OSRELEASE=x\n"), 0)]))
     code, _, err = run("inspect", "--vmcore", str(p))
     assert code == 3 and "no HANDOVER_STATE line" in err
+    # a FIFO never blocks the reader (a subprocess: a hang fails by its timeout)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    r = subprocess.run([sys.executable, "-m", "handover", "inspect", "--vmcore", str(fifo)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "FIFO" in r.stderr

@@ -9,7 +9,7 @@ import time
 import pytest
 
 import handover.pmem as pmem
-from handover.errors import IntegrityError, NoStateError, VersionError
+from handover.errors import NoStateError, VersionError
 from handover.pmem import protocol as C
 from handover.pmem import layout as L
 from handover.pmem.kinds import RegionError, RegionLockedError

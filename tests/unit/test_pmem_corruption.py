@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 import handover.pmem as pmem
-from handover.cli_region import region as region_cli
+from handover.cli.region import region as region_cli
 from handover.errors import (EXIT_FALLBACK, EXIT_INTEGRITY, EXIT_NO_STATE, EXIT_OK,
                              IntegrityError, NoStateError)
 

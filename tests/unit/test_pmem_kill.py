@@ -18,7 +18,6 @@ import pytest
 
 import handover.pmem as pmem
 from handover.pmem import protocol as P
-from handover.pmem.layout import RegionHeader, encode_header, plan_slots, HEADER_OFFSETS
 from handover.pmem.simulate import PowerCut, SimAccess
 
 MB = 1 << 20

@@ -7,7 +7,8 @@ import pytest
 from click.testing import CliRunner
 
 import handover.pmem as pmem
-from handover.cli_region import parse_size, region as region_cli
+from handover.util import parse_size
+from handover.cli.region import region as region_cli
 from handover.pmem import discover as D
 from handover.pmem import kinds as K
 from handover.pmem import protocol as P
@@ -139,14 +140,17 @@ def test_cli_init_status_wipe_list(tmp_path):
     pmem.commit(p, b"hello" * 1000)
     res = run(region_cli, ["status", p, "--json"])
     st = json.loads(res.stdout)
-    assert res.exit_code == 0 and st["schema"] == "handover.region-status/1"
+    assert res.exit_code == 0 and st["schema"] == "handover.region-status/2"
     assert st["state"]["generation"] == 1 and st["state"]["length"] == 5000
+    # addresses as hex strings (a file region has no physical address)
+    assert st["state"]["offset"].startswith("0x") and st["state"]["crc"].startswith("0x")
+    assert st["phys_start"] is None and all(h["offset"].startswith("0x") for h in st["headers"])
     res = run(region_cli, ["wipe", p], input="")
     assert res.exit_code == 2 and "--yes" in res.stderr
     res = run(region_cli, ["wipe", p, "--yes"])
     assert res.exit_code == 0
     assert run(region_cli, ["status", p]).exit_code == 3
     res = run(region_cli, ["list", "--json"])
-    assert res.exit_code == 0 and json.loads(res.stdout)["schema"] == "handover.region-list/1"
+    assert res.exit_code == 0 and json.loads(res.stdout)["schema"] == "handover.region-list/2"
     res = run(region_cli, ["init", str(tmp_path / "x"), "--size", "lots"])
     assert res.exit_code == 2

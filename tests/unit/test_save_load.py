@@ -6,7 +6,7 @@ import tarfile
 import pytest
 from click.testing import CliRunner
 
-from handover import source as src
+from handover.ops import source as src
 from handover.cli import main
 from handover.formats import enums as E
 from handover.render import diff_states

@@ -2,8 +2,8 @@
 
 import pytest
 
-from handover.sources import read_host
-from handover.sources.iommu_debugfs import (
+from handover.host import read_host
+from handover.host.iommu_debugfs import (
     DebugfsFormatError,
     parse_dmar_translation,
     parse_domain_translation,
@@ -43,9 +43,9 @@ def test_dmar_translation_legacy():
     d = parse_dmar_translation((INTEL / "dmar_translation_struct").read_text())
     u = d["dmar0"]
     assert u["enabled"] and u["root"] == 0x2F0E000
-    edu = [e for e in u["entries"] if e["devfn"] == 0x18][0]
-    assert edu["pasid"] is None and edu["root_lo"] == 0x2F10001
-    assert edu["hi"] >> 8 == 6 and edu["lo"] & ~0xFFF == 0x3A5C000
+    edu = [e for e in u["entries"] if e.devfn == 0x18][0]
+    assert edu.pasid is None and edu.root_lo == 0x2F10001
+    assert edu.hi >> 8 == 6 and edu.lo & ~0xFFF == 0x3A5C000
     assert len(u["entries"]) == 9
 
 
@@ -60,19 +60,19 @@ def test_dmar_translation_scalable_and_disabled():
     d = parse_dmar_translation(text)
     assert d["dmar1"] == {"enabled": False, "root": None, "entries": []}
     e = d["dmar0"]["entries"]
-    assert [x["pasid"] for x in e] == [0, 65] and e[1]["bus"] == 0x3d
-    assert e[0]["pasid_val1"] == 0x12 and e[0]["pasid_val2"] == 0xabc000 and e[0]["root_hi"] == 0x7001
+    assert [x.pasid for x in e] == [0, 65] and e[1].bus == 0x3d
+    assert e[0].pasid_val1 == 0x12 and e[0].pasid_val2 == 0xabc000 and e[0].root_hi == 0x7001
 
 
 def test_domain_translation_levels():
     doms = parse_domain_translation((INTEL / "0000:00:03.0/domain_translation_struct").read_text())
     assert len(doms) == 1
     d = doms[0]
-    assert d["device"] == "0000:00:03.0" and d["pgd"] == 0x3A5C000 and d["pasid"] is None
-    assert len(d["leaves"]) == 9
-    pfn, vals = d["leaves"][0]
+    assert d.device == "0000:00:03.0" and d.pgd == 0x3A5C000 and d.pasid is None
+    assert len(d.leaves) == 9
+    pfn, vals = d.leaves[0]
     assert pfn == 0x100 and vals[2:] == (0x3A5D003, 0x3A5E003, 0x5000003)
-    pfn, vals = d["leaves"][-1]
+    pfn, vals = d.leaves[-1]
     assert pfn == 0x200 and vals[3] == 0x5200083 and vals[4] == 0
 
 
@@ -81,8 +81,8 @@ def test_domain_translation_with_pasid():
     text += "%-17s\t%-18s\t%-18s\t%-18s\t%-18s\t%-s\n" % ("IOVA_PFN", "PML5E", "PML4E", "PDPE", "PDE", "PTE")
     text += "0x%013x |\t0x%016x\t0x%016x\t0x%016x\n" % (0x40000, 0, 0x5003, 0x40000083)
     d = parse_domain_translation(text)[0]
-    assert d["pasid"] == 0x1f and d["device"] == "0000:3d:00.1"
-    assert d["leaves"] == [(0x40000, (0, 0x5003, 0x40000083, 0, 0))]
+    assert d.pasid == 0x1f and d.device == "0000:3d:00.1"
+    assert d.leaves == [(0x40000, (0, 0x5003, 0x40000083, 0, 0))]
     with pytest.raises(DebugfsFormatError):
         parse_domain_translation(text + "0x1 | junk\n")
 
@@ -134,7 +134,7 @@ def test_source_fills_units_from_debugfs(tmp_path):
     assert u.regs["gsts"] == 0xC7000000 and u.reg_source["gsts"] == "intel-iommu-debugfs"
     assert u.ir_enabled is True and u.ir_enabled_source.startswith("intel-iommu-debugfs")
     assert u.irtes[26][1] & 0xFFFF == 0x18 and u.contexts and u.root_table == 0x2F0E000
-    assert h.devices["0000:00:03.0"].domain["pgd"] == 0x3A5C000
+    assert h.devices["0000:00:03.0"].domain.pgd == 0x3A5C000
     assert h.notes["irtes"]["status"] == "captured"
 
 

@@ -5,10 +5,10 @@ import struct
 import pytest
 
 from handover.formats import enums as E
-from handover.sources import Sysroot, read_host
-from handover.sources.interrupts import decode_remappable, parse_proc_interrupts
-from handover.sources.iomem import parse_iomem, pmem_ranges
-from handover.sources.pci import parse_resource, upstream_of, walk_caps
+from handover.host import Sysroot, Vector, read_host
+from handover.host.interrupts import decode_remappable, parse_proc_interrupts
+from handover.host.iomem import parse_iomem, pmem_ranges
+from handover.host.pci import parse_resource, upstream_of, walk_caps
 
 from hosttree import CAPTURED, E1000E, EDU, copy_host, dev_dir
 
@@ -24,17 +24,17 @@ def test_pci_identity_of_edu(host):
     assert d.class_ == 0x00FF00 and d.revision == 0x10 and d.driver == "vfio-pci"
     assert d.iommu_group == 2 and d.iommu == "dmar0" and d.config_full
     assert d.resources[0] == (0xFEA00000, 0xFEAFFFFF, 0x40200) and len(d.resources) == 13
-    assert d.caps["msi"]["enabled"] and d.caps["msi"]["addr_lo"] == 0xFEE00358
+    assert d.caps.msi.enabled and d.caps.msi.addr_lo == 0xFEE00358
     assert d.upstream == []
 
 
 def test_pci_e1000e_caps(host):
     d = host.devices[E1000E]
     assert d.driver == "e1000e" and len(d.config) == 4096 and d.config_full
-    m = d.caps["msix"]
-    assert m["enabled"] and m["size"] == 5 and m["table_bir"] == 3 and m["table_offset"] == 0
-    assert m["pba_offset"] == 0x2000 and "pcie" in d.caps
-    assert d.caps["dsn"]["value"] == struct.unpack_from("<Q", d.config, d.caps["dsn"]["offset"] + 4)[0]
+    m = d.caps.msix
+    assert m.enabled and m.size == 5 and m.table_bir == 3 and m.table_offset == 0
+    assert m.pba_offset == 0x2000 and d.caps.pcie_type is not None
+    assert d.caps.dsn == struct.unpack_from("<Q", d.config, d.caps.dsn_offset + 4)[0]
 
 
 def test_walk_caps_is_bounded():
@@ -43,9 +43,9 @@ def test_walk_caps_is_bounded():
     cfg[0x34] = 0x40
     cfg[0x40:0x42] = bytes([0x05, 0x40])          # points at itself
     caps = walk_caps(bytes(cfg))
-    assert len(caps["cap_ids"]) == 48
-    assert walk_caps(bytes(cfg[:0x41]))["cap_ids"] == []  # truncated: no crash
-    assert walk_caps(b"")["cap_ids"] == []
+    assert len(caps.cap_ids) == 48
+    assert walk_caps(bytes(cfg[:0x41])).cap_ids == []  # truncated: no crash
+    assert walk_caps(b"").cap_ids == []
 
 
 def test_parse_resource_and_upstream():
@@ -83,8 +83,8 @@ def test_decode_remappable():
 
 def test_vectors_of_edu(host):
     v = host.devices[EDU].vectors
-    assert v == [{"kind": E.VEC_MSI, "vector": 0, "irq": 32, "unit": 0, "masked": False,
-                  "enabled": True, "irte_index": 26, "sub_handle": 0, "remapped": True}]
+    assert v == [Vector(kind=E.VEC_MSI, vector=0, irq=32, unit=0, masked=False, enabled=True,
+                        irte_index=26, sub_handle=0, remapped=True)]
 
 
 def test_msix_table_through_resource(tmp_path):
@@ -94,7 +94,7 @@ def test_msix_table_through_resource(tmp_path):
     (dev_dir(root, E1000E) / "resource3").write_bytes(table + bytes(0x4000 - len(table)))
     h = read_host(str(root), wanted={E1000E})
     v = h.devices[E1000E].vectors
-    assert [(x["vector"], x["irq"], x["irte_index"]) for x in v] == [(0, 29, 40), (1, 30, 41), (2, 31, 42)]
+    assert [(x.vector, x.irq, x.irte_index) for x in v] == [(0, 29, 40), (1, 30, 41), (2, 31, 42)]
     assert h.notes["vectors.irte_index"]["status"] == "captured"
 
 
@@ -102,7 +102,7 @@ def test_msix_table_unreadable_reason(tmp_path):
     root = copy_host(tmp_path / "h")
     h = read_host(str(root), wanted={E1000E})
     d = h.devices[E1000E]
-    assert "irte_index" not in d.vectors[0] and len(d.vectors) == 3
+    assert d.vectors[0].irte_index is None and len(d.vectors) == 3
     assert d.msix_reason.startswith("msix table: ") and "resource3" in d.msix_reason
     (dev_dir(root, E1000E) / "resource3").write_bytes(b"")   # mmap of an empty file fails
     h = read_host(str(root), wanted={E1000E})

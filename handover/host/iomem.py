@@ -4,27 +4,19 @@ register windows (``dmarN``) and PCI BAR claims. Addresses read as 0 for non-roo
 
 from __future__ import annotations
 
-import re
-
+from ..formats.iomem import parse_iomem
 from .base import Host, Source, register
 
 PROC_IOMEM = "/proc/iomem"
-_LINE = re.compile(r"^( *)([0-9a-fA-F]+)-([0-9a-fA-F]+) : (.*)$")
-
 PMEM_NAMES = ("Persistent Memory", "Persistent Memory (legacy)")
 
 
-def parse_iomem(text: str) -> list[tuple[int, int, str, int]]:
-    """-> [(start, end, name, depth)] in file order (depth = indentation / 2)."""
-    out = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        m = _LINE.match(line)
-        if not m:
-            raise ValueError(f"{PROC_IOMEM}: line {n}: unexpected text {line[:80]!r}")
-        out.append((int(m.group(2), 16), int(m.group(3), 16), m.group(4), len(m.group(1)) // 2))
-    return out
+def read_iomem(sr) -> list[tuple[int, int, str, int]]:
+    """/proc/iomem under ``sr``, parsed ([] when unreadable or malformed)."""
+    try:
+        return parse_iomem(sr.try_text(PROC_IOMEM) or "")
+    except ValueError:
+        return []
 
 
 def pmem_ranges(iomem) -> list[tuple[int, int, str]]:
@@ -46,7 +38,11 @@ class IomemSource(Source):
         if text is None:
             host.note("iomem", "absent", self.name, f"{PROC_IOMEM} unreadable")
             return
-        host.iomem = parse_iomem(text)
+        try:
+            host.iomem = parse_iomem(text)
+        except ValueError as e:
+            host.note("iomem", "absent", self.name, str(e))
+            return
         if host.iomem and all(s == 0 and e == 0 for s, e, _n, _d in host.iomem):
             host.note("iomem", "absent", self.name,
                       f"{PROC_IOMEM} shows zero addresses (needs CAP_SYS_ADMIN)")

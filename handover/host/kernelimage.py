@@ -15,10 +15,12 @@ pyelftools names notes by their type alone (ecosystem.md section 6), so notes ar
 from __future__ import annotations
 
 import io
+import os
+import stat
 import struct
 from dataclasses import dataclass
 
-from .errors import HandoverError, IntegrityError, NoStateError
+from ..errors import HandoverError, IntegrityError, NoStateError
 
 NOTE_NAME = "Handover"
 NOTE_TYPE = 1
@@ -122,16 +124,24 @@ def _decompress(kind: str, data: bytes) -> bytes | None:
     return None
 
 
+def running_declaration(sr) -> Declaration | None:
+    """The running kernel's declaration, from /sys/kernel/notes under the Sysroot ``sr``."""
+    try:
+        data = sr.read_bytes("/sys/kernel/notes", limit=1 << 20)
+    except OSError as e:
+        raise KernelImageError(f"/sys/kernel/notes: {e.strerror}") from None
+    return _declaration_from_notes(parse_notes(data), "running kernel (/sys/kernel/notes)")
+
+
 def read_declaration(path: str | None) -> Declaration | None:
     """The declaration of IMAGE (vmlinux or bzImage), or of the running kernel if None."""
     if path is None:
-        try:
-            with open("/sys/kernel/notes", "rb") as f:
-                data = f.read(1 << 20)
-        except OSError as e:
-            raise KernelImageError(f"/sys/kernel/notes: {e.strerror}") from None
-        return _declaration_from_notes(parse_notes(data), "running kernel (/sys/kernel/notes)")
+        from .base import Sysroot
+
+        return running_declaration(Sysroot("/"))
     try:
+        if stat.S_ISFIFO(os.stat(path).st_mode):
+            raise KernelImageError(f"{path}: a FIFO is not a kernel image")
         with open(path, "rb") as f:
             data = f.read(MAX_IMAGE + 1)
     except OSError as e:
@@ -164,6 +174,9 @@ def state_from_vmcore(path: str) -> tuple[bytes, dict]:
     from elftools.elf.elffile import ELFFile
 
     try:
+        if stat.S_ISFIFO(os.stat(path).st_mode):
+            raise HandoverError(f"{path}: a FIFO is not read as a crash dump (it could block "
+                                f"forever): give the dump file")
         f = open(path, "rb")
     except OSError as e:
         raise HandoverError(f"{path}: {e.strerror}") from None
@@ -199,7 +212,7 @@ def state_from_vmcore(path: str) -> tuple[bytes, dict]:
             length, phys = int(ln_s, 16), int(phys_s, 16)
         except ValueError:
             raise IntegrityError(f"{path}: malformed VMCOREINFO line {line!r}") from None
-        from .formats.structs import MAX_BLOB_SIZE
+        from ..formats.structs import MAX_BLOB_SIZE
 
         if length > MAX_BLOB_SIZE:
             raise IntegrityError(f"{path}: HANDOVER_STATE length {length} exceeds the limit")
@@ -207,7 +220,8 @@ def state_from_vmcore(path: str) -> tuple[bytes, dict]:
             if paddr <= phys and phys + length <= paddr + filesz:
                 f.seek(off + phys - paddr)
                 blob = f.read(length)
-                return blob, {"kind": "vmcore", "path": path, "phys": hex(phys), "length": length,
-                              "file_offset": off + phys - paddr}
+                return blob, {"kind": "vmcore", "path": os.path.abspath(path), "phys": hex(phys),
+                              "length": length, "file_offset": hex(off + phys - paddr),
+                              "fallback": False}
         raise NoStateError(f"{path}: state at {phys:#x}+{length:#x} is not in any PT_LOAD "
                            f"(excluded from the dump?)")

@@ -13,13 +13,13 @@ matches only when no verdict is ``mismatch`` or ``missing``.
 
 from __future__ import annotations
 
-from .formats import enums as E
-from .formats.descriptions import bdf_str, hx
-from .formats.model import State
-from .sources.base import Host
-from .token import check_token
+from ..formats import enums as E
+from ..formats.descriptions import bdf_str, hx
+from ..formats.model import State
+from ..host.base import Host
+from ..formats.token import check_token
 
-SCHEMA = "handover-load-result/1"
+SCHEMA = "handover.load/1"
 FAIL = ("mismatch", "missing")
 
 
@@ -118,9 +118,9 @@ def check_devices(st: State, host: Host, token: str | None, out: Verdicts) -> No
                     f"{hd.subsystem_vendor:04x}:{hd.subsystem_device:04x}")
         out.compare(obj, "class", f"{d.class_:06x}", f"{hd.class_:06x}")
         out.compare(obj, "revision", f"{d.revision:02x}", f"{hd.revision:02x}")
-        host_dsn = hd.caps.get("dsn", {}).get("value")
+        host_dsn = hd.caps.dsn
         if d.flags & E.DEV_F_DSN:
-            if host_dsn is None and len(hd.config) <= 0x100 and "pcie" in hd.caps:
+            if host_dsn is None and len(hd.config) <= 0x100 and hd.caps.pcie_type is not None:
                 out.add(obj, "DSN", "unverified", hx(d.dsn, 16), None,
                         "extended config space not readable (not root?)")
             else:
@@ -187,13 +187,13 @@ def check_vectors(st: State, host: Host, out: Verdicts) -> None:
             continue
         obj = _dev_name(v.sbdf)
         check = f"{E.VECTOR_KIND.get(v.kind, v.kind)} {v.vector} IRTE"
-        hv = next((x for x in hd.vectors if x["kind"] == v.kind and x["vector"] == v.vector
-                   and x.get("irte_index") is not None), None)
+        hv = next((x for x in hd.vectors if x.kind == v.kind and x.vector == v.vector
+                   and x.irte_index is not None), None)
         if hv is None:
             out.add(obj, check, "unverified", str(v.irte_index), None,
                     "vector not enabled (yet) on this host, or its message not readable")
         else:
-            out.compare(obj, check, v.irte_index, hv["irte_index"])
+            out.compare(obj, check, v.irte_index, hv.irte_index)
 
 
 def check_tables(st: State, host: Host, out: Verdicts) -> None:
@@ -222,12 +222,12 @@ def check_tables(st: State, host: Host, out: Verdicts) -> None:
             out.add(obj, check, "unverified", saved, None, "context entries not readable on this host")
             continue
         bus, devfn = c.sbdf >> 8 & 0xFF, c.sbdf & 0xFF
-        h = next((x for x in hu.contexts if x["bus"] == bus and x["devfn"] == devfn
-                  and (x["pasid"] or 0) == c.pasid), None)
-        out.compare(obj, check, saved, f"{h['hi']:016x}:{h['lo']:016x}" if h else "not present")
+        h = next((x for x in hu.contexts if x.bus == bus and x.devfn == devfn
+                  and (x.pasid or 0) == c.pasid), None)
+        out.compare(obj, check, saved, f"{h.hi:016x}:{h.lo:016x}" if h else "not present")
 
 
-def check_state(st: State, host: Host, token: str | None = None) -> Verdicts:
+def compare_state(st: State, host: Host, token: str | None = None) -> Verdicts:
     out = Verdicts()
     check_units(st, host, out)
     check_devices(st, host, token, out)
@@ -252,7 +252,7 @@ def result_doc(st: State, host: Host, verdicts: Verdicts, *, source: dict, check
                  "boot_id": host.sysroot.try_text("/proc/sys/kernel/random/boot_id")},
         "absent_in_state": sorted(st.absent),
         "summary": summary,
-        "failures": [f"{v['item']}: {v['status']}: saved {v.get('saved')}, host {v.get('host')}"
+        "failures": [f"{v['item']}: {v['status']}: saved {v.get('saved', '-')}, host {v.get('host', '-')}"
                      + (f" ({v['detail']})" if v.get("detail") else "")
                      for v in verdicts if v["status"] in FAIL],
         "verdicts": list(verdicts),

@@ -13,7 +13,7 @@ import hmac
 import os
 import uuid
 
-from .errors import HandoverError
+from ..errors import HandoverError
 
 
 class TokenError(HandoverError):

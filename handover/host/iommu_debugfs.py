@@ -2,8 +2,8 @@
 
 /sys/kernel/debug/iommu/intel/: ``iommu_regset``, ``dmar_translation_struct``,
 ``ir_translation_struct`` and per device ``<bdf>/domain_translation_struct``. The parsers
-below accept exactly the printf formats of Linux 6.12 (shared/reference/hardware-facts.md
-section 5) and raise ValueError, naming the line, on anything else. Debian's stock kernel
+below accept exactly the printf formats of Linux 6.12's drivers/iommu/intel/debugfs.c
+and raise ValueError, naming the line, on anything else. Debian's stock kernel
 has no such directory: the items are then noted absent with that reason.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 import errno
 import re
 
-from .base import Host, Source, errno_text, register
+from .base import ContextEntry, DomainWalk, Host, Source, errno_text, register
 
 DEBUGFS = "/sys/kernel/debug"
 INTEL = f"{DEBUGFS}/iommu/intel"
@@ -70,7 +70,7 @@ _DT_COLS = "B.D.F\tRoot_entry\t\t\t\tContext_entry\t\t\t\tPASID\tPASID_table_ent
 
 
 def parse_dmar_translation(text: str) -> dict:
-    """-> {unit: {"enabled": bool, "root": int|None, "entries": [dict]}}; an entry has
+    """-> {unit: {"enabled": bool, "root": int|None, "entries": [ContextEntry]}}; an entry has
     bus, devfn, root_hi, root_lo, hi, lo, pasid (None for legacy -1), pasid_val2/1/0."""
     out: dict = {}
     cur = None
@@ -93,13 +93,13 @@ def parse_dmar_translation(text: str) -> dict:
         if m and cur is not None:
             g = m.groups()
             pasid = int(g[7])
-            cur["entries"].append({
-                "bus": int(g[0], 16), "devfn": int(g[1], 16) << 3 | int(g[2]),
-                "root_hi": int(g[3], 16), "root_lo": int(g[4], 16),
-                "hi": int(g[5], 16), "lo": int(g[6], 16),
-                "pasid": None if pasid < 0 else pasid,
-                "pasid_val2": int(g[8], 16), "pasid_val1": int(g[9], 16),
-                "pasid_val0": int(g[10], 16)})
+            cur["entries"].append(ContextEntry(
+                bus=int(g[0], 16), devfn=int(g[1], 16) << 3 | int(g[2]),
+                root_hi=int(g[3], 16), root_lo=int(g[4], 16),
+                hi=int(g[5], 16), lo=int(g[6], 16),
+                pasid=None if pasid < 0 else pasid,
+                pasid_val2=int(g[8], 16), pasid_val1=int(g[9], 16),
+                pasid_val0=int(g[10], 16)))
             continue
         raise _bad("dmar_translation_struct", n, line)
     return out
@@ -112,9 +112,9 @@ _DM_COLS = re.compile(r"^IOVA_PFN\s+\tPML5E\s+\tPML4E\s+\tPDPE\s+\tPDE\s+\tPTE$"
 _DM_ROW = re.compile(rf"^0x({_HEX}{{13,}}) \|\t(0x{_HEX}{{16}}(?:\t0x{_HEX}{{16}}){{2,4}})$")
 
 
-def parse_domain_translation(text: str) -> list[dict]:
-    """-> [{"device": "0000:00:03.0", "pasid": int|None, "pgd": int,
-            "leaves": [(iova_pfn, (pml5e, pml4e, pdpe, pde, pte))]}] (missing levels 0)."""
+def parse_domain_translation(text: str) -> list[DomainWalk]:
+    """-> [DomainWalk(device "0000:00:03.0", pasid, pgd, leaves [(iova_pfn, (pml5e, pml4e,
+    pdpe, pde, pte))])] (missing levels 0)."""
     out: list = []
     cur = None
     for n, line in enumerate(text.splitlines(), 1):
@@ -123,9 +123,9 @@ def parse_domain_translation(text: str) -> list[dict]:
         m = _DM_HDR.match(line)
         if m:
             g = m.groups()
-            cur = {"device": f"{g[0]}:{g[1]}:{g[2]}.{g[3]}".lower(),
-                   "pasid": int(g[4], 16) if g[4] is not None else None,
-                   "pgd": int(g[5], 16), "leaves": []}
+            cur = DomainWalk(device=f"{g[0]}:{g[1]}:{g[2]}.{g[3]}".lower(),
+                             pasid=int(g[4], 16) if g[4] is not None else None,
+                             pgd=int(g[5], 16))
             out.append(cur)
             continue
         if _DM_COLS.match(line) and cur is not None:
@@ -134,7 +134,7 @@ def parse_domain_translation(text: str) -> list[dict]:
         if m and cur is not None:
             vals = [int(v, 16) for v in m.group(2).split("\t")]
             vals += [0] * (5 - len(vals))
-            cur["leaves"].append((int(m.group(1), 16), tuple(vals)))
+            cur.leaves.append((int(m.group(1), 16), tuple(vals)))
             continue
         raise _bad("domain_translation_struct", n, line)
     return out
@@ -320,8 +320,7 @@ class IntelIommuDebugfs(Source):
             except OSError as e:
                 failed.append(f"{bdf}: {errno_text(e)}")
                 continue
-            dev.domain = doms[0] if doms else {"device": bdf, "pasid": None, "pgd": None,
-                                               "leaves": []}
+            dev.domain = doms[0] if doms else DomainWalk(device=bdf)
             got.append(bdf)
         if got or failed:
             host.note("domains", "captured" if not failed else "partial", self.name,

@@ -13,11 +13,12 @@ import re
 import struct
 
 from ..formats import enums as E
-from .base import Host, Irq, PciDev, Source, errno_text, register
+from ..formats.descriptions import BDF_PATTERN
+from .base import Host, Irq, MsixCap, PciDev, Source, Vector, errno_text, register
 
 PROC_INTERRUPTS = "/proc/interrupts"
 SYS_IRQ = "/sys/kernel/irq"
-CHIP_RE = re.compile(r"^(IR-)?PCI-(MSI|MSIX)-([0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7])$")
+CHIP_RE = re.compile(rf"^(IR-)?PCI-(MSI|MSIX)-({BDF_PATTERN})$")
 _LINE = re.compile(r"^\s*(\d+):((?:\s+\d+)*)\s+(\S+)(?:\s+(\d+))?-(\S+)(?:\s+(.*))?$")
 
 
@@ -147,44 +148,41 @@ class InterruptsSource(Source):
         by_kind = {"msi": [i for i in irqs if dev.msi_irqs[i] == "msi"],
                    "msix": [i for i in irqs if dev.msi_irqs[i] == "msix"]}
         unit = host.unit_for(dev)
-        msi = dev.caps.get("msi")
-        if msi and msi["enabled"]:
-            n = 1 << msi["mme"]
-            dec = decode_remappable(msi["addr_lo"], msi["data"])
+        msi = dev.caps.msi
+        if msi and msi.enabled:
+            n = 1 << msi.mme
+            dec = decode_remappable(msi.addr_lo, msi.data)
             for i in range(n):
                 irq = by_kind["msi"][i] if i < len(by_kind["msi"]) else 0
-                v = {"kind": E.VEC_MSI, "vector": i, "irq": irq, "unit": unit.seq if unit else None,
-                     "masked": bool(msi["mask"] >> i & 1), "enabled": True}
+                v = Vector(E.VEC_MSI, i, irq, unit.seq if unit else None,
+                           masked=bool(msi.mask >> i & 1), remapped=dec is not None)
                 if dec:
                     # multi-MSI: the device ORs i into the data, so the index is handle+sub+i
-                    v.update(irte_index=dec["index"] + i, sub_handle=dec["sub_handle"] + i)
-                v["remapped"] = dec is not None
+                    v.irte_index, v.sub_handle = dec["index"] + i, dec["sub_handle"] + i
                 dev.vectors.append(v)
         elif by_kind["msi"] and not msi:
             notes.append(f"{dev.bdf}: MSI capability not in the config snapshot")
-        msix = dev.caps.get("msix")
-        if msix and msix["enabled"]:
+        msix = dev.caps.msix
+        if msix and msix.enabled:
             slots = {}
             for irq in by_kind["msix"]:
                 hw = host.irqs.get(irq).hwirq if irq in host.irqs else None
                 slots[hw if hw is not None else len(slots)] = irq
             entries = self.read_msix(host, dev, msix, msix_notes)
             for slot in sorted(slots) or range(0):
-                v = {"kind": E.VEC_MSIX, "vector": slot, "irq": slots[slot],
-                     "unit": unit.seq if unit else None, "enabled": True, "masked": None}
+                v = Vector(E.VEC_MSIX, slot, slots[slot], unit.seq if unit else None)
                 if entries is not None and slot < len(entries):
                     lo, hi, data, ctrl = entries[slot]
                     dec = decode_remappable(lo, data)
-                    v["masked"] = bool(ctrl & 1)
-                    v["remapped"] = dec is not None
+                    v.masked, v.remapped = bool(ctrl & 1), dec is not None
                     if dec:
-                        v.update(irte_index=dec["index"], sub_handle=dec["sub_handle"])
+                        v.irte_index, v.sub_handle = dec["index"], dec["sub_handle"]
                 dev.vectors.append(v)
             if entries is None and slots:
                 notes.append(f"{dev.bdf}: MSI-X IRTE handles unknown ({dev.msix_reason})")
 
-    def read_msix(self, host: Host, dev: PciDev, msix: dict, notes: list):
-        bir = msix["table_bir"]
+    def read_msix(self, host: Host, dev: PciDev, msix: MsixCap, notes: list):
+        bir = msix.table_bir
         path = f"{dev.path}/resource{bir}"
         if bir >= len(dev.resources) or not dev.resources[bir][1]:
             dev.msix_reason = f"msix table: BAR{bir} not assigned"
@@ -192,8 +190,8 @@ class InterruptsSource(Source):
             dev.msix_reason = f"msix table: {path} missing"
         else:
             try:
-                raw = host.sysroot.map_read(path, msix["table_offset"], 16 * msix["size"])
-                dev.msix_entries = parse_msix_table(raw, msix["size"])
+                raw = host.sysroot.map_read(path, msix.table_offset, 16 * msix.size)
+                dev.msix_entries = parse_msix_table(raw, msix.size)
                 return dev.msix_entries
             except OSError as e:
                 hint = {"EPERM": " (kernel lockdown)", "EINVAL": " (region claimed by the "

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import stat
+import sys
 from dataclasses import dataclass, field
 
-from .errors import HandoverError, IntegrityError, NoStateError
-from .formats.structs import MAGIC, MAX_BLOB_SIZE
+from ..errors import HandoverError, IntegrityError, NoStateError, VersionError
+from ..formats.structs import MAGIC, MAX_BLOB_SIZE
 
 
 @dataclass
@@ -20,12 +22,36 @@ class Loaded:
         return bool(self.info.get("fallback"))
 
 
+STDIN = "-"
+
+
+def _stat(path: str) -> os.stat_result:
+    """stat() of a SOURCE, its failures as one-line errors: only a path that is not there
+    is "no saved state" (exit 3); permission, loops and the like are errors (exit 1)."""
+    try:
+        return os.stat(path)
+    except FileNotFoundError:
+        raise NoStateError(f"{path}: no saved state: no such file or device") from None
+    except OSError as e:
+        raise HandoverError(f"{path}: cannot read: {e.strerror or e}") from None
+
+
 def read_blob(path: str, generation: int | None = None) -> tuple[bytes, dict]:
-    """Return (blob, info) without decoding it."""
-    if not os.path.exists(path):
-        raise NoStateError(f"no saved state: {path} does not exist")
+    """Return (blob, info) without decoding it.  ``-`` reads a blob from stdin."""
+    if path == STDIN:
+        if generation is not None:
+            raise HandoverError("-: --generation needs a region, stdin carries one blob")
+        return _read_stream(sys.stdin.buffer, "stdin"), {"kind": "stdin", "path": STDIN,
+                                                          "fallback": False}
+    st = _stat(path)
+    if stat.S_ISDIR(st.st_mode):
+        raise HandoverError(f"{path}: is a directory, not a state or a region")
+    if stat.S_ISFIFO(st.st_mode) or stat.S_ISSOCK(st.st_mode):
+        raise HandoverError(f"{path}: a FIFO or socket is not read as a SOURCE (it could block "
+                            f"forever): give a file or a region, or - to read stdin")
+    path = os.path.abspath(path)
     if _head(path) != MAGIC:  # a blob file needs no region layer (spares its import)
-        from . import pmem
+        from .. import pmem
 
         if pmem.probe(path):
             r = pmem.read_latest(path, generation=generation)
@@ -33,6 +59,14 @@ def read_blob(path: str, generation: int | None = None) -> tuple[bytes, dict]:
                     "fallback": bool(r.fallback), "reason": r.reason}
             return r.blob, info
     return _read_file(path), {"kind": "file", "path": path, "fallback": False}
+
+
+def _read_stream(f, name: str) -> bytes:
+    data = f.read(MAX_BLOB_SIZE + 1)
+    if len(data) > MAX_BLOB_SIZE:
+        raise IntegrityError(f"{name}: more than {MAX_BLOB_SIZE} bytes: exceeds the limit "
+                             f"for a state")
+    return data
 
 
 def _head(path: str) -> bytes:
@@ -58,22 +92,29 @@ def _read_file(path: str) -> bytes:
             else:
                 blob = f.read(size)
     except OSError as e:
-        raise HandoverError(f"cannot read {path}: {e.strerror or e}") from None
+        raise HandoverError(f"{path}: cannot read: {e.strerror or e}") from None
     return blob
 
 
 def load(path: str, generation: int | None = None, *, check_refs: bool = True,
          vmcore: bool = False) -> Loaded:
-    from .formats.codec import decode
+    from ..formats.codec import decode, header_checksum_ok
 
     if vmcore:
-        from .kernelimage import state_from_vmcore
+        from ..host.kernelimage import state_from_vmcore
 
         blob, info = state_from_vmcore(path)
     else:
         blob, info = read_blob(path, generation)
     try:
         st = decode(blob, check_refs=check_refs)
+    except VersionError as e:
+        if e.code == "VERSION" and header_checksum_ok(blob) is False:
+            raise IntegrityError(f"{path}: header at offset 0x0: checksum mismatch (the "
+                                 f"version field is damaged, not another version: {e})",
+                                 code="HEADER_CRC") from None
+        e.args = (f"{path}: {e}",)
+        raise
     except HandoverError as e:
         e.args = (f"{path}: {e}",)
         raise

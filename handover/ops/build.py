@@ -1,4 +1,4 @@
-"""From a read host (handover.sources) to a keepalive State, with provenance.
+"""From a read host (handover.host) to a keepalive State, with provenance.
 
 ``select_devices`` applies the keepalive rules (vfio-pci only, whole IOMMU groups);
 ``build_state`` turns the kept devices, their units, vectors, context entries, domains,
@@ -13,14 +13,14 @@ import os
 import socket
 from dataclasses import dataclass, field
 
-from . import __version__
-from .errors import HandoverError
-from .formats import enums as E
-from .formats.enums import ITEMS
-from .formats.model import State, StateBuilder
-from .sources.base import Host, PciDev, Unit
-from .sources.pci import bar_raw, sbdf_of
-from .token import hash_token
+from .. import __version__
+from ..errors import HandoverError
+from ..formats import enums as E
+from ..formats.enums import ITEMS
+from ..formats.model import State, StateBuilder
+from ..host.base import ContextEntry, DomainWalk, Host, PciDev, Unit
+from ..host.pci import bar_raw, normalize_bdf, sbdf_of
+from ..formats.token import hash_token
 
 ADDR_MASK = 0x000F_FFFF_FFFF_F000
 IOMMU_FREE_DRIVERS = (None, "pcieport")   # bridges may share a group with kept devices
@@ -41,6 +41,9 @@ class IncompleteError(HandoverError):
 class SaveOptions:
     devices: list | None = None          # BDFs; None = every device bound to vfio-pci
     token: str | None = None
+    # the salted hash of the token instead of the token (the shutdown save: the token itself
+    # is never kept); every kept device gets this one (salt, SHA-256(salt || token))
+    token_hash: tuple[bytes, bytes] | None = None
     force: bool = False                  # keep devices that break the rules (with warnings)
     require: str = "available"           # "full": any item not captured is an error
     region_ranges: list = field(default_factory=list)   # [(start, size)] of the pmem region
@@ -50,15 +53,6 @@ class SaveOptions:
 
 
 # ---------------------------------------------------------------------------------------
-def normalize_bdf(text: str) -> str:
-    from .formats.descriptions import bdf_str, parse_bdf
-
-    try:
-        return bdf_str(parse_bdf(text))
-    except ValueError as e:
-        raise HandoverError(str(e)) from None
-
-
 def select_devices(host: Host, requested: list | None, force: bool = False):
     """-> (kept devices, warnings). Raises RefusedError naming every refused device and why."""
     if requested:
@@ -166,16 +160,17 @@ def bar_rows(dev: PciDev, windows_only: bool = False) -> list[dict]:
     return out
 
 
-def device_fields(dev: PciDev, host: Host, token: str | None, salt: bytes | None) -> dict:
+def device_fields(dev: PciDev, host: Host, token: str | None, salt: bytes | None,
+                  token_hash: tuple[bytes, bytes] | None = None) -> dict:
     caps = dev.caps
     flags = E.DEV_F_KEEPALIVE
-    if "dsn" in caps:
+    if caps.dsn is not None:
         flags |= E.DEV_F_DSN
     if dev.physfn:
         flags |= E.DEV_F_VF
-    sriov = caps.get("sriov")
+    sriov = caps.sriov
     if sriov:
-        flags |= E.DEV_F_PF | (E.DEV_F_SRIOV_EN if sriov["ctrl"] & 1 else 0)
+        flags |= E.DEV_F_PF | (E.DEV_F_SRIOV_EN if sriov.ctrl & 1 else 0)
     if dev.header_type & 0x7F == 1:
         flags |= E.DEV_F_BRIDGE
     if dev.config_full:
@@ -184,46 +179,46 @@ def device_fields(dev: PciDev, host: Host, token: str | None, salt: bytes | None
              subsystem_vendor=dev.subsystem_vendor, subsystem_device=dev.subsystem_device,
              class_=dev.class_, revision=dev.revision, header_type=dev.header_type,
              iommu_group=0xFFFFFFFF if dev.iommu_group is None else dev.iommu_group,
-             dsn=caps["dsn"]["value"] if "dsn" in caps else 0,
-             num_vfs=sriov["num_vfs"] if sriov else 0,
-             total_vfs=sriov["total_vfs"] if sriov else 0,
-             sriov_ctrl=sriov["ctrl"] if sriov else 0,
+             dsn=caps.dsn or 0,
+             num_vfs=sriov.num_vfs if sriov else 0,
+             total_vfs=sriov.total_vfs if sriov else 0,
+             sriov_ctrl=sriov.ctrl if sriov else 0,
              physfn=sbdf_of(dev.physfn) if dev.physfn else 0xFFFFFFFF,
              driver=(dev.driver or "").encode()[:32])
     u = host.unit_for(dev)
     f["unit"] = u.seq if u else 0xFFFF
-    if token:
-        s, h = hash_token(token, salt)
+    if token or token_hash:
+        s, h = hash_token(token, salt) if token else token_hash
         f.update(token_salt=s, token_hash=h)
         flags |= E.DEV_F_TOKEN
     f["flags"] = flags
     return f
 
 
-def _context_for(u: Unit, dev: PciDev) -> list[dict]:
+def _context_for(u: Unit, dev: PciDev) -> list[ContextEntry]:
     if not u or not u.contexts:
         return []
     bus, devfn = dev.sbdf >> 8 & 0xFF, dev.sbdf & 0xFF
-    return [c for c in u.contexts if c["bus"] == bus and c["devfn"] == devfn]
+    return [c for c in u.contexts if c.bus == bus and c.devfn == devfn]
 
 
-def _domain_of_context(c: dict, scalable: bool) -> dict:
+def _domain_of_context(c: ContextEntry, scalable: bool) -> dict:
     if not scalable:
-        agaw = c["hi"] & 7
-        return dict(did=c["hi"] >> 8 & 0xFFFF, tt=c["lo"] >> 2 & 3, agaw=agaw,
-                    gaw=30 + 9 * agaw, flags=0, pgd=c["lo"] & ADDR_MASK)
-    v0, v1, v2 = c["pasid_val0"], c["pasid_val1"], c["pasid_val2"]
+        agaw = c.hi & 7
+        return dict(did=c.hi >> 8 & 0xFFFF, tt=c.lo >> 2 & 3, agaw=agaw,
+                    gaw=30 + 9 * agaw, flags=0, pgd=c.lo & ADDR_MASK)
+    v0, v1, v2 = c.pasid_val0, c.pasid_val1, c.pasid_val2
     pgtt, agaw = v0 >> 6 & 7, v0 >> 2 & 7
     pgd = v2 & ADDR_MASK if pgtt == 1 else (v0 & ADDR_MASK if pgtt in (2, 3) else 0)
     return dict(did=v1 & 0xFFFF, tt=E.DOMAIN_TT_SCALABLE | pgtt, agaw=agaw, gaw=30 + 9 * agaw,
                 flags=(1 if pgtt == 1 else 0) | 2, pgd=pgd)
 
 
-def walk_tables(domain: dict) -> tuple[set, list]:
+def walk_tables(domain: DomainWalk) -> tuple[set, list]:
     """From a parsed domain_translation_struct: (page-table pages, leaf data ranges)."""
-    tables = {domain["pgd"] & ADDR_MASK} if domain.get("pgd") else set()
+    tables = {domain.pgd & ADDR_MASK} if domain.pgd else set()
     leaves = []
-    for _pfn, vals in domain["leaves"]:
+    for _pfn, vals in domain.leaves:
         nz = [(lvl, v) for lvl, v in zip((5, 4, 3, 2, 1), vals) if v]
         if not nz:
             continue
@@ -261,7 +256,8 @@ def build_state(host: Host, devices: list, opts: SaveOptions) -> tuple[State, di
     vectors_by_unit: dict = {}
     for dev in devices:
         u = host.unit_for(dev)
-        b.add_device(config=dev.config, **device_fields(dev, host, opts.token, opts.salt))
+        b.add_device(config=dev.config, **device_fields(dev, host, opts.token, opts.salt,
+                                                        opts.token_hash))
         for row in bar_rows(dev):
             key = (dev.bdf, row["index"])
             if key in alter:
@@ -276,40 +272,39 @@ def build_state(host: Host, devices: list, opts: SaveOptions) -> tuple[State, di
                 for row in bar_rows(bd, windows_only=True):
                     b.add("bars", **row)
         for v in dev.vectors:
-            fl = E.VEC_F_ENABLED if v.get("enabled") else 0
-            if v.get("masked"):
+            fl = E.VEC_F_ENABLED if v.enabled else 0
+            if v.masked:
                 fl |= E.VEC_F_MASKED
-            if v.get("remapped") is not None:
-                fl |= E.VEC_F_MSG_KNOWN | (E.VEC_F_REMAPPED if v["remapped"] else 0)
-            if v.get("irte_index") is not None:
+            if v.remapped is not None:
+                fl |= E.VEC_F_MSG_KNOWN | (E.VEC_F_REMAPPED if v.remapped else 0)
+            if v.irte_index is not None:
                 fl |= E.VEC_F_IRTE_KNOWN
-                vectors_by_unit.setdefault(v["unit"], set()).add(v["irte_index"])
-            b.add("vectors", sbdf=dev.sbdf, unit=0xFFFF if v["unit"] is None else v["unit"],
-                  kind=v["kind"], flags=fl, vector=v["vector"],
-                  irte_index=v.get("irte_index") or 0, sub_handle=v.get("sub_handle") or 0,
-                  irq=v.get("irq") or 0)
+                vectors_by_unit.setdefault(v.unit, set()).add(v.irte_index)
+            b.add("vectors", sbdf=dev.sbdf, unit=0xFFFF if v.unit is None else v.unit,
+                  kind=v.kind, flags=fl, vector=v.vector, irte_index=v.irte_index or 0,
+                  sub_handle=v.sub_handle or 0, irq=v.irq or 0)
         # DMA remapping: context entries, domains, tables
         if u is not None and u.contexts is not None:
             scalable = bool(u.regs.get("rtaddr", 0) >> 10 & 1)
             for c in _context_for(u, dev):
                 dom = _domain_of_context(c, scalable)
-                pasid = c["pasid"] if c["pasid"] is not None else 0
+                pasid = c.pasid if c.pasid is not None else 0
                 b.add("contexts", sbdf=dev.sbdf, pasid=pasid, unit=u.seq, did=dom["did"],
                       flags=(E.CTX_F_SM | E.CTX_F_PASID) if scalable else 0,
-                      root_lo=c["root_lo"], root_hi=c["root_hi"], lo=c["lo"], hi=c["hi"],
-                      pasid_val0=c["pasid_val0"], pasid_val1=c["pasid_val1"],
-                      pasid_val2=c["pasid_val2"])
-                if dev.domain and dev.domain.get("pgd") and (dev.domain.get("pasid") in (None, pasid)):
-                    dom["pgd"] = dev.domain["pgd"]
+                      root_lo=c.root_lo, root_hi=c.root_hi, lo=c.lo, hi=c.hi,
+                      pasid_val0=c.pasid_val0, pasid_val1=c.pasid_val1,
+                      pasid_val2=c.pasid_val2)
+                if dev.domain and dev.domain.pgd and dev.domain.pasid in (None, pasid):
+                    dom["pgd"] = dev.domain.pgd
                 b._rows["domains"] = [r for r in b._rows["domains"]
                                       if not (r[0] == u.seq and r[1] == dom["did"])]
                 b.add("domains", unit=u.seq, **dom)
-                for ptr in (c["root_lo"], c["root_hi"]):
+                for ptr in (c.root_lo, c.root_hi):
                     if ptr & 1:
                         reserved.append((ptr & ADDR_MASK, 0x1000, 2, u.seq))
-                if scalable and c["lo"] & 1:
-                    pdts = c["lo"] >> 9 & 7
-                    reserved.append((c["lo"] & ADDR_MASK, max(0x1000, 8 << (pdts + 7)), 3, u.seq))
+                if scalable and c.lo & 1:
+                    pdts = c.lo >> 9 & 7
+                    reserved.append((c.lo & ADDR_MASK, max(0x1000, 8 << (pdts + 7)), 3, u.seq))
                 if dom["pgd"] and dom["tt"] & 0x7F != 2 and not dev.domain:
                     reserved.append((dom["pgd"], 0x1000, 5, u.seq))
             if dev.domain:

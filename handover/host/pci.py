@@ -9,25 +9,32 @@ of ``config`` are walked for MSI, MSI-X (table/PBA location), DSN and SR-IOV.
 
 from __future__ import annotations
 
-import posixpath
 import re
 import struct
 
-from .base import Host, PciDev, Source, register
+from ..errors import HandoverError
+from ..formats.descriptions import BDF_PATTERN, bdf_str, parse_bdf
+from .base import Caps, Host, MsiCap, MsixCap, PciDev, Source, SriovCap, register
 
 PCI_DEVICES = "/sys/bus/pci/devices"
-BDF_RE = re.compile(r"^([0-9a-f]{4}):([0-9a-f]{2}):([0-9a-f]{2})\.([0-7])$")
+BDF_RE = re.compile(rf"^{BDF_PATTERN}$")
 
 CAP_MSI, CAP_PCIE, CAP_MSIX = 0x05, 0x10, 0x11
 ECAP_DSN, ECAP_SRIOV = 0x0003, 0x0010
 
 
 def sbdf_of(bdf: str) -> int:
-    m = BDF_RE.match(bdf)
-    if not m:
-        raise ValueError(f"not a PCI address: {bdf!r}")
-    seg, bus, dev, fn = (int(x, 16) for x in m.groups())
-    return seg << 16 | bus << 8 | dev << 3 | fn
+    """'0000:00:03.0' -> sbdf (the one BDF parser: formats.descriptions.parse_bdf)."""
+    return parse_bdf(bdf)
+
+
+def normalize_bdf(text: str) -> str:
+    """A user's PCI address ('00:03.0', '0000:00:03.0') in sysfs spelling; HandoverError
+    when it is not one."""
+    try:
+        return bdf_str(parse_bdf(text))
+    except ValueError as e:
+        raise HandoverError(str(e)) from None
 
 
 def parse_resource(text: str) -> list[tuple[int, int, int]]:
@@ -55,45 +62,38 @@ def _u32(c: bytes, o: int) -> int:
     return struct.unpack_from("<I", c, o)[0] if o + 4 <= len(c) else 0
 
 
-def walk_caps(config: bytes) -> dict:
-    """Decode the capabilities this tool needs from a config-space snapshot.
-
-    Returns a dict with keys among ``msi``, ``msix``, ``pcie``, ``dsn``, ``sriov``, plus
-    ``cap_ids`` / ``ecap_ids`` (every capability found, with its offset). Bounded against
+def walk_caps(config: bytes) -> Caps:
+    """Decode the capabilities this tool needs from a config-space snapshot (every
+    capability found goes into ``cap_ids`` / ``ecap_ids`` with its offset). Bounded against
     loops (48 standard, 960 extended steps) and truncated snapshots."""
-    caps: dict = {"cap_ids": [], "ecap_ids": []}
+    caps = Caps()
     c = config
     if len(c) < 0x40 or not (_u16(c, 0x06) & 0x10):
         return caps
     pos, seen = _u8(c, 0x34) & 0xFC, 0
     while pos >= 0x40 and seen < 48:
         if pos + 2 > len(c):
-            caps["truncated_at"] = pos
+            caps.truncated_at = pos
             break
         cid, nxt = c[pos], c[pos + 1] & 0xFC
-        caps["cap_ids"].append((cid, pos))
+        caps.cap_ids.append((cid, pos))
         if cid == CAP_MSI and pos + 0x10 <= len(c):
             ctrl = _u16(c, pos + 2)
             is64 = bool(ctrl & 0x80)
-            caps["msi"] = {
-                "offset": pos, "ctrl": ctrl, "enabled": bool(ctrl & 1),
-                "mmc": (ctrl >> 1) & 7, "mme": (ctrl >> 4) & 7, "is64": is64,
-                "maskable": bool(ctrl & 0x100),
-                "addr_lo": _u32(c, pos + 4),
-                "addr_hi": _u32(c, pos + 8) if is64 else 0,
-                "data": _u16(c, pos + (0x0C if is64 else 0x08)),
-                "mask": (_u32(c, pos + (0x10 if is64 else 0x0C)) if ctrl & 0x100 else 0),
-            }
+            caps.msi = MsiCap(
+                offset=pos, ctrl=ctrl, enabled=bool(ctrl & 1), mmc=(ctrl >> 1) & 7,
+                mme=(ctrl >> 4) & 7, is64=is64, maskable=bool(ctrl & 0x100),
+                addr_lo=_u32(c, pos + 4), addr_hi=_u32(c, pos + 8) if is64 else 0,
+                data=_u16(c, pos + (0x0C if is64 else 0x08)),
+                mask=_u32(c, pos + (0x10 if is64 else 0x0C)) if ctrl & 0x100 else 0)
         elif cid == CAP_MSIX and pos + 12 <= len(c):
             ctrl, table, pba = _u16(c, pos + 2), _u32(c, pos + 4), _u32(c, pos + 8)
-            caps["msix"] = {
-                "offset": pos, "ctrl": ctrl, "size": (ctrl & 0x7FF) + 1,
-                "enabled": bool(ctrl & 0x8000), "masked": bool(ctrl & 0x4000),
-                "table_bir": table & 7, "table_offset": table & ~7,
-                "pba_bir": pba & 7, "pba_offset": pba & ~7,
-            }
+            caps.msix = MsixCap(
+                offset=pos, ctrl=ctrl, size=(ctrl & 0x7FF) + 1, enabled=bool(ctrl & 0x8000),
+                masked=bool(ctrl & 0x4000), table_bir=table & 7, table_offset=table & ~7,
+                pba_bir=pba & 7, pba_offset=pba & ~7)
         elif cid == CAP_PCIE:
-            caps["pcie"] = {"offset": pos, "type": (_u16(c, pos + 2) >> 4) & 0xF}
+            caps.pcie_type = (_u16(c, pos + 2) >> 4) & 0xF
         pos, seen = nxt, seen + 1
     if len(c) > 0x100:
         pos, seen = 0x100, 0
@@ -102,16 +102,15 @@ def walk_caps(config: bytes) -> dict:
             if hdr == 0 or hdr == 0xFFFFFFFF:
                 break
             eid, nxt = hdr & 0xFFFF, (hdr >> 20) & 0xFFC
-            caps["ecap_ids"].append((eid, pos))
+            caps.ecap_ids.append((eid, pos))
             if eid == ECAP_DSN and pos + 12 <= len(c):
-                caps["dsn"] = {"offset": pos, "value": _u32(c, pos + 4) | _u32(c, pos + 8) << 32}
+                caps.dsn, caps.dsn_offset = _u32(c, pos + 4) | _u32(c, pos + 8) << 32, pos
             elif eid == ECAP_SRIOV and pos + 0x3C <= len(c):
-                caps["sriov"] = {
-                    "offset": pos, "ctrl": _u16(c, pos + 8), "total_vfs": _u16(c, pos + 0x0E),
-                    "num_vfs": _u16(c, pos + 0x10), "vf_offset": _u16(c, pos + 0x14),
-                    "vf_stride": _u16(c, pos + 0x16), "vf_device": _u16(c, pos + 0x1A),
-                    "vf_bars": [_u32(c, pos + 0x24 + 4 * i) for i in range(6)],
-                }
+                caps.sriov = SriovCap(
+                    offset=pos, ctrl=_u16(c, pos + 8), total_vfs=_u16(c, pos + 0x0E),
+                    num_vfs=_u16(c, pos + 0x10), vf_offset=_u16(c, pos + 0x14),
+                    vf_stride=_u16(c, pos + 0x16), vf_device=_u16(c, pos + 0x1A),
+                    vf_bars=[_u32(c, pos + 0x24 + 4 * i) for i in range(6)])
             if nxt < 0x100:
                 break
             pos, seen = nxt, seen + 1
@@ -129,8 +128,8 @@ def bar_raw(dev: PciDev, index: int) -> int:
     elif index == 6:
         off = 0x30 if dev.header_type & 0x7F == 0 else 0x38
         return _u32(c, off)
-    elif 7 <= index <= 12 and "sriov" in dev.caps:
-        bars = dev.caps["sriov"]["vf_bars"]
+    elif 7 <= index <= 12 and dev.caps.sriov is not None:
+        bars = dev.caps.sriov.vf_bars
         i = index - 7
         lo = bars[i]
         return lo | (bars[i + 1] << 32 if is64 and i + 1 < 6 else 0)
@@ -199,7 +198,7 @@ class PciSource(Source):
             dev.device = dev.device or _u16(c, 2)
             dev.revision = dev.revision or c[8]
         dev.caps = walk_caps(c)
-        is_pcie = "pcie" in dev.caps
+        is_pcie = dev.caps.pcie_type is not None
         dev.config_full = len(c) >= (4096 if is_pcie else 256)
         text = sr.try_text(f"{base}/resource")
         dev.resources = parse_resource(text) if text else []

@@ -20,8 +20,8 @@ import time
 
 from .. import __version__
 from ..errors import HandoverError
-from . import read_host
-from .base import Sysroot
+from ..host import read_host
+from ..host.base import Sysroot
 
 MANIFEST = "HANDOVER-CAPTURE.json"
 EXTRA_FILES = ("/proc/sys/kernel/osrelease", "/proc/sys/kernel/hostname",
@@ -35,7 +35,7 @@ def record(sysroot: str = "/", progress=None) -> tuple[Sysroot, object]:
     for p in EXTRA_FILES:
         sr.try_text(p)
     # what `save` itself reads beyond the sources (meta), with its default device choice
-    from ..collect import SaveOptions, build_state, select_devices
+    from .build import SaveOptions, build_state, select_devices
     try:
         kept, _w = select_devices(host, None, force=True)
         build_state(host, kept, SaveOptions())

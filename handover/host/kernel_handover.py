@@ -1,0 +1,155 @@
+"""The patched kernel's own interface, /sys/kernel/handover/ (kernel-patches 0002-0007).
+
+Absent on stock kernels: this source then notes that and changes nothing. One value per
+file (documented in the series' Documentation/ABI/testing/sysfs-kernel-handover):
+
+``state``, ``reason``, ``region``, ``error``, ``generation``, ``format``
+    What became of the state named by handover=: ``state`` is none, no-state, rejected,
+    valid, accepted or aborted; ``region`` ``<size>@<phys>``; ``error`` ``<HO_E name> at
+    offset N`` when the kernel's parser refused the state; empty files say "nothing".
+``reserved_ranges``, ``reserved_bytes``, ``ir_tables_kept``, ``root_tables_kept``
+    Counters (decimal).
+``devices/<bdf>/{state,domain,reason}``
+    One directory per keepalive device of the state: ``listed``, ``held`` or
+    ``released``; the adopted domain ID; why it was released. Gathered into a list under
+    ``keepalive``.
+``formats``
+    The format versions the kernel reads, ``1.0-1.1``.
+``blob`` (0400)
+    The RAM copy of the state the kernel validated.
+``decision`` (0644)
+    Reads ``pending``, ``accept`` or ``abort``; ``handover load`` writes ``accept`` or
+    ``abort`` after comparing the state with the machine.
+
+Kernels of the first series had one multi-line ``status`` file of ``key: value`` lines
+(``device: <bdf> held [adopted domain=N] [(why)]`` per device); it is still read when
+present. The registers the stock sysfs lacks (GSTS, RTADDR, IRTA, IQA, IQH, IQT) come from
+the same series through /sys/class/iommu/dmarN/intel-iommu/ (see intel_iommu.py).
+Newer kernels may add files; this reader ignores what it does not know.
+"""
+
+from __future__ import annotations
+
+import errno
+import re
+
+from ..errors import HandoverError
+from ..formats.descriptions import BDF_PATTERN
+from .base import Host, Source, Sysroot, register
+
+ROOT = "/sys/kernel/handover"
+
+
+_DEVICE = re.compile(rf"^(?P<bdf>{BDF_PATTERN}) (?P<state>[a-z]+)"
+                     r"(?: adopted domain=(?P<domain>\d+))?(?: \((?P<why>.*)\))?$")
+
+
+def parse_status(text: str) -> dict:
+    out: dict = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if not sep:
+            continue
+        key, value = key.strip(), value.strip()
+        if key == "device":
+            m = _DEVICE.match(value)
+            dev = {"line": value} if m is None else {
+                "bdf": m["bdf"], "state": m["state"], "adopted": m["domain"] is not None,
+                "domain": int(m["domain"]) if m["domain"] else None, "why": m["why"]}
+            out.setdefault("keepalive", []).append(dev)
+        else:
+            out[key] = value
+    return out
+
+
+#: the one-value files of the kernel's interface, read into the status dict
+STATUS_FILES = ("state", "region", "reason", "error", "generation", "format", "reserved_ranges",
+                "reserved_bytes", "ir_tables_kept", "root_tables_kept")
+
+
+def read_status(sysroot: Sysroot) -> dict:
+    """/sys/kernel/handover/ now, as one dict ({} when absent): the one-value files, and
+    ``keepalive``, a list of the devices (bdf, state, adopted, domain, why)."""
+    old = sysroot.try_text(f"{ROOT}/status")
+    if old is not None:
+        return parse_status(old)
+    out: dict = {}
+    for name in STATUS_FILES:
+        v = (sysroot.try_text(f"{ROOT}/{name}") or "").strip()
+        if v:
+            out[name] = v
+    ddir = f"{ROOT}/devices"
+    if sysroot.isdir(ddir):
+        for bdf in sorted(sysroot.listdir(ddir)):
+            def val(f: str) -> str:
+                return (sysroot.try_text(f"{ddir}/{bdf}/{f}") or "").strip()
+            dom = val("domain")
+            out.setdefault("keepalive", []).append(
+                {"bdf": bdf, "state": val("state"), "adopted": bool(dom),
+                 "domain": int(dom) if dom.isdigit() else None, "why": val("reason") or None})
+    return out
+
+
+@register
+class KernelHandover(Source):
+    name = "kernel-handover"
+    order = 25
+    items = ("kernel-handover",)
+
+    def collect(self, host: Host) -> None:
+        sr = host.sysroot
+        if not sr.isdir(ROOT):
+            host.note("kernel-handover", "absent", self.name,
+                      f"{ROOT} missing: kernel without handover patches")
+            return
+        status = read_status(sr)
+        info = {"path": ROOT, "formats": sr.try_text(f"{ROOT}/formats"),
+                "state": status.get("state"), "decision": sr.try_text(f"{ROOT}/decision"),
+                "status": status}
+        gen = status.get("generation")
+        info["generation"] = int(gen) if gen and gen.isdigit() else None
+        host.interfaces["kernel-handover"] = info
+        host.note("kernel-handover", "captured", self.name,
+                  f"{ROOT}: state {info['state']}, formats {info['formats']}")
+
+
+def feed(sysroot: Sysroot, verdict: str, reason: str = "") -> str:
+    """Tell the kernel userspace's verdict ("accept" / "abort"). Returns what was written.
+
+    The reason of an abort goes to the log (stderr, result.json); the kernel takes the word."""
+    if verdict not in ("accept", "abort"):
+        raise ValueError(verdict)
+    try:
+        sysroot.write_text(f"{ROOT}/decision", verdict + "\n")
+    except OSError as e:
+        raise HandoverError(f"{ROOT}/decision: cannot write {verdict!r}: "
+                            f"{errno.errorcode.get(e.errno or 0, e)}: {e.strerror}") from None
+    return verdict
+
+
+KEEPALIVE = f"{ROOT}/keepalive"
+
+
+def arm_keepalive(sysroot: Sysroot, devices: list[str], next_reads_state: bool = True) -> dict:
+    """Tell a patched running kernel which devices its kexec must leave running (DMA
+    translation on, bus mastering kept: kernel-patches 0005). Feature-detected: on a stock
+    kernel the file does not exist and nothing changes.
+
+    Only when the next kernel reads the state (it declares so in its Handover ELF note): a
+    kernel that does not would find translation on, disable it as a stock kernel does, and
+    the devices still bus-mastering would DMA to their IOVAs as physical addresses. Then
+    any earlier arming is cleared and the kexec stops the devices as usual."""
+    if not sysroot.exists(KEEPALIVE):
+        return {"armed": False, "reason": f"{KEEPALIVE} missing: kernel without handover patches"}
+    if not next_reads_state:
+        devices = []
+    word = "clear"
+    try:
+        for word in ["clear", *devices]:
+            sysroot.write_text(KEEPALIVE, word + "\n")
+    except OSError as e:
+        raise HandoverError(f"{KEEPALIVE}: cannot arm {word}: {e.strerror}") from None
+    if not next_reads_state:
+        return {"armed": False, "reason": "the next kernel does not declare that it reads the "
+                "handover state: the kexec stops the devices as usual"}
+    return {"armed": True, "devices": list(devices)}

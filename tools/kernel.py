@@ -198,6 +198,9 @@ def checkpatch() -> dict:
         r = subprocess.run([os.path.join(TREE, "scripts", "checkpatch.pl"), "--strict",
                             "--no-tree", "--terse", p], capture_output=True, text=True)
         m = re.search(r"total: (\d+) errors, (\d+) warnings, (\d+) checks", r.stdout)
+        if not m and r.returncode == 0 and not r.stdout.strip():
+            out[os.path.basename(p)] = (0, 0, 0)   # --terse prints nothing for a clean patch
+            continue
         if not m:
             raise SystemExit(f"kernel: checkpatch gave no verdict on {p}:\n{r.stdout}{r.stderr}")
         out[os.path.basename(p)] = tuple(int(x) for x in m.groups())

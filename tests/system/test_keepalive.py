@@ -131,6 +131,7 @@ python3 edu_keepalive.py probe 0000:00:03.0 "$dax" "$LAB_OUT/probe.json"
 python3 -m handover load --region /dev/pmem0 --token TOKEN --json > "$LAB_OUT/load.json" 2>"$LAB_OUT/load.err" || echo "load rc=$?" >> "$LAB_OUT/load.err"
 echo vfio-pci > /sys/bus/pci/devices/0000:00:03.0/driver_override
 echo 0000:00:03.0 > /sys/bus/pci/drivers_probe
+python3 edu_keepalive.py intruder 0000:00:03.0 "$LAB_OUT/intruder.json"
 python3 edu_keepalive.py owner 0000:00:03.0 "$dax" "$LAB_OUT/owner.json" TOKEN WRONG
 hstatus > "$LAB_OUT/status-end.txt" 2>&1
 dmesg > "$LAB_OUT/dmesg.txt"
@@ -215,6 +216,7 @@ def test_keepalive_device_survives_kexec(patched):  # noqa: F811
     print("\n".join(ln for ln in _text(new, "dmesg.txt").splitlines()
                     if re.search(r"handover|DMAR|DMA-?R|vector|edu|00:03.0", ln)))
     print(_text(new, "probe.json"), _text(new, "owner.json"), _text(new, "load.err"))
+    print(_text(new, "intruder.json") if "intruder.json" in new.files else "no intruder.json")
     print("handover arm --exec -> /init:", _kexec_to(res, "INIT"), "s")
     print("handover arm --exec -> edu DMA with the old IOVA:", _kexec_to(res, "EDU-DMA-OK"), "s")
     print("handover arm --exec -> new owner's DMA + MSI:", _kexec_to(res, "EDU-OWNER-OK"), "s")
@@ -259,6 +261,23 @@ def test_keepalive_device_survives_kexec(patched):  # noqa: F811
     assert owner["no_token"] == "EPERM" and owner["wrong_token"] == "EPERM"
     assert owner["owner_token"] == "opened" and owner["command_at_open"] & 0x4
     assert owner["dma_old_iova"] is True and owner["msi_eventfd"] == "ok"
+    # a non-owner's attach and detach (its container, no token) left the adopted entry
+    intruder = json.loads(new.files["intruder.json"])
+    assert intruder["open"] == "EPERM"
+    assert intruder["translation_before"] == intruder["translation_after"] == "adopted"
+    # the owner really owns the translation: its domain got the old mappings (above: the
+    # old IOVA worked without a map), its own map reaches edu, its unmap revokes
+    dmesg = _text(new, "dmesg.txt")
+    assert owner["translation"] == "owner"
+    assert re.search(r"00:03.0: handover: translation handed over to the owner's domain \d+ "
+                     r"\(512 pages copied", dmesg), "no hand-over to the owner's domain"
+    assert owner["map_new"] == "ok" and owner["dma_new_iova"] is True
+    assert owner["map_old_again"] == "ok" and owner["dma_old_iova_mapped"] is True
+    assert "already set" not in dmesg
+    assert owner["unmapped_old"] == 2 << 20 and owner["dma_old_iova_unmapped"] is False
+    assert owner["dma_new_iova_still"] is True
+    assert owner["unmapped_new"] == 2 << 20 and owner["dma_new_iova_unmapped"] is False
+    assert re.search(r"DMAR: \[DMA (Read|Write) NO_PASID\] Request device \[00:03.0\]", dmesg)
     # ... through the IRTE edu used before the kexec: the message keeps its handle
     saved = [v for v in json.loads(old.files["inspect.json"])["vectors"]
              if v["device"] == EDU and v["kind"] == "MSI"]

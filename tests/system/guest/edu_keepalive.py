@@ -17,12 +17,20 @@ IOVA 0x100000 and left edu with bus mastering and MSI on. Usage::
     python3 edu_keepalive.py owner BDF BUFFER OUT.json TOKEN WRONG_TOKEN
         The new owner through vfio-pci: opening without a token and with WRONG_TOKEN must
         fail, with TOKEN must work. Without any new DMA mapping it makes edu DMA with the old
-        IOVA again, then arms MSI with an eventfd and waits for edu's interrupt.
+        IOVA again (its translation was handed over to the owner's domain, the old
+        mappings copied in), then arms MSI with an eventfd and waits for edu's interrupt.
+        Then the owner's map and unmap decide: it maps memory of its own at a NEW IOVA and
+        edu DMAs there; it maps the old IOVA again onto the same buffer (accepted as it
+        is); it unmaps the old IOVA and edu no longer reaches the buffer through it.
+    python3 edu_keepalive.py intruder BDF OUT.json
+        Not the owner: attaches edu's group to a container of its own, fails to open edu
+        without the token, and closes everything. The adopted translation must survive.
 
 Every step's outcome goes into OUT.json; the exit status is 0 whatever they are (the test
 judges), unless the helper itself breaks.
 """
 
+import ctypes
 import errno
 import fcntl
 import json
@@ -33,23 +41,52 @@ import struct
 import sys
 import time
 
-from vfio_edu import (CONFIG_REGION, DEVICE_GET_REGION_INFO, DEVICE_SET_IRQS, EDU_DMA_BUF,
-                      GROUP_GET_DEVICE_FD, GROUP_SET_CONTAINER, IOVA, IRQ_ACTION_TRIGGER,
-                      IRQ_DATA_EVENTFD, MSI_INDEX, REQUEST, SET_IOMMU, TYPE1v2, Edu)
+from vfio_edu import (_T, CONFIG_REGION, DEVICE_GET_REGION_INFO, DEVICE_SET_IRQS, EDU_DMA_BUF,
+                      GROUP_GET_DEVICE_FD, GROUP_SET_CONTAINER, IOMMU_MAP_DMA, IOVA,
+                      IRQ_ACTION_TRIGGER, IRQ_DATA_EVENTFD, MSI_INDEX, REQUEST, SET_IOMMU,
+                      TYPE1v2, Edu)
+
+IOMMU_UNMAP_DMA = _T | 114
+#: where the new owner maps memory of its own (not mapped by the previous kernel)
+NEW_IOVA = 0x800000
 
 BUF = 2 << 20
 PRE_OFF, SRC_OFF, DST_OFF, OWNER_SRC, OWNER_DST = 4096, 8192, 12288, 16384, 20480
 INFLIGHT_SRC, INFLIGHT_DST, INFLIGHT_EDU = 24576, 28672, EDU_DMA_BUF + 0x800
 
 
-def roundtrip(edu, buf, src_off, dst_off):
-    """RAM (old IOVA) -> edu -> RAM (old IOVA); True when the bytes arrived."""
+def roundtrip(edu, buf, src_off, dst_off, iova=IOVA):
+    """RAM (at ``iova``, the old IOVA by default) -> edu -> RAM; True when the bytes arrived."""
     pattern = os.urandom(64)
     buf[src_off:src_off + 64] = pattern
     buf[dst_off:dst_off + 64] = bytes(64)
-    done = edu.dma(IOVA + src_off, EDU_DMA_BUF + 0x100, 1) and \
-        edu.dma(EDU_DMA_BUF + 0x100, IOVA + dst_off, 1 | 2)
+    done = edu.dma(iova + src_off, EDU_DMA_BUF + 0x100, 1) and \
+        edu.dma(EDU_DMA_BUF + 0x100, iova + dst_off, 1 | 2)
     return done and bytes(buf[dst_off:dst_off + 64]) == pattern
+
+
+def _map(cfd, vaddr, iova, size):
+    """VFIO_IOMMU_MAP_DMA read/write; "ok" or the errno's name."""
+    try:
+        fcntl.ioctl(cfd, IOMMU_MAP_DMA, bytearray(struct.pack("IIQQQ", 32, 3, vaddr, iova, size)))
+        return "ok"
+    except OSError as e:
+        return errno.errorcode.get(e.errno, str(e.errno))
+
+
+def _unmap(cfd, iova, size):
+    """VFIO_IOMMU_UNMAP_DMA; the bytes the kernel says it unmapped."""
+    arg = bytearray(struct.pack("IIQQ", 24, 0, iova, size))
+    fcntl.ioctl(cfd, IOMMU_UNMAP_DMA, arg)
+    return struct.unpack("IIQQ", arg)[3]
+
+
+def _translation(bdf):
+    try:
+        with open(f"/sys/kernel/handover/devices/{bdf}/translation") as f:
+            return f.read().strip()
+    except OSError as e:
+        return f"unreadable: {e}"
 
 
 def _buffer(path):
@@ -169,6 +206,29 @@ def probe(bdf, buffer, out):
         json.dump(rep, f, indent=1)
 
 
+def intruder(bdf, out):
+    """Not the owner: attach edu's group to a container of its own (its IOMMU domain is
+    attached to edu), fail to open edu without the token, close everything (the group goes
+    back to the kernel's domain). The adopted translation must survive both."""
+    rep = {"translation_before": _translation(bdf)}
+    group = os.path.basename(os.readlink(f"/sys/bus/pci/devices/{bdf}/iommu_group"))
+    cfd = os.open("/dev/vfio/vfio", os.O_RDWR)
+    gfd = os.open(f"/dev/vfio/{group}", os.O_RDWR)
+    fcntl.ioctl(gfd, GROUP_SET_CONTAINER, bytearray(struct.pack("i", cfd)))
+    fcntl.ioctl(cfd, SET_IOMMU, TYPE1v2)
+    rep["attached"] = True
+    try:
+        os.close(fcntl.ioctl(gfd, GROUP_GET_DEVICE_FD, bytearray(bdf.encode() + b"\0")))
+        rep["open"] = "opened"
+    except OSError as e:
+        rep["open"] = errno.errorcode.get(e.errno, str(e.errno))
+    os.close(gfd)
+    os.close(cfd)
+    rep["translation_after"] = _translation(bdf)
+    with open(out, "w") as f:
+        json.dump(rep, f, indent=1)
+
+
 def owner(bdf, buffer, out, token, wrong):
     rep = {}
     group = os.path.basename(os.readlink(f"/sys/bus/pci/devices/{bdf}/iommu_group"))
@@ -221,10 +281,27 @@ def owner(bdf, buffer, out, token, wrong):
     edu.wr(0x64, edu.rd(0x24))
     print("@@LAB EDU-OWNER-OK phase=%s" % os.environ.get("LAB_PHASE", "?") if
           rep["dma_old_iova"] and r else "edu owner check failed", flush=True)
+    # the owner's own domain now translates for edu: what it maps and unmaps decides
+    rep["translation"] = _translation(bdf)
+    own = mmap.mmap(-1, BUF, mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
+    own_va = ctypes.addressof(ctypes.c_char.from_buffer(own))
+    rep["map_new"] = _map(cfd, own_va, NEW_IOVA, BUF)
+    rep["dma_new_iova"] = roundtrip(edu, own, SRC_OFF, DST_OFF, NEW_IOVA)
+    # the old IOVA mapped again onto the same memory: accepted as it is
+    buf_va = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    rep["map_old_again"] = _map(cfd, buf_va, IOVA, BUF)
+    rep["dma_old_iova_mapped"] = roundtrip(edu, buf, OWNER_SRC, OWNER_DST)
+    # unmapped: edu can no longer reach the buffer through the old IOVA
+    rep["unmapped_old"] = _unmap(cfd, IOVA, BUF)
+    rep["dma_old_iova_unmapped"] = roundtrip(edu, buf, OWNER_SRC, OWNER_DST)
+    rep["dma_new_iova_still"] = roundtrip(edu, own, SRC_OFF, DST_OFF, NEW_IOVA)
+    rep["unmapped_new"] = _unmap(cfd, NEW_IOVA, BUF)
+    rep["dma_new_iova_unmapped"] = roundtrip(edu, own, SRC_OFF, DST_OFF, NEW_IOVA)
     with open(out, "w") as f:
         json.dump(rep, f, indent=1)
 
 
 if __name__ == "__main__":
     cmd, args = sys.argv[1], sys.argv[2:]
-    {"probe": probe, "owner": owner, "stage": stage, "kick": kick}[cmd](*args)
+    {"probe": probe, "owner": owner, "stage": stage, "kick": kick,
+     "intruder": intruder}[cmd](*args)

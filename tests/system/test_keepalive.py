@@ -269,8 +269,8 @@ def test_keepalive_device_survives_kexec(patched):  # noqa: F811
     # old IOVA worked without a map), its own map reaches edu, its unmap revokes
     dmesg = _text(new, "dmesg.txt")
     assert owner["translation"] == "owner"
-    assert re.search(r"00:03.0: handover: translation handed over to the owner's domain \d+ "
-                     r"\(512 pages copied", dmesg), "no hand-over to the owner's domain"
+    assert re.search(r"00:03.0: (DMAR: )?handover: translation handed over to the owner's "
+                     r"domain \d+ \(512 pages copied", dmesg), "no hand-over to the owner's domain"
     assert owner["map_new"] == "ok" and owner["dma_new_iova"] is True
     assert owner["map_old_again"] == "ok" and owner["dma_old_iova_mapped"] is True
     assert "already set" not in dmesg
@@ -337,3 +337,93 @@ def test_kernel_rejects_and_stops_the_device(patched, spoil):  # noqa: F811
     # nothing adopted: no context entry kept, translation disabled as on a stock kernel
     assert "adopted the context entry" not in dmesg
 
+
+
+# --------------------------------------------------------------------------------------
+# Ten keepalive kexecs in a row: each new kernel adopts edu, its owner takes it over with
+# the token (the same IOVA mapped again onto the same dax buffer), DMAs and gets its MSI,
+# and arms the next kexec. Nothing may accumulate from one kernel to the next.
+CHAIN_KEXECS = 10
+
+# what each kernel of the chain measures: "key: value" lines in $LAB_OUT/metrics.txt
+CHAIN_METRICS = r"""
+{
+echo "mem_total_kb: $(awk '/^MemTotal:/ {print $2}' /proc/meminfo)"
+echo "reserved_bytes: $(cat /sys/kernel/handover/reserved_bytes)"
+echo "reserved_ranges: $(cat /sys/kernel/handover/reserved_ranges)"
+echo "domains_used: $(cat /sys/class/iommu/dmar0/intel-iommu/domains_used)"
+echo "irtes_present: $(grep -cE '^ *[0-9]+ +[0-9a-f]{2}:' /sys/kernel/debug/iommu/intel/ir_translation_struct)"
+echo "translation: $(cat /sys/kernel/handover/devices/0000:00:03.0/translation)"
+echo "state: $(cat /sys/kernel/handover/state)"
+} > "$LAB_OUT/metrics.txt" 2>&1
+"""
+
+CHAIN_KERNEL = NEW_KERNEL_COMMON + r"""
+python3 -m handover load --region /dev/pmem0 --token TOKEN --json > "$LAB_OUT/load.json" 2>"$LAB_OUT/load.err" || echo "load rc=$?" >> "$LAB_OUT/load.err"
+echo vfio-pci > /sys/bus/pci/devices/0000:00:03.0/driver_override
+echo 0000:00:03.0 > /sys/bus/pci/drivers_probe
+python3 vfio_edu.py 0000:00:03.0 /tmp/vfio-ready /tmp/vfio-stop "$dax" TOKEN > /tmp/vfio-holder.log 2>&1 &
+i=0; while [ ! -f /tmp/vfio-ready ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done
+cat /tmp/vfio-holder.log >&2
+cat /tmp/vfio-ready > "$LAB_OUT/vfio-ready.txt"
+""" + CHAIN_METRICS + r"""
+dmesg > "$LAB_OUT/dmesg.txt"
+python3 -m handover arm --kernel /payload/lab/vmlinuz.NEXT --initrd /payload/lab/initrd.img \
+    --command-line "$(cat /payload/lab/cmdline.NEXT)" --append handover.lab.phase=NEXT \
+    --region /dev/pmem0 --token TOKEN --json > "$LAB_OUT/arm.json"
+echo "exec python3 -m handover arm --exec" > /lab/exec
+""".replace("TOKEN", TOKEN)
+
+CHAIN_LAST = NEW_KERNEL_COMMON + r"""
+python3 -m handover load --region /dev/pmem0 --token TOKEN --json > "$LAB_OUT/load.json" 2>"$LAB_OUT/load.err" || echo "load rc=$?" >> "$LAB_OUT/load.err"
+echo vfio-pci > /sys/bus/pci/devices/0000:00:03.0/driver_override
+echo 0000:00:03.0 > /sys/bus/pci/drivers_probe
+python3 vfio_edu.py 0000:00:03.0 /tmp/vfio-ready /tmp/vfio-stop "$dax" TOKEN > /tmp/vfio-holder.log 2>&1 &
+i=0; while [ ! -f /tmp/vfio-ready ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done
+cat /tmp/vfio-holder.log >&2
+cat /tmp/vfio-ready > "$LAB_OUT/vfio-ready.txt"
+""".replace("TOKEN", TOKEN) + CHAIN_METRICS + r"""
+touch /tmp/vfio-stop
+dmesg > "$LAB_OUT/dmesg.txt"
+"""
+
+
+def _metrics(phase) -> dict:
+    return dict(ln.split(": ", 1) for ln in _text(phase, "metrics.txt").splitlines()
+                if ": " in ln)
+
+
+def test_ten_keepalive_kexecs(patched):  # noqa: F811
+    """Phase 2 arms edu (as above); phases 3..12 are ten kernels a keepalive kexec booted."""
+    first, last = 3, 2 + CHAIN_KEXECS
+    bz = Path(patched["bzImage"])
+    files = {f"lab/vmlinuz.{n}": bz for n in range(2, last + 1)}
+    files["vfio_edu.py"] = ROOT / "tests" / "system" / "guest" / "vfio_edu.py"
+    files["edu_keepalive.py"] = ROOT / "tests" / "system" / "guest" / "edu_keepalive.py"
+    scripts = ["true\n", OLD_KERNEL]
+    scripts += [CHAIN_KERNEL.replace("NEXT", str(n + 1)) for n in range(first, last)]
+    scripts.append(CHAIN_LAST)
+    res = lab.run_guest(scripts, pmem="legacy", kexec_append=f"handover={REGION} {DAX_RANGE}",
+                        files=files, timeout=600 + 150 * CHAIN_KEXECS, **patched["run_guest"])
+    res.check()
+    on_patched(patched, res, 2, last)
+    rows = []
+    for n in range(first, last + 1):
+        ph = res.phases[n - 1]
+        m = _metrics(ph)
+        rows.append(m)
+        dmesg = _text(ph, "dmesg.txt")
+        print(f"kernel {n - 2}: {m}")
+        # adopted at boot, handed over to the owner, who DMAs and gets its MSI
+        assert m["state"] == "accepted" and m["translation"] == "owner", (n, m)
+        assert "dma_roundtrip=ok" in _text(ph, "vfio-ready.txt"), (n, _text(ph, "vfio-ready.txt"))
+        assert "msi_eventfd=ok" in _text(ph, "vfio-ready.txt"), n
+        assert "already set" not in dmesg, n
+        assert re.search(r"00:03.0: (DMAR: )?handover: translation handed over to the owner's domain",
+                         dmesg), n
+        if n < last:
+            assert json.loads(ph.files["arm.json"])["keepalive"]["armed"] is True, n
+    # nothing accumulates: the last kernel looks like the first
+    for key in ("mem_total_kb", "reserved_bytes", "reserved_ranges", "domains_used",
+                "irtes_present"):
+        assert len({r[key] for r in rows}) == 1, (key, [r[key] for r in rows])

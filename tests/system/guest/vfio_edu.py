@@ -2,11 +2,13 @@
 
 Runs inside the lab guest (Debian python3.11, stdlib only).  Usage::
 
-    python3 vfio_edu.py 0000:00:03.0 READY_FILE STOP_FILE [BUFFER]
+    python3 vfio_edu.py 0000:00:03.0 READY_FILE STOP_FILE [BUFFER [TOKEN]]
 
 BUFFER (optional) is a file to map as the DMA buffer instead of anonymous memory: a
 device-dax node (/dev/daxN.M), whose memory survives a kexec, as guest RAM does in a VMM
-fast restart.
+fast restart. TOKEN (optional): the owner's UUID, presented as vf_token= to open a device a
+keepalive kexec kept (its IOMMU domain then takes over the adopted translation, and the
+map of step 2, the same IOVA onto the same memory, is accepted as it is).
 
 It binds nothing itself (the caller sets driver_override and probes vfio-pci first).  It:
   1. opens the device's IOMMU group through a type1 container,
@@ -68,7 +70,8 @@ class Edu:
         return True
 
 
-def main(bdf: str, ready: str, stop: str, buffer: str | None = None) -> None:
+def main(bdf: str, ready: str, stop: str, buffer: str | None = None,
+         token: str | None = None) -> None:
     report = []
     group = os.path.basename(os.readlink(f"/sys/bus/pci/devices/{bdf}/iommu_group"))
     cfd = os.open("/dev/vfio/vfio", os.O_RDWR)
@@ -79,7 +82,9 @@ def main(bdf: str, ready: str, stop: str, buffer: str | None = None) -> None:
     report.append(f"group={group} status_flags={struct.unpack('II', st)[1]:#x}")
     fcntl.ioctl(gfd, GROUP_SET_CONTAINER, bytearray(struct.pack("i", cfd)))
     fcntl.ioctl(cfd, SET_IOMMU, TYPE1v2)
-    dfd = fcntl.ioctl(gfd, GROUP_GET_DEVICE_FD, bytearray(bdf.encode() + b"\0"))
+    # a device kept alive across a kexec opens only with its owner's token
+    name = f"{bdf} vf_token={token}" if token else bdf
+    dfd = fcntl.ioctl(gfd, GROUP_GET_DEVICE_FD, bytearray(name.encode() + b"\0"))
     # DMA buffer
     if buffer:
         bfd = os.open(buffer, os.O_RDWR)
@@ -162,4 +167,4 @@ def serve(edu, req):
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:5])
+    main(*sys.argv[1:6])

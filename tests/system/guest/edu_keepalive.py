@@ -16,12 +16,11 @@ IOVA 0x100000 and left edu with bus mastering and MSI on. Usage::
         and return without waiting (QEMU's edu completes a DMA 100 ms of guest time later).
     python3 edu_keepalive.py owner BDF BUFFER OUT.json TOKEN WRONG_TOKEN
         The new owner through vfio-pci: opening without a token and with WRONG_TOKEN must
-        fail, with TOKEN must work. Without any new DMA mapping it makes edu DMA with the old
-        IOVA again (its translation was handed over to the owner's domain, the old
-        mappings copied in), then arms MSI with an eventfd and waits for edu's interrupt.
-        Then the owner's map and unmap decide: it maps memory of its own at a NEW IOVA and
-        edu DMAs there; it maps the old IOVA again onto the same buffer (accepted as it
-        is); it unmaps the old IOVA and edu no longer reaches the buffer through it.
+        fail; with TOKEN too (EADDRNOTAVAIL) as long as the old IOVA is not mapped again;
+        mapped onto the same dax buffer, the open works and hands the translation over to
+        the owner's domain. edu DMAs with the old IOVA, then MSI with an eventfd. Then the
+        owner's map and unmap decide: it maps memory of its own at a NEW IOVA and edu DMAs
+        there; it unmaps the old IOVA and edu no longer reaches the buffer through it.
     python3 edu_keepalive.py intruder BDF OUT.json
         Not the owner: attaches edu's group to a container of its own, fails to open edu
         without the token, and closes everything. The adopted translation must survive.
@@ -237,8 +236,17 @@ def owner(bdf, buffer, out, token, wrong):
     fcntl.ioctl(gfd, GROUP_SET_CONTAINER, bytearray(struct.pack("i", cfd)))
     fcntl.ioctl(cfd, SET_IOMMU, TYPE1v2)
     dfd = None
-    for label, name in (("no_token", bdf), ("wrong_token", f"{bdf} vf_token={wrong}"),
-                        ("owner_token", f"{bdf} vf_token={token}")):
+    buf = _buffer(buffer)
+    buf_va = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    # the token's open before the old IOVA is mapped again must fail and change nothing;
+    # mapped onto the same dax buffer, the open hands the translation over
+    steps = (("no_token", bdf, False), ("wrong_token", f"{bdf} vf_token={wrong}", False),
+             ("owner_token_unmapped", f"{bdf} vf_token={token}", False),
+             ("owner_token", f"{bdf} vf_token={token}", True))
+    for label, name, map_first in steps:
+        if map_first:
+            rep["translation_before_map"] = _translation(bdf)
+            rep["map_old"] = _map(cfd, buf_va, IOVA, BUF)
         try:
             dfd = fcntl.ioctl(gfd, GROUP_GET_DEVICE_FD, bytearray(name.encode() + b"\0"))
             rep[label] = "opened"
@@ -262,8 +270,7 @@ def owner(bdf, buffer, out, token, wrong):
     rep["command_at_open"] = struct.unpack("<H", os.pread(dfd, 2, cfg_off + 4))[0]
     size, off = region(0)
     edu = Edu(mmap.mmap(dfd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=off))
-    buf = _buffer(buffer)
-    # no VFIO_IOMMU_MAP_DMA: the adopted translation still maps the old IOVA
+    # the old IOVA, mapped again by the owner: now through the owner's domain
     rep["dma_old_iova"] = roundtrip(edu, buf, OWNER_SRC, OWNER_DST)
     efd = os.eventfd(0, os.EFD_NONBLOCK)
     fcntl.ioctl(dfd, DEVICE_SET_IRQS,
@@ -287,10 +294,6 @@ def owner(bdf, buffer, out, token, wrong):
     own_va = ctypes.addressof(ctypes.c_char.from_buffer(own))
     rep["map_new"] = _map(cfd, own_va, NEW_IOVA, BUF)
     rep["dma_new_iova"] = roundtrip(edu, own, SRC_OFF, DST_OFF, NEW_IOVA)
-    # the old IOVA mapped again onto the same memory: accepted as it is
-    buf_va = ctypes.addressof(ctypes.c_char.from_buffer(buf))
-    rep["map_old_again"] = _map(cfd, buf_va, IOVA, BUF)
-    rep["dma_old_iova_mapped"] = roundtrip(edu, buf, OWNER_SRC, OWNER_DST)
     # unmapped: edu can no longer reach the buffer through the old IOVA
     rep["unmapped_old"] = _unmap(cfd, IOVA, BUF)
     rep["dma_old_iova_unmapped"] = roundtrip(edu, buf, OWNER_SRC, OWNER_DST)

@@ -7,12 +7,13 @@ Runs inside the lab guest (Debian python3.11, stdlib only).  Usage::
 BUFFER (optional) is a file to map as the DMA buffer instead of anonymous memory: a
 device-dax node (/dev/daxN.M), whose memory survives a kexec, as guest RAM does in a VMM
 fast restart. TOKEN (optional): the owner's UUID, presented as vf_token= to open a device a
-keepalive kexec kept (its IOMMU domain then takes over the adopted translation, and the
-map of step 2, the same IOVA onto the same memory, is accepted as it is).
+keepalive kexec kept (the kernel hands the adopted translation over to this container's
+domain at the open, once it checked that step 2 mapped the old IOVA onto the same memory).
 
 It binds nothing itself (the caller sets driver_override and probes vfio-pci first).  It:
-  1. opens the device's IOMMU group through a type1 container,
-  2. maps a 2 MiB buffer at IOVA 0x100000 (read/write) -> an IOMMU mapping exists,
+  1. attaches the device's IOMMU group to a type1 container,
+  2. maps a 2 MiB buffer at IOVA 0x100000 (read/write) -> an IOMMU mapping exists, and
+     opens the device,
   3. enables bus mastering and MSI vector 0 with an eventfd trigger -> an IRTE exists,
   4. makes edu DMA 64 bytes RAM -> edu -> RAM through the IOMMU and checks them,
   5. makes edu raise its interrupt and waits for the eventfd (MSI through IR),
@@ -82,10 +83,8 @@ def main(bdf: str, ready: str, stop: str, buffer: str | None = None,
     report.append(f"group={group} status_flags={struct.unpack('II', st)[1]:#x}")
     fcntl.ioctl(gfd, GROUP_SET_CONTAINER, bytearray(struct.pack("i", cfd)))
     fcntl.ioctl(cfd, SET_IOMMU, TYPE1v2)
-    # a device kept alive across a kexec opens only with its owner's token
-    name = f"{bdf} vf_token={token}" if token else bdf
-    dfd = fcntl.ioctl(gfd, GROUP_GET_DEVICE_FD, bytearray(name.encode() + b"\0"))
-    # DMA buffer
+    # DMA buffer, mapped before the device is opened (a kept device's translation goes
+    # over to this container only once every old IOVA is mapped again)
     if buffer:
         bfd = os.open(buffer, os.O_RDWR)
         buf = mmap.mmap(bfd, BUF, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
@@ -95,6 +94,9 @@ def main(bdf: str, ready: str, stop: str, buffer: str | None = None,
     vaddr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
     fcntl.ioctl(cfd, IOMMU_MAP_DMA, bytearray(struct.pack("IIQQQ", 32, 3, vaddr, IOVA, BUF)))
     report.append(f"dma_map iova={IOVA:#x} size={BUF:#x}")
+    # a device kept alive across a kexec opens only with its owner's token
+    name = f"{bdf} vf_token={token}" if token else bdf
+    dfd = fcntl.ioctl(gfd, GROUP_GET_DEVICE_FD, bytearray(name.encode() + b"\0"))
 
     def region(index):
         ri = bytearray(struct.pack("IIIIQQ", 32, 0, index, 0, 0, 0))

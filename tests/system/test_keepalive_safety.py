@@ -116,6 +116,8 @@ def test_iommu_off_stops_the_device_first(patched):  # noqa: F811
 
 
 def _add_range(start: str, size: str, kind: int) -> str:
+    """Guest script: one more RESERVED record; start and size are Python expressions
+    (of the decoded state ``st``)."""
     return f"""
 python3 - <<'EOF'
 from handover.formats.codec import decode, encode
@@ -138,6 +140,9 @@ RANGES = {
     # 512 MiB of the 1 GiB guest: more than 1/16 of RAM
     "huge": (_add_range("0x4000000", "0x20000000", 10),
              "the preserved RAM exceeds the limit (1/16 of RAM)"),
+    # a DMA buffer on the interrupt-remapping table: the device could rewrite its IRTEs
+    "buffer-over-ir": (_add_range("list(st.units)[0].irta & ~0xfff", "0x1000", 10),
+                       "a preserved DMA buffer overlaps an IOMMU or interrupt table"),
 }
 
 
@@ -152,4 +157,46 @@ def test_ranges_the_kernel_cannot_keep_are_refused(patched, case):  # noqa: F811
     assert ("0000:00:03.0: handover: left bus-mastering by the previous kernel but not adopted "
             "(no valid state): stopped") in dmesg
     assert k.get("reserved_ranges") == "0"
+    assert _stopped(out)
+
+
+def _reserved_rows(expr: str) -> str:
+    """Guest script: the RESERVED records become ``expr`` (of ``st`` and ``rows``)."""
+    return f"""
+python3 - <<'EOF'
+from handover.formats.codec import decode, encode
+from handover.formats.model import Table
+from handover.pmem import commit, read_latest
+st = decode(read_latest("/dev/pmem0").blob)
+rows = list(st.reserved)
+st.reserved = Table.from_rows(st.reserved.spec, {expr})
+commit("/dev/pmem0", encode(st))
+EOF
+"""
+
+
+PAGE_TABLE, DMA_BUFFER = 5, 10
+WALK = {
+    # the page-table ranges shrink to the root page: the lower levels are not reserved
+    "page-table": (_reserved_rows(
+        f"[r for r in rows if r.kind != {PAGE_TABLE}] + "
+        f"[next(r for r in rows if r.kind == {PAGE_TABLE})._replace("
+        f"start=list(st.domains)[0].pgd, size=0x1000)]"),
+        "one of its page-table pages is not among the reserved ranges"),
+    # no DMA buffer listed: the leaves (the dax buffer) are memory the state does not name
+    "no-buffer": (_reserved_rows(f"[r for r in rows if r.kind != {DMA_BUFFER}]"),
+                  "it maps memory the state lists as no DMA buffer"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(WALK))
+def test_adoption_walks_the_page_tables(patched, case):  # noqa: F811
+    """The state itself is valid, but the tables it hands over are not what it lists:
+    the kernel walks them before adopting edu's entry, refuses it, and stops edu."""
+    spoil, why = WALK[case]
+    out = _run(patched, KFILES, spoil)
+    dmesg, k = out["dmesg.txt"], _kfiles(out["kfiles.txt"])
+    assert k["state"] == "valid", out["kfiles.txt"]
+    assert f"0000:00:03.0: context entry not adopted: {why}" in dmesg, dmesg[-3000:]
+    assert k["devices/0000:00:03.0/state"] == "released"
     assert _stopped(out)

@@ -3,7 +3,7 @@
 
 Stage 1 (always): the forensic commands on the committed golden vectors: verify, inspect,
 an older-minor conversion, a diff, and what a damaged blob looks like.
-Stage 2 (when the QEMU lab is available, tests/system/lab.py): the save / kexec / check
+Stage 2 (when the QEMU lab is available, tests/system/lab/): the save / kexec / check
 cycle on an emulated host; see README "Demo".
 """
 

@@ -52,7 +52,7 @@ def main() -> int:
     forensic()
     lab_demo = os.path.join(ROOT, "tests", "system", "demo_cycle.py")
     if os.path.exists(lab_demo):
-        return subprocess.call([sys.executable, lab_demo], cwd=ROOT)
+        return subprocess.call([sys.executable, "-m", "tests.system.demo_cycle"], cwd=ROOT)
     print("\ndemo: the QEMU save/kexec/load cycle is not in this tree yet", file=sys.stderr)
     return 0
 

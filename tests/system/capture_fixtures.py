@@ -105,8 +105,7 @@ def capture(name: str, out_root: Path, timeout: float = 180) -> Path:
     files = {"vfio_edu.py": GUEST / "vfio_edu.py", "capture_sysfs.py": GUEST / "capture_sysfs.py"}
     patched = kw.pop("patched", False)
     if patched:
-        sys.path.insert(0, str(lab.REPO / "tools"))
-        import kernel as kbuild
+        from tools import kernel as kbuild
 
         built = kbuild.built()
         if built is None:

@@ -1,8 +1,9 @@
 """Fixtures every test directory shares. Test modules never import each other: what they
 share is a fixture here, or a helper module (tests/elfwriter.py, tests/system/lab/,
-tests/system/patched.py, ...). The repository's root is on sys.path through pytest's
-configuration (``pythonpath`` in pyproject.toml): ``from tests.system import lab`` and
-``from tools import kernel`` work without editing sys.path."""
+tests/system/patched.py, ...). The repository's root is on sys.path without editing it:
+``tests`` is a package, so pytest inserts the directory that holds it (its rootdir) before
+importing this file; ``from tests.system import lab`` and ``from tools import kernel`` (tools/
+is a package too) work in every test."""
 
 import pytest
 

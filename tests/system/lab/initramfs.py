@@ -126,6 +126,23 @@ def modules_key(k: Kernel) -> str:
     return h.hexdigest()[:16]
 
 
+def cached_archive(out: Path, force: bool, step: str, timings: dict | None, fill,
+                   compress: list[str]) -> Path:
+    """``out``, unless it exists (and not ``force``): a cpio of the tree that ``fill(root)``
+    makes in a temporary directory, piped through ``compress``."""
+    if out.exists() and not force:
+        return out
+    out.parent.mkdir(exist_ok=True)
+    with Step(step, timings), tempfile.TemporaryDirectory(dir=out.parent) as td:
+        root = Path(td) / "root"
+        fill(root)
+        cpio(root, out, compress)
+    return out
+
+
+ZSTD = ["zstd", "-3", "-T0", "-q", "-c"]
+
+
 def build_modules_cpio(k: Kernel, force: bool = False, timings: dict | None = None) -> Path:
     """An extra initramfs archive (cached) with the guest modules of another kernel ``k``
     (e.g. the patched kernel's Debian-config build: ``Kernel(release, mod_root)``, an
@@ -138,14 +155,12 @@ def build_modules_cpio(k: Kernel, force: bool = False, timings: dict | None = No
     out = cache_dir() / "initramfs" / f"modules-{k.version}-{modules_key(k)}.cpio.zst"
     if out.exists() and not force:
         return out
-    out.parent.mkdir(exist_ok=True)
-    with Step(f"build module archive for {k.version}", timings), \
-            tempfile.TemporaryDirectory(dir=out.parent) as td:
-        root = Path(td) / "root"
+
+    def fill(root: Path) -> None:
         loads = install_modules(root, k)
         (root / "etc" / "lab").mkdir(parents=True, exist_ok=True)
         (root / "etc" / "lab" / f"modules.load.{k.version}").write_text("\n".join(loads) + "\n")
-        cpio(root, out, ["zstd", "-3", "-T0", "-q", "-c"])
+    cached_archive(out, force, f"build module archive for {k.version}", timings, fill, ZSTD)
     log(f"module archive {out.name}: {out.stat().st_size / 1e6:.1f} MB")
     return out
 
@@ -155,9 +170,8 @@ def build_base_initramfs(k: Kernel, force: bool = False, timings: dict | None = 
     out = cache_dir() / "initramfs" / f"base-{k.version}-{base_key(k)}.cpio.zst"
     if out.exists() and not force:
         return out
-    out.parent.mkdir(exist_ok=True)
-    with Step("build base initramfs", timings), tempfile.TemporaryDirectory(dir=out.parent) as td:
-        root = Path(td) / "root"
+
+    def fill(root: Path) -> None:
         for d in ["proc", "sys", "dev", "tmp", "run", "payload", "root", "etc/lab", "lab", "mnt"]:
             (root / d).mkdir(parents=True, exist_ok=True)
         busybox_links(root)
@@ -177,7 +191,7 @@ def build_base_initramfs(k: Kernel, force: bool = False, timings: dict | None = 
         _rt.install_python(root, GUEST_PYTHON, GUEST_STDLIB)
         (root / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
         (root / "etc/group").write_text("root:x:0:\n")
-        cpio(root, out, ["zstd", "-3", "-T0", "-q", "-c"])
+    cached_archive(out, force, "build base initramfs", timings, fill, ZSTD)
     log(f"base initramfs {out.name}: {out.stat().st_size / 1e6:.1f} MB")
     return out
 
@@ -191,14 +205,9 @@ def build_overlay(force: bool = False, timings: dict | None = None,
         raise LabError(str(e)) from None
     key = tree_hash(list(pkgs.values()))
     out = cache_dir() / "initramfs" / f"overlay-{key}.cpio.gz"
-    if out.exists() and not force:
-        return out
-    out.parent.mkdir(exist_ok=True)
-    with Step("build handover overlay", timings), tempfile.TemporaryDirectory(dir=out.parent) as td:
-        root = Path(td) / "root"
-        _rt.install_packages(root, GUEST_PYTHON, extra_packages or ())
-        cpio(root, out, ["gzip", "-1", "-n", "-c"])
-    return out
+    return cached_archive(out, force, "build handover overlay", timings,
+                          lambda root: _rt.install_packages(root, GUEST_PYTHON, extra_packages or ()),
+                          ["gzip", "-1", "-n", "-c"])
 
 
 def build_initramfs(kernel: Kernel | None = None, force: bool = False,

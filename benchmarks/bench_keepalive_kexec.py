@@ -39,14 +39,14 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tools"))
+sys.path.insert(0, str(ROOT))   # run as a script: the repository's tests.* and tools.*
 
 
 def one_run(config: str = "lab") -> dict:
-    import kernel
     from tests.system import lab
-    from tests.system.test_keepalive import DAX_RANGE, NEW_KERNEL_KEEP, OLD_KERNEL, REGION
+    from tests.system.keepalive_scenario import DAX_RANGE, NEW_KERNEL_KEEP, OLD_KERNEL
+    from tests.system.patched import REGION
+    from tools import kernel
 
     b = kernel.built(config)
     if b is None:

@@ -3,7 +3,7 @@
 
 Stage 1 (always): the forensic commands on the committed golden vectors: verify, inspect,
 an older-minor conversion, a diff, and what a damaged blob looks like.
-Stage 2 (when the QEMU lab is available, tests/system/lab.py): the save / kexec / check
+Stage 2 (when the QEMU lab is available, tests/system/lab/): the save / kexec / check
 cycle on an emulated host; see README "Demo".
 """
 
@@ -52,7 +52,7 @@ def main() -> int:
     forensic()
     lab_demo = os.path.join(ROOT, "tests", "system", "demo_cycle.py")
     if os.path.exists(lab_demo):
-        return subprocess.call([sys.executable, lab_demo], cwd=ROOT)
+        return subprocess.call([sys.executable, "-m", "tests.system.demo_cycle"], cwd=ROOT)
     print("\ndemo: the QEMU save/kexec/load cycle is not in this tree yet", file=sys.stderr)
     return 0
 

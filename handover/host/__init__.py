@@ -2,7 +2,7 @@
 /proc and debugfs, always through :class:`~handover.host.base.Sysroot`.
 
 ``base`` holds the Sysroot and the typed records (Host, Unit, PciDev, Vector, ContextEntry,
-Caps); one *source* module per kernel subsystem (pci, intel_iommu, iommu_debugfs,
+Caps, and KernelInterface / KernelStatus / KeepaliveDevice for /sys/kernel/handover/); one *source* module per kernel subsystem (pci, intel_iommu, iommu_debugfs,
 interrupts, iomem, kernel_handover) defines a :class:`~handover.host.base.Source` subclass
 decorated with :func:`~handover.host.base.register`. Every module of this package is
 imported by :func:`all_sources`, so a new source slots in by adding a file: nothing else
@@ -14,11 +14,12 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from .base import (REGISTRY, Caps, ContextEntry, DomainWalk, Host, Irq, PciDev, Source, Sysroot,
-                   Unit, Vector, register)
+from .base import (REGISTRY, Caps, ContextEntry, DomainWalk, Host, Irq, KeepaliveDevice,
+                   KernelInterface, KernelStatus, PciDev, Source, Sysroot, Unit, Vector, register)
 
-__all__ = ["REGISTRY", "Caps", "ContextEntry", "DomainWalk", "Host", "Irq", "PciDev", "Source",
-           "Sysroot", "Unit", "Vector", "register",
+__all__ = ["REGISTRY", "Caps", "ContextEntry", "DomainWalk", "Host", "Irq", "KeepaliveDevice",
+           "KernelInterface", "KernelStatus", "PciDev", "Source", "Sysroot", "Unit", "Vector",
+           "register",
            "all_sources", "read_host"]
 
 _LOADED = False

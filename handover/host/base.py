@@ -368,6 +368,98 @@ class Irq:
     counts: list = field(default_factory=list)
 
 
+#: the one-value files of /sys/kernel/handover/ (KernelStatus has a field for each)
+KERNEL_STATUS_FILES = ("state", "region", "reason", "error", "generation", "format",
+                       "reserved_ranges", "reserved_bytes", "ir_tables_kept", "root_tables_kept")
+
+
+@dataclass
+class KeepaliveDevice:
+    """One keepalive device as the patched kernel reports it: /sys/kernel/handover/devices/
+    <bdf>/{state,domain,reason}, or a ``device:`` line of the first series' status file."""
+
+    bdf: str | None = None         # None: a line this reader does not understand (``line``)
+    state: str | None = None       # listed | held | released
+    adopted: bool = False          # its context entry (translation) was adopted
+    domain: int | None = None      # the adopted domain ID
+    why: str | None = None         # why it was released
+    line: str | None = None        # the text of a line not understood, kept verbatim
+
+    def as_dict(self) -> dict:
+        """The JSON object of ``load --json`` (kernel_interface.status.keepalive[])."""
+        if self.bdf is None:
+            return {"line": self.line}
+        return {"bdf": self.bdf, "state": self.state, "adopted": self.adopted,
+                "domain": self.domain, "why": self.why}
+
+
+@dataclass
+class KernelStatus:
+    """/sys/kernel/handover/ at one moment: each one-value file (None: missing, or empty on
+    the current layout), the keepalive devices, and the keys of a status file this reader
+    does not know (``other``: the first series printed more, e.g. ``blob``, ``copy``)."""
+
+    state: str | None = None
+    region: str | None = None
+    reason: str | None = None
+    error: str | None = None
+    generation: str | None = None
+    format: str | None = None
+    reserved_ranges: str | None = None
+    reserved_bytes: str | None = None
+    ir_tables_kept: str | None = None
+    root_tables_kept: str | None = None
+    keepalive: list = field(default_factory=list)   # [KeepaliveDevice]
+    other: dict = field(default_factory=dict)       # key -> value, as read
+
+    def get(self, key: str) -> str | None:
+        """The value of a key as the kernel names it (a one-value file, or another key of a
+        first-series status file)."""
+        if key in KERNEL_STATUS_FILES:
+            return getattr(self, key)
+        return self.other.get(key)
+
+    def set(self, key: str, value: str) -> None:
+        if key in KERNEL_STATUS_FILES:
+            setattr(self, key, value)
+        else:
+            self.other[key] = value
+
+    def as_dict(self) -> dict:
+        """The JSON object of ``load --json`` (kernel_interface.status, .status_after): the
+        keys that were read, and ``keepalive`` when there are devices."""
+        out = {k: getattr(self, k) for k in KERNEL_STATUS_FILES if getattr(self, k) is not None}
+        out.update(self.other)
+        if self.keepalive:
+            out["keepalive"] = [d.as_dict() for d in self.keepalive]
+        return out
+
+
+@dataclass
+class KernelInterface:
+    """The patched kernel's /sys/kernel/handover/ as the kernel-handover source found it."""
+
+    path: str                      # "/sys/kernel/handover"
+    formats: str | None            # the format versions the kernel reads, "1.0-1.1"
+    decision: str | None           # pending | accept | abort
+    status: KernelStatus = field(default_factory=KernelStatus)
+
+    @property
+    def state(self) -> str | None:
+        return self.status.state
+
+    @property
+    def generation(self) -> int | None:
+        g = self.status.generation
+        return int(g) if g and g.isdigit() else None
+
+    def as_dict(self) -> dict:
+        """The JSON object of ``load --json`` (kernel_interface, with what load adds)."""
+        return {"path": self.path, "formats": self.formats, "state": self.state,
+                "decision": self.decision, "status": self.status.as_dict(),
+                "generation": self.generation}
+
+
 @dataclass
 class Host:
     sysroot: Sysroot
@@ -375,8 +467,8 @@ class Host:
     devices: dict = field(default_factory=dict)    # bdf -> PciDev
     irqs: dict = field(default_factory=dict)       # irq -> Irq
     iomem: list = field(default_factory=list)      # (start, end, name, depth)
-    kernel: dict = field(default_factory=dict)     # release, cmdline, lockdown, ...
-    interfaces: dict = field(default_factory=dict)  # name -> object (e.g. kernel_handover)
+    #: /sys/kernel/handover/ of a patched kernel; None: a stock kernel (or not read)
+    kernel_handover: KernelInterface | None = None
     notes: dict = field(default_factory=dict)      # provenance: item -> note
     sources_run: list = field(default_factory=list)
     # devices whose deep state (MSI-X tables, page-table walks) the caller wants

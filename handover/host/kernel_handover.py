@@ -35,7 +35,8 @@ import re
 
 from ..errors import HandoverError
 from ..formats.descriptions import BDF_PATTERN
-from .base import Host, Source, Sysroot, register
+from .base import (KERNEL_STATUS_FILES, Host, KeepaliveDevice, KernelInterface, KernelStatus,
+                   Source, Sysroot, register)
 
 ROOT = "/sys/kernel/handover"
 
@@ -44,8 +45,10 @@ _DEVICE = re.compile(rf"^(?P<bdf>{BDF_PATTERN}) (?P<state>[a-z]+)"
                      r"(?: adopted domain=(?P<domain>\d+))?(?: \((?P<why>.*)\))?$")
 
 
-def parse_status(text: str) -> dict:
-    out: dict = {}
+def parse_status(text: str) -> KernelStatus:
+    """The first series' multi-line ``status`` file: ``key: value`` lines, one ``device:``
+    line per keepalive device."""
+    out = KernelStatus()
     for line in text.splitlines():
         key, sep, value = line.partition(":")
         if not sep:
@@ -53,40 +56,38 @@ def parse_status(text: str) -> dict:
         key, value = key.strip(), value.strip()
         if key == "device":
             m = _DEVICE.match(value)
-            dev = {"line": value} if m is None else {
-                "bdf": m["bdf"], "state": m["state"], "adopted": m["domain"] is not None,
-                "domain": int(m["domain"]) if m["domain"] else None, "why": m["why"]}
-            out.setdefault("keepalive", []).append(dev)
+            out.keepalive.append(KeepaliveDevice(line=value) if m is None else KeepaliveDevice(
+                bdf=m["bdf"], state=m["state"], adopted=m["domain"] is not None,
+                domain=int(m["domain"]) if m["domain"] else None, why=m["why"]))
         else:
-            out[key] = value
+            out.set(key, value)
     return out
 
 
-#: the one-value files of the kernel's interface, read into the status dict
-STATUS_FILES = ("state", "region", "reason", "error", "generation", "format", "reserved_ranges",
-                "reserved_bytes", "ir_tables_kept", "root_tables_kept")
+#: the one-value files of the kernel's interface (a field each in KernelStatus)
+STATUS_FILES = KERNEL_STATUS_FILES
 
 
-def read_status(sysroot: Sysroot) -> dict:
-    """/sys/kernel/handover/ now, as one dict ({} when absent): the one-value files, and
-    ``keepalive``, a list of the devices (bdf, state, adopted, domain, why)."""
+def read_status(sysroot: Sysroot) -> KernelStatus:
+    """/sys/kernel/handover/ now (an empty KernelStatus when absent): the one-value files
+    that are not empty, and the keepalive devices."""
     old = sysroot.try_text(f"{ROOT}/status")
     if old is not None:
         return parse_status(old)
-    out: dict = {}
+    out = KernelStatus()
     for name in STATUS_FILES:
         v = (sysroot.try_text(f"{ROOT}/{name}") or "").strip()
         if v:
-            out[name] = v
+            out.set(name, v)
     ddir = f"{ROOT}/devices"
     if sysroot.isdir(ddir):
         for bdf in sorted(sysroot.listdir(ddir)):
             def val(f: str) -> str:
                 return (sysroot.try_text(f"{ddir}/{bdf}/{f}") or "").strip()
             dom = val("domain")
-            out.setdefault("keepalive", []).append(
-                {"bdf": bdf, "state": val("state"), "adopted": bool(dom),
-                 "domain": int(dom) if dom.isdigit() else None, "why": val("reason") or None})
+            out.keepalive.append(KeepaliveDevice(
+                bdf=bdf, state=val("state"), adopted=bool(dom),
+                domain=int(dom) if dom.isdigit() else None, why=val("reason") or None))
     return out
 
 
@@ -102,15 +103,11 @@ class KernelHandover(Source):
             host.note("kernel-handover", "absent", self.name,
                       f"{ROOT} missing: kernel without handover patches")
             return
-        status = read_status(sr)
-        info = {"path": ROOT, "formats": sr.try_text(f"{ROOT}/formats"),
-                "state": status.get("state"), "decision": sr.try_text(f"{ROOT}/decision"),
-                "status": status}
-        gen = status.get("generation")
-        info["generation"] = int(gen) if gen and gen.isdigit() else None
-        host.interfaces["kernel-handover"] = info
+        info = KernelInterface(path=ROOT, formats=sr.try_text(f"{ROOT}/formats"),
+                               decision=sr.try_text(f"{ROOT}/decision"), status=read_status(sr))
+        host.kernel_handover = info
         host.note("kernel-handover", "captured", self.name,
-                  f"{ROOT}: state {info['state']}, formats {info['formats']}")
+                  f"{ROOT}: state {info.state}, formats {info.formats}")
 
 
 def feed(sysroot: Sysroot, verdict: str, reason: str = "") -> str:

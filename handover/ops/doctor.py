@@ -46,12 +46,12 @@ def _running_kernel(sr, host) -> tuple[Check, bool]:
 
     release = sr.try_text("/proc/sys/kernel/osrelease") or (
         os.uname().release if sr.root == "/" else "of unknown release")
-    iface = host.interfaces.get("kernel-handover")
+    iface = host.kernel_handover
     try:
         d = running_declaration(sr)
     except HandoverError:
         d = None
-    formats = (iface or {}).get("formats") or (d.text() if d else None)
+    formats = (iface.formats if iface is not None else None) or (d.text() if d else None)
     if iface is None and d is None:
         return Check("kernel.running", "warn",
                      f"running kernel {release}: no handover patches (no /sys/kernel/handover, "

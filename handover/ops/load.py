@@ -40,9 +40,10 @@ def load(req: LoadRequest) -> dict:
     st = loaded.state
     host = save.read_host(sr, {bdf_str(d.sbdf) for d in st.devices}, None)
     verdicts = check.compare_state(st, host, req.token)
-    kernel = {"present": "kernel-handover" in host.interfaces, "action": "none", "written": None}
-    if kernel["present"]:
-        kernel.update(host.interfaces["kernel-handover"])
+    iface = host.kernel_handover
+    kernel = {"present": iface is not None, "action": "none", "written": None}
+    if iface is not None:
+        kernel.update(iface.as_dict())
         if req.check_only:
             kernel["action"] = "none (--check-only)"
         else:
@@ -54,7 +55,7 @@ def load(req: LoadRequest) -> dict:
                                      if fails else "the newest generation is damaged")
             kernel["action"] = verdict
             # what the kernel did with it (an abort releases the keepalive devices)
-            kernel["status_after"] = read_status(sr)
+            kernel["status_after"] = read_status(sr).as_dict()
     else:
         kernel["action"] = "none (stock kernel: no /sys/kernel/handover; nothing changed)"
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")

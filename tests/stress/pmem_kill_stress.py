@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Kill-test stress run for the region commit protocol (ISSUE 3).
 
-    /opt/handover-venv/bin/python tests/stress/pmem_kill_stress.py --kills 5000 [--dir /var/tmp]
+    python -m tests.stress.pmem_kill_stress --kills 5000 [--dir /var/tmp]   # from the repository's root
         [--seed N] [--sizes 1,2,4] [--region-mb 16] [--power-cuts 200]
 
 A child process saves large random states (sizes in MiB) into a file region in a loop and
@@ -18,18 +18,13 @@ import argparse
 import json
 import os
 import random
-import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "tests", "unit"))
-
-import handover.pmem as pmem  # noqa: E402
-from handover.pmem import protocol as P  # noqa: E402
-from handover.pmem.simulate import PowerCut, SimAccess  # noqa: E402
-from test_pmem_kill import run_kills  # noqa: E402
+import handover.pmem as pmem
+from handover.pmem import protocol as P
+from handover.pmem.simulate import PowerCut, SimAccess
+from tests.pmem_kills import run_kills
 
 
 def power_cuts(trials: int, seed: int) -> int:

@@ -3,7 +3,7 @@
     /opt/handover-venv/bin/python -m tests.system.capture_fixtures [NAME ...] [--out DIR]
 
 NAME is one of the profiles below (default: all).  Each boots Debian's stock 6.12 kernel
-(tests/system/lab.py), turns the pmem into devdax with ndctl, binds QEMU's edu device
+(tests/system/lab/), turns the pmem into devdax with ndctl, binds QEMU's edu device
 (00:03.0) to vfio-pci and opens it through VFIO with a DMA mapping and MSI enabled
 (tests/system/guest/vfio_edu.py), then copies the interesting parts of /sys and /proc
 (tests/system/guest/capture_sysfs.py) into tests/fixtures/captured/<NAME>/ as a tree that
@@ -105,8 +105,7 @@ def capture(name: str, out_root: Path, timeout: float = 180) -> Path:
     files = {"vfio_edu.py": GUEST / "vfio_edu.py", "capture_sysfs.py": GUEST / "capture_sysfs.py"}
     patched = kw.pop("patched", False)
     if patched:
-        sys.path.insert(0, str(lab.REPO / "tools"))
-        import kernel as kbuild
+        from tools import kernel as kbuild
 
         built = kbuild.built()
         if built is None:

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
 """`make demo`, stage 2: the whole handover cycle on an emulated host (QEMU/TCG).
+Run from the repository's root: ``python -m tests.system.demo_cycle [options]``.
 
 Sets itself up on a fresh Debian 12 machine (as root): the lab installs its apt packages,
 downloads Debian's stock linux-image-6.12 (cached in ~/.cache/handover-lab), and the real
@@ -18,14 +19,9 @@ Prints what was saved (`handover inspect`), what the second kernel found (verdic
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-
-from tests.system import e2e, lab  # noqa: E402
+from tests.system import e2e, lab
 
 
 def banner(text: str) -> None:

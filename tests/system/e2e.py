@@ -263,11 +263,8 @@ def patched_kernel(stale_ok: bool = False) -> lab.Kernel | None:
     """The patched lab kernel (tools/kernel.py build) as a lab.Kernel tree that mkinitramfs
     can use (boot/vmlinuz-V, boot/config-V, lib/modules/V with modules.builtin; no modules),
     or None when it has not been built (``stale_ok``: or is older than the patches)."""
-    sys.path.insert(0, str(REPO / "tools"))
-    try:
-        import kernel as kt
-    finally:
-        sys.path.pop(0)
+    from tools import kernel as kt
+
     p = kt.built() or (kt.paths() if stale_ok else None)
     if p is None or not os.path.exists(p["bzImage"]):
         return None

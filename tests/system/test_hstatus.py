@@ -1,6 +1,6 @@
 """lab.HSTATUS (``hstatus``, the guest scripts' view of /sys/kernel/handover/) on the host,
 against trees laid out as the kernel's files: no QEMU. The text it prints must mean what
-``handover``'s own reader (handover.sources.kernel_handover.read_status) makes of the same
+``handover``'s own reader (handover.host.kernel_handover.read_status) makes of the same
 files, and on a kernel of the first series it is that kernel's ``status`` file."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import subprocess
 
 import pytest
 
-from handover.sources.base import Sysroot
-from handover.sources.kernel_handover import parse_status, read_status
+from handover.host.base import Sysroot
+from handover.host.kernel_handover import parse_status, read_status
 from tests.system import lab
 
 SH = shutil.which("busybox") and ["busybox", "sh"] or ["sh"]

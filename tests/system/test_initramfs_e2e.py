@@ -104,7 +104,7 @@ def test_images_contain_the_hook(kind):
         pytest.skip(str(e))
     names = set(e2e.list_initrd(kind, img))
     want = {"usr/bin/python3.11", "usr/sbin/handover", "usr/lib/handover/handover-boot.sh",
-            "usr/lib/python3/dist-packages/handover/cli_host.py",
+            "usr/lib/python3/dist-packages/handover/cli/host.py",
             "usr/lib/python3/dist-packages/construct/core.py",
             "usr/lib/python3.11/encodings/utf_8.py"}
     want.add("scripts/init-premount/handover" if kind == "initramfs-tools"

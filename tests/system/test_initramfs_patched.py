@@ -16,14 +16,14 @@ import os
 import pytest
 
 from tests.system import e2e, lab
-from tests.system.test_kernel_handover import patched  # noqa: F401 (fixture: built, or skip)
 
 pytestmark = [pytest.mark.system, pytest.mark.kernel]
 
 
 @pytest.fixture(scope="module")
 def kernel(patched):
-    """The lab tree of the kernel that test_kernel_handover's fixture builds or skips for.
+    """The lab tree of the kernel that the ``patched`` fixture (tests/conftest.py) builds or
+    skips for.
     Only the lab configuration: e2e builds its mkinitramfs tree and vfat root for a kernel
     without modules (e2e.patched_kernel)."""
     if patched["config"] != "lab":

@@ -22,8 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.system.test_kernel_handover import REGION, ROOT, on_patched, patched  # noqa: F401
-from tests.system.test_keepalive import DAX_RANGE, OLD_KERNEL, _rewrite
+from tests.system.keepalive_scenario import DAX_RANGE, OLD_KERNEL
+from tests.system.keepalive_scenario import rewrite as _rewrite
+from tests.system.patched import REGION, ROOT, on_patched
 
 pytestmark = [pytest.mark.system, pytest.mark.kernel]
 

@@ -13,7 +13,7 @@ inside is corrupt (a section CRC) into the region: the kernel refuses it without
 says why.
 
 Every test runs on both build configurations of the patched kernel (tools/kernel.py), the
-``patched`` fixture's parameter: ``lab`` (everything built in) and ``debian`` (Debian's own
+``patched`` fixture's parameter (tests/conftest.py): ``lab`` (everything built in) and ``debian`` (Debian's own
 config, vfio/vfio-pci/dax/virtio as modules: the initrd carries that build's modules too, and
 every phase booted into it must have loaded them). A configuration that is not built is
 skipped (HANDOVER_BUILD_KERNEL=1 builds it; HANDOVER_KERNEL_STALE_OK=1 takes a build older
@@ -23,20 +23,15 @@ than the patches, e.g. while the next one is being made).
 from __future__ import annotations
 
 import json
-import os
-import sys
 from pathlib import Path
 
 import pytest
 
 from tests.system import lab
-
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "tools"))
+from tests.system.patched import REGION, ROOT, on_patched
+from tests.system.patched import status as _status
 
 pytestmark = [pytest.mark.system, pytest.mark.kernel]
-
-REGION = "64M@0x30000000"
 
 SAVE = r"""
 set -e
@@ -78,54 +73,6 @@ grep -h . /sys/class/iommu/dmar0/intel-iommu/gsts /sys/class/iommu/dmar0/intel-i
 python3 -m handover check-kernel --json > "$LAB_OUT/check-kernel.json" 2>"$LAB_OUT/check-kernel.err" || true
 uname -r > "$LAB_OUT/uname.txt"
 """
-
-
-def _status(text: str) -> dict:
-    return lab.parse_hstatus(text)
-
-
-@pytest.fixture(scope="module", params=["lab", "debian"])
-def patched(request):
-    """The patched kernel of one build configuration (tools/kernel.py paths() + "release"
-    and "run_guest": the run_guest arguments its phases need, i.e. for ``debian`` the
-    initrd with its modules)."""
-    import kernel
-
-    config = request.param
-    b = kernel.built(config)
-    if b is None and os.environ.get("HANDOVER_KERNEL_STALE_OK") == "1":
-        p = kernel.paths(config)
-        if os.path.exists(p["bzImage"]) and (config != "debian" or os.path.isdir(p.get("modules", ""))):
-            print(f"\nusing the {config} build older than the patches (HANDOVER_KERNEL_STALE_OK=1)")
-            b = p
-    if b is None:
-        # building takes 15-45 minutes: only when asked (make test-kernel sets this)
-        if os.environ.get("HANDOVER_BUILD_KERNEL") != "1":
-            pytest.skip(f"patched kernel ({config} configuration) not built or older than the "
-                        f"patches: python tools/kernel.py build --config {config} "
-                        f"(make {'kernel' if config == 'lab' else 'kernel-debian'}), or "
-                        f"HANDOVER_BUILD_KERNEL=1")
-        b = kernel.build(os.cpu_count() or 2, config)
-    b = dict(b, release=kernel.release(config))
-    if config == "debian":
-        b["run_guest"] = {"extra_kernels": [lab.Kernel(b["release"], Path(b["mod_root"]))]}
-    else:
-        b["run_guest"] = {}
-    return b
-
-
-def on_patched(patched, res, *phases) -> None:
-    """Phases ``phases`` (1-based) ran on ``patched``'s kernel; on the debian build with its
-    modules (vfio_pci among them, none refused), so nothing passes without them."""
-    for n in phases:
-        p = res.phases[n - 1]
-        assert p.release == patched["release"], (n, p.release, patched["release"])
-        if patched["config"] == "debian":
-            assert "vfio_pci" in p.modules and "virtio_blk" in p.modules, (n, p.modules)
-            assert p.modules_list.endswith(f"modules.load.{p.release}"), p.modules_list
-            assert not res.missing_modules(p), (n, res.missing_modules(p))
-        else:
-            assert not p.modules, (n, p.modules)   # MODULES=n: everything built in
 
 
 def _run(patched, first_script):

@@ -9,20 +9,15 @@ compiles in a worktree and build directory of its own (the builds are not touche
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "tools"))
 
 pytestmark = [pytest.mark.system, pytest.mark.kernel]
 
 
 @pytest.fixture(scope="module")
 def kernel():
-    import kernel as k
+    from tools import kernel as k
 
     if not os.path.isdir(os.path.join(k.TREE, ".git")) and os.environ.get("HANDOVER_BUILD_KERNEL") != "1":
         pytest.skip("no kernel tree: make kernel, or make test-kernel")

@@ -1,4 +1,4 @@
-"""Smoke tests of the QEMU lab itself (tests/system/lab.py).
+"""Smoke tests of the QEMU lab itself (the package tests/system/lab/).
 
 They boot Debian's stock 6.12 kernel under TCG with an emulated VT-d and pmem; each takes
 10-30 s.  Skipped only when QEMU cannot be installed on the host.

@@ -1,7 +1,7 @@
 """System test (ISSUE 3): a region survives kexec on real kernels, read back in the second one.
 
 1. legacy ``memmap=64M!0x30000000`` -> /dev/pmem0 (raw); the kexec'd kernel gets the same
-   ``memmap=`` (lab.py repeats it on every phase's command line).
+   ``memmap=`` (the lab repeats it on every phase's command line).
 2. a QEMU NVDIMM turned into device-dax with ndctl (``/dev/dax0.0``, 2 MiB align, mmap-only
    access); the bytes of the committed slot are also checked from the host in the NVDIMM's
    backing file, at (dax phys start - NVDIMM region phys start) + slot offset.

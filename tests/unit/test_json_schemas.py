@@ -106,3 +106,34 @@ def test_error_documents(tmp_path):
     bad.write_bytes(encode(synth_state("tiny"))[:-1])
     assert valid(run("verify", "--json", bad, code=4))["kind"] == "integrity"
 
+
+
+def test_kernel_interface_of_load(host, tmp_path):
+    """``load --json`` on a patched kernel: kernel_interface comes from the typed records of
+    handover.host (KernelInterface, KernelStatus, KeepaliveDevice) and is, key for key, the
+    document the dicts of the reader used to make (captured before the change)."""
+    region = tmp_path / "region.img"
+    run("region", "init", region, "--size", "4M", "--json")
+    run("save", "--sysroot", host, "--region", region, "--token", TOKEN, "--json")
+    k = host / "sys/kernel/handover"
+    files = {"state": "valid", "region": "0x4000000@0x30000000", "reason": "", "error": "",
+             "generation": "1", "format": "1.1", "reserved_ranges": "3", "formats": "1.0-1.1",
+             "decision": "pending", "devices/0000:00:03.0/state": "held",
+             "devices/0000:00:03.0/domain": "4", "devices/0000:00:03.0/reason": "",
+             "devices/0000:00:04.0/state": "released", "devices/0000:00:04.0/domain": "",
+             "devices/0000:00:04.0/reason": "why not"}
+    for rel, text in files.items():
+        (k / rel).parent.mkdir(parents=True, exist_ok=True)
+        (k / rel).write_text(text + "\n")
+    doc = valid(run("load", "--region", region, "--sysroot", host, "--result-dir",
+                    tmp_path / "res", "--json"))
+    status = {"format": "1.1", "generation": "1", "region": "0x4000000@0x30000000",
+              "reserved_ranges": "3", "state": "valid",
+              "keepalive": [{"adopted": True, "bdf": "0000:00:03.0", "domain": 4,
+                             "state": "held", "why": None},
+                            {"adopted": False, "bdf": "0000:00:04.0", "domain": None,
+                             "state": "released", "why": "why not"}]}
+    assert doc["kernel_interface"] == {
+        "action": "accept", "decision": "pending", "formats": "1.0-1.1", "generation": 1,
+        "path": "/sys/kernel/handover", "present": True, "state": "valid", "status": status,
+        "status_after": status, "written": "accept"}

@@ -18,9 +18,7 @@ PKG = Path(__file__).resolve().parents[2] / "handover"
 # layer of each top-level part of the package; a part may import parts of a lower layer
 LAYER = {"handover": 0, "errors": 0, "util": 0, "formats": 1, "synth": 2, "pmem": 2,
          "host": 3, "ops": 4, "render": 5, "cli": 6, "__main__": 7, "initramfs": 0,
-         "schemas": 0,
-         # compatibility names of moved modules (system tests use them): above what they name
-         "sources": 3.5, "cli_host": 7}
+         "schemas": 0}
 # what each part may import beyond its own part (the rules, exactly)
 ALLOWED = {
     "errors": set(), "util": {"errors"}, "handover": set(), "initramfs": set(), "schemas": set(),

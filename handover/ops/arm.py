@@ -82,6 +82,10 @@ def next_cmdline(base_words: list[str], append: str, region_word: str, policy: s
             words.append(m)
     if handover_param:
         words.append(handover_param)
+        # the kernel runs where kexec placed it (a segment the old kernel checked against
+        # what the kept devices use), not where the decompressor's KASLR would move it
+        if "nokaslr" not in words:
+            words.append("nokaslr")
     return " ".join(words)
 
 

@@ -171,7 +171,7 @@ def test_keepalive_device_survives_kexec(patched):  # noqa: F811
     assert inflight["staged"] and probe["inflight"] == inflight["pattern"]
     arm = json.loads(old.files["arm.json"])
     assert arm["keepalive"] == {"armed": True, "devices": [EDU]}
-    assert {"handover=0x4000000@0x30000000", DAX_RANGE} <= set(arm["cmdline"].split())
+    assert {"handover=0x4000000@0x30000000", DAX_RANGE, "nokaslr"} <= set(arm["cmdline"].split())
     # DMA with the old IOVA after kexec lands in the preserved buffer
     assert probe["dma_old_iova"] is True
     # `handover load` in the new kernel: the state matches the machine; the kernel says edu is held

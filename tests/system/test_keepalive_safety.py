@@ -201,3 +201,56 @@ def test_adoption_walks_the_page_tables(patched, case):  # noqa: F811
     assert f"0000:00:03.0: context entry not adopted: {why}" in dmesg, dmesg[-3000:]
     assert k["devices/0000:00:03.0/state"] == "released"
     assert _stopped(out)
+
+
+# after `handover arm`: load the next kernel again, its initrd placed (top-down, below
+# --mem-max) over the highest IOMMU table page edu's translation uses
+RELOAD_OVER_TABLES = r"""
+P=$(python3 - <<'EOF'
+from handover.formats.codec import decode
+from handover.pmem import read_latest
+st = decode(read_latest("/dev/pmem0").blob)
+print(max(r.start for r in st.reserved if r.kind in (1, 2, 5)))   # root, context, page table
+EOF
+)
+CMD=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["cmdline"])' "$LAB_OUT/arm.json")
+rc=0
+kexec -l /payload/lab/vmlinuz.3 --initrd=/payload/lab/initrd.img --command-line="$CMD" \
+    --mem-max=$(printf '%#x' $((P + 4095))) > "$LAB_OUT/reload.log" 2>&1 || rc=$?
+echo "rc=$rc page=$(printf '%#x' $P)" > "$LAB_OUT/reload.txt"
+"""
+
+
+def test_kexec_never_lands_on_kept_memory(patched):  # noqa: F811
+    """The kernel loaded for the kexec has a segment over a page-table page edu's
+    translation walks: at the kexec the old kernel disarms (edu stopped, translation
+    off) instead of letting the relocation overwrite it under a running device."""
+    from tests.system import lab
+
+    bz = Path(patched["bzImage"])
+    files = {"lab/vmlinuz.2": bz, "lab/vmlinuz.3": bz,
+             "vfio_edu.py": ROOT / "tests" / "system" / "guest" / "vfio_edu.py",
+             "edu_keepalive.py": ROOT / "tests" / "system" / "guest" / "edu_keepalive.py"}
+    last = KFILES + 'cat /sys/class/iommu/dmar0/intel-iommu/gsts > "$LAB_OUT/gsts.txt"\n'
+    res = lab.run_guest(["true\n", OLD_KERNEL + RELOAD_OVER_TABLES, last], pmem="legacy",
+                        kexec_append=f"handover={REGION} {DAX_RANGE}",
+                        files=files, timeout=900, **patched["run_guest"])
+    res.check()
+    on_patched(patched, res, 2, 3)
+    old, new = res.phases[1], res.phases[2]
+    reload = old.files["reload.txt"].decode()
+    print(reload, old.files["reload.log"].decode()[-2000:])
+    assert reload.startswith("rc=0 "), reload
+    page = reload.split("page=")[1].strip()
+    # the old kernel saw the overlap and disarmed before its shutdown
+    assert re.search(r"handover: kexec segment \d+ \(0x[0-9a-f]+\+0x[0-9a-f]+\) overlaps "
+                     r"0x[0-9a-f]+\+", res.console), res.console[-4000:]
+    print("the page-table page under the reloaded initrd:", page)
+    assert ("handover: disarmed: a segment of the loaded kernel overlaps memory a kept "
+            "device uses") in res.console
+    # so the new kernel found translation off and edu stopped; nothing was adopted
+    out = {name: new.files[name].decode(errors="replace") for name in new.files}
+    dmesg, k = out["dmesg.txt"], _kfiles(out["kfiles.txt"])
+    assert "Translation already enabled" not in dmesg
+    assert k.get("devices/0000:00:03.0/state") != "held", out["kfiles.txt"]
+    assert _stopped(out)

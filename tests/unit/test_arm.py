@@ -71,7 +71,12 @@ def test_plan_nvdimm_no_memmap_and_handover_param_only_for_a_declaring_kernel():
     assert cmd == "console=ttyS0 handover.region=phys:0x100600000"
     cmd, _ = A.plan_cmdline("console=ttyS0", None, "", "/dev/dax0.0", NVDIMM, declared=True,
                             next_region="/dev/dax0.0")
-    assert cmd == "console=ttyS0 handover.region=/dev/dax0.0 handover=0xfe00000@0x100600000"
+    assert cmd == ("console=ttyS0 handover.region=/dev/dax0.0 handover=0xfe00000@0x100600000 "
+                   "nokaslr")
+    # the next kernel runs where kexec placed it: KASLR off, once
+    cmd, _ = A.plan_cmdline("console=ttyS0 nokaslr", None, "", "/dev/dax0.0", NVDIMM,
+                            declared=True)
+    assert cmd.split().count("nokaslr") == 1
     # a plain file (no physical address): the path itself, never handover=
     cmd, word = A.plan_cmdline("", None, "", "/var/tmp/blob", {"phys_start": None}, declared=True)
     assert (cmd, word) == ("handover.region=/var/tmp/blob", "/var/tmp/blob")

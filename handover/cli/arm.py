@@ -57,6 +57,9 @@ def _exec(cmd: list[str], dry_run: bool) -> None:
 @click.option("--force", is_flag=True, help="As for save.")
 @click.option("--kexec-mode", type=click.Choice(["l", "s"]), default="l", show_default=True,
               help="l: kexec -l (kexec_load), s: kexec -s -l (kexec_file_load).")
+@click.option("--hold/--no-hold", default=True, show_default=True,
+              help="Keep the armed devices' VFIO files open in a holder process, so that "
+                   "their owner (a VMM) may exit before the kexec without a device reset.")
 @click.option("--exec", "do_exec", is_flag=True, help="Then kexec (systemctl kexec under systemd).")
 @click.option("--on-shutdown", is_flag=True, help="(systemd unit) save again if armed.")
 @click.option("--dry-run", is_flag=True, help="Collect and print the kexec command; change nothing.")
@@ -68,8 +71,8 @@ def _exec(cmd: list[str], dry_run: bool) -> None:
 @sysroot_option
 @handle_errors
 def arm(image, initrd, append, command_line, region, next_region, policy, devices, token,
-        token_file, pass_token, force, kexec_mode, do_exec, on_shutdown, dry_run, result_dir,
-        as_json, quiet, alter, sysroot):
+        token_file, pass_token, force, kexec_mode, hold, do_exec, on_shutdown, dry_run,
+        result_dir, as_json, quiet, alter, sysroot):
     """Save the state, then kexec-load the next kernel with the handover command line."""
     from ..ops import arm as ops
 
@@ -93,7 +96,7 @@ def arm(image, initrd, append, command_line, region, next_region, policy, device
         next_region=next_region, policy=policy, devices=devices, token=token,
         pass_token=pass_token, force=force, kexec_mode=kexec_mode, dry_run=dry_run,
         result_dir=result_dir, alter=parse_alter(alter), sysroot=sysroot,
-        progress=progress(quiet or as_json)))
+        progress=progress(quiet or as_json), hold=hold))
     for w in doc["save"].get("warnings", []) + doc["warnings"]:
         warn(w)
     if as_json:
@@ -102,6 +105,11 @@ def arm(image, initrd, append, command_line, region, next_region, policy, device
         print_save_report(doc["save"], dry_run, brief=True)
         out(f"kernel: {doc['kernel_declaration']}")
         out(("would run: " if dry_run else "loaded: ") + shlex.join(doc["kexec_command"]))
+        if doc.get("hold", {}).get("holder"):
+            h = doc["hold"]
+            out(f"holding {h['fds']} VFIO files of " +
+                ", ".join(f"{o['comm']}[{o['pid']}]" for o in h["owners"]) +
+                f" in pid {h['holder']} until the kexec")
     sys.stdout.flush()
     if do_exec:
         _exec(ops.exec_command(ops.systemd_running(sysroot)), dry_run)

@@ -14,7 +14,9 @@ kernel with kexec-tools; execute it; save again on the way down.
    (the next kernel does not inherit it) and, when IMAGE declares the note,
    ``handover=<size>@<phys>`` (read by the patched kernel itself);
 4. ``kexec -l`` (``kexec_mode="s"``: ``kexec -s -l``) and writes the marker
-   ``/run/handover/armed`` that gates the systemd save-on-kexec unit;
+   ``/run/handover/armed`` that gates the systemd save-on-kexec unit; names the keepalive
+   devices to the kernel and, unless ``hold`` is off, keeps their VFIO files open in a
+   holder process (host.vfio_hold), so that their owner may exit before the kexec;
 5. ``exec``: ``systemctl kexec`` when systemd is PID 1, else ``kexec -e``.
 
 The marker never holds the owner token: only its salt and salted hash, which is what the
@@ -248,6 +250,7 @@ class ArmRequest:
     alter: list = field(default_factory=list)
     sysroot: str = "/"
     progress: object = None
+    hold: bool = True
 
 
 def arm(req: ArmRequest) -> dict:
@@ -304,7 +307,19 @@ def arm(req: ArmRequest) -> dict:
                   "token_hash": token_hash[1].hex() if token_hash else None}
         doc["marker"] = write_marker(req.result_dir, marker)
         doc["keepalive"] = arm_keepalive(sr, report.get("devices") or [], declared)
+        if req.hold and doc["keepalive"].get("armed") and req.sysroot == "/":
+            doc["hold"] = hold_devices(sr, doc["keepalive"]["devices"], req.result_dir)
     return doc
+
+
+def hold_devices(sr, devices: list[str], result_dir: str) -> dict:
+    """Keep the armed devices' VFIO files open in a holder process, so that their owner
+    (a VMM) may exit before the kexec without the kernel resetting them."""
+    from dataclasses import asdict
+
+    from ..host.vfio_hold import hold
+
+    return asdict(hold(sr, devices, result_dir))
 
 
 def exec_plan(sysroot: str, result_dir: str) -> list[str]:

@@ -171,6 +171,8 @@ def test_keepalive_device_survives_kexec(patched):  # noqa: F811
     assert inflight["staged"] and probe["inflight"] == inflight["pattern"]
     arm = json.loads(old.files["arm.json"])
     assert arm["keepalive"] == {"armed": True, "devices": [EDU]}
+    # edu's VFIO files are held for the kexec in case their owner (vfio_edu.py) exits
+    assert arm["hold"]["holder"] and [o["comm"] for o in arm["hold"]["owners"]] == ["python3"]
     assert {"handover=0x4000000@0x30000000", DAX_RANGE, "nokaslr"} <= set(arm["cmdline"].split())
     # DMA with the old IOVA after kexec lands in the preserved buffer
     assert probe["dma_old_iova"] is True
@@ -356,3 +358,43 @@ def test_ten_keepalive_kexecs(patched):  # noqa: F811
     for key in ("mem_total_kb", "reserved_bytes", "reserved_ranges", "domains_used",
                 "irtes_present"):
         assert len({r[key] for r in rows}) == 1, (key, [r[key] for r in rows])
+
+
+# after `handover arm`: the VMM (vfio_edu.py) closes everything and exits; the kexec then
+# runs with only the holder `handover arm` started keeping edu's VFIO files open
+VMM_EXITS = r"""
+touch /tmp/vfio-stop
+i=0; while pgrep -f vfio_edu.py > /dev/null && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
+pgrep -f vfio_edu.py > "$LAB_OUT/vmm-after-exit.txt" || echo gone > "$LAB_OUT/vmm-after-exit.txt"
+cp /run/handover/hold.json "$LAB_OUT/hold.json"
+h=$(python3 -c 'import json; print(json.load(open("/run/handover/hold.json"))["holder"])')
+for f in /proc/$h/fd/*; do readlink "$f"; done > "$LAB_OUT/holder-fds.txt"
+od -An -tx2 -j4 -N2 /sys/bus/pci/devices/0000:00:03.0/config > "$LAB_OUT/command-after-exit.txt"
+echo 'exec python3 -m handover arm --exec' > /lab/exec
+"""
+
+
+def test_the_vmm_may_exit_before_the_kexec(patched):  # noqa: F811
+    """The owner quits after `handover arm` (as a VMM does after set-keepalive and savevm):
+    its VFIO files stay open in the holder, so the kernel neither resets edu nor drops its
+    mappings, and the next kernel finds edu running as in the main scenario."""
+    res = _run(patched, NEW_KERNEL_KEEP, VMM_EXITS)
+    old, new = res.phases[1], res.phases[2]
+    print(_text(old, "hold.json"), _text(old, "holder-fds.txt"))
+    assert _text(old, "vmm-after-exit.txt").strip() == "gone"
+    hold = json.loads(old.files["hold.json"])
+    assert hold["holder"] and [o["comm"] for o in hold["owners"]] == ["python3"]
+    fds = _text(old, "holder-fds.txt").split()
+    assert "/dev/vfio/vfio" in fds and "anon_inode:[vfio-device]" in fds
+    assert any(re.fullmatch(r"/dev/vfio/\d+", f) for f in fds)
+    # with its owner gone, edu still bus-masters in the old kernel ...
+    assert int(_text(old, "command-after-exit.txt").split()[0], 16) & 0x4
+    # ... and in the new one: adopted, its old IOVA still reaches the dax buffer
+    status = _status(_text(new, "status.txt"))
+    assert status["state"] == "valid"
+    assert re.search(r"device: 0000:00:03.0 held adopted domain=\d+", _text(new, "status.txt"))
+    probe = json.loads(new.files["probe.json"])
+    assert probe["command"] & 0x4 and probe["dma_old_iova"] is True
+    owner = json.loads(new.files["owner.json"])
+    assert owner["owner_token"] == "opened" and owner["dma_old_iova"] is True
+    assert owner["msi_eventfd"] == "ok"

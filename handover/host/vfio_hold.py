@@ -1,0 +1,190 @@
+"""Keep the VFIO file descriptors of keepalive devices open after their owner exits.
+
+A VMM that quits (the fast-restart flow: ``set-keepalive on``, ``savevm``, quit) closes its
+VFIO fds, and the kernel then disables and resets the device, unmaps its IOMMU mappings and
+unpins its memory: there is nothing left to keep across the kexec. ``handover arm`` therefore
+duplicates the VFIO fds of every process that holds an armed device's group (the container,
+``/dev/vfio/vfio``; the group, ``/dev/vfio/<N>``; the device fds, ``anon_inode:[vfio-device]``)
+with ``pidfd_getfd(2)`` into a small holder process. Those files stay open, with their
+mappings and pinned memory, until the kexec or until the holder is stopped.
+
+The holder's ``argv[0]`` starts with ``@``: systemd's final killing spree before a
+``systemctl kexec`` spares such processes (its convention for root-storage daemons), so the
+device is still open when the kexec syscall runs.
+
+Reading ``/proc`` goes through :class:`Sysroot`; the syscalls act on the live system only.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import sys
+from dataclasses import dataclass, field
+
+from ..errors import HandoverError
+from .base import Sysroot
+
+#: x86-64 syscall numbers (include/uapi/asm-generic/unistd.h: pidfd_open 434, pidfd_getfd 438)
+SYS_PIDFD_GETFD = 438
+HOLDER_NAME = "@handover-hold"
+PIDFILE = "hold.json"
+
+#: what a VFIO fd's /proc/<pid>/fd link reads
+CONTAINER = "/dev/vfio/vfio"
+DEVICE = "anon_inode:[vfio-device]"
+
+
+@dataclass(frozen=True)
+class VfioOwner:
+    """A process that holds the VFIO group of a device to keep, and its VFIO fds."""
+
+    pid: int
+    comm: str
+    groups: tuple[str, ...]         # the groups it holds ("7", ...)
+    fds: tuple[int, ...]            # its fd numbers: container, groups, devices
+
+
+@dataclass
+class HoldReport:
+    holder: int | None = None
+    owners: list = field(default_factory=list)     # VfioOwner as dicts
+    fds: int = 0
+    groups_without_owner: list = field(default_factory=list)
+
+
+def device_group(sr: Sysroot, bdf: str) -> str | None:
+    """The IOMMU group of a PCI device (``/sys/bus/pci/devices/<bdf>/iommu_group``)."""
+    link = sr.readlink(f"/sys/bus/pci/devices/{bdf}/iommu_group")
+    return os.path.basename(link) if link else None
+
+
+def vfio_owners(sr: Sysroot, groups: set[str], exclude: int | None = None) -> list[VfioOwner]:
+    """Every process (but ``exclude``) with an open fd on one of ``groups``' VFIO nodes."""
+    want = {f"/dev/vfio/{g}" for g in groups}
+    out = []
+    for name in sr.listdir("/proc"):
+        if not name.isdigit() or int(name) == exclude:
+            continue
+        fds, held = [], set()
+        try:
+            entries = sr.listdir(f"/proc/{name}/fd")
+        except HandoverError:
+            continue
+        for fd in entries:
+            target = sr.readlink(f"/proc/{name}/fd/{fd}")
+            if target is None or not fd.isdigit():
+                continue
+            if target in want:
+                held.add(target.rsplit("/", 1)[1])
+            if target in want or target == CONTAINER or target == DEVICE or \
+                    target.startswith("/dev/vfio/"):
+                fds.append(int(fd))
+        if held:
+            comm = (sr.try_text(f"/proc/{name}/comm") or "?").strip()
+            out.append(VfioOwner(int(name), comm, tuple(sorted(held)), tuple(sorted(fds))))
+    return out
+
+
+def _pidfd_getfd(pid: int, fd: int) -> int:
+    libc = ctypes.CDLL(None, use_errno=True)
+    pidfd = os.pidfd_open(pid)
+    try:
+        new = libc.syscall(SYS_PIDFD_GETFD, pidfd, fd, 0)
+        if new < 0:
+            e = ctypes.get_errno()
+            raise OSError(e, os.strerror(e))
+        return new
+    finally:
+        os.close(pidfd)
+
+
+def stop_holder(result_dir: str) -> int | None:
+    """Stop a holder this tool started (its fds close: the kernel resets the devices as
+    for any VFIO close). Returns its pid, or None when there was none."""
+    path = os.path.join(result_dir, PIDFILE)
+    try:
+        with open(path) as f:
+            pid = int(json.load(f)["holder"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            if not f.read().startswith(HOLDER_NAME.encode()):
+                pid = None          # not ours any more (the pid was reused)
+        if pid:
+            os.kill(pid, signal.SIGTERM)
+    except OSError:
+        pid = None
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+    return pid
+
+
+def hold(sr: Sysroot, devices: list[str], result_dir: str) -> HoldReport:
+    """Duplicate the VFIO fds of the owners of ``devices`` into a new holder process.
+
+    Raises HandoverError when an fd cannot be taken (no permission, the process went)."""
+    groups = {g for g in (device_group(sr, d) for d in devices) if g}
+    if not groups:
+        return HoldReport()
+    owners = vfio_owners(sr, groups, exclude=os.getpid())
+    rep = hold_owners(owners, result_dir)
+    rep.groups_without_owner = sorted(groups - {g for o in owners for g in o.groups})
+    return rep
+
+
+def hold_owners(owners: list[VfioOwner], result_dir: str) -> HoldReport:
+    """Duplicate ``owners``' fds into a new holder process (an earlier one is stopped
+    first) and record it in ``result_dir``."""
+    rep = HoldReport()
+    stop_holder(result_dir)
+    if not owners:
+        return rep
+    taken = []
+    try:
+        for o in owners:
+            for fd in o.fds:
+                try:
+                    taken.append(_pidfd_getfd(o.pid, fd))
+                except OSError as e:
+                    raise HandoverError(f"pid {o.pid} ({o.comm}) fd {fd}: cannot hold its VFIO "
+                                        f"file: {e.strerror}") from None
+        for fd in taken:
+            os.set_inheritable(fd, True)
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:                                    # pragma: no cover - the holder
+            try:
+                os.close(r)
+                os.setsid()
+                null = os.open(os.devnull, os.O_RDWR)
+                os.dup2(null, 0)    # nothing of the caller's pipes stays open
+                os.dup2(null, 2)
+                os.dup2(w, 1)       # stdout: tells the parent it runs, then closed
+                code = ("import os, signal; os.write(1, b'ok'); os.close(1); "
+                        "signal.signal(signal.SIGTERM, signal.SIG_DFL)\n"
+                        "while True: signal.pause()")
+                os.execv(sys.executable, [HOLDER_NAME, "-c", code])
+            finally:
+                os._exit(127)
+        os.close(w)
+        ok = os.read(r, 2) == b"ok"
+        os.close(r)
+        if not ok:
+            raise HandoverError("the VFIO holder process did not start")
+    finally:
+        for fd in taken:
+            os.close(fd)
+    rep.holder = pid
+    rep.owners = [dict(pid=o.pid, comm=o.comm, groups=list(o.groups), fds=len(o.fds))
+                  for o in owners]
+    rep.fds = len(taken)
+    os.makedirs(result_dir, exist_ok=True)
+    with open(os.path.join(result_dir, PIDFILE), "w") as f:
+        json.dump({"holder": pid, "owners": rep.owners}, f)
+    return rep

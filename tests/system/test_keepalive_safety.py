@@ -17,6 +17,7 @@ kernel, a DMA buffer on device-dax, ``handover arm --token``, a DMA in flight ac
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -255,3 +256,28 @@ def test_kexec_never_lands_on_kept_memory(patched):  # noqa: F811
     assert "Translation already enabled" not in dmesg
     assert k.get("devices/0000:00:03.0/state") != "held", out["kfiles.txt"]
     assert _stopped(out)
+
+
+def test_preserved_memory_survives_memory_pressure(patched):  # noqa: F811
+    """The new kernel gives most of its RAM to huge pages at boot, every page zeroed as it
+    is allocated (init_on_alloc=1): had any page edu's translation or interrupts use not
+    been reserved before the allocator started, it would be handed out and zeroed. edu's
+    root, context and page tables and its IRTE are found intact: its DMA with the old IOVA
+    lands in the dax buffer and its MSI comes through the old IRTE."""
+    out = _run(patched, r"""
+dax=$(ls /dev/dax* | head -1)
+grep -E '^(MemTotal|MemFree|HugePages_Total|Hugepagesize):' /proc/meminfo > "$LAB_OUT/meminfo.txt"
+cat /proc/cmdline > "$LAB_OUT/cmdline.txt"
+python3 edu_keepalive.py probe 0000:00:03.0 "$dax" "$LAB_OUT/probe.json"
+""" + KFILES, append="init_on_alloc=1 hugepages=300")
+    mem = {ln.split(":")[0]: int(ln.split()[1]) for ln in out["meminfo.txt"].splitlines()}
+    print(out["meminfo.txt"])
+    assert "init_on_alloc=1" in out["cmdline.txt"] and "hugepages=300" in out["cmdline.txt"]
+    # most of the guest's RAM went to huge pages at boot (2 MiB each)
+    assert mem["HugePages_Total"] * mem["Hugepagesize"] >= 0.6 * mem["MemTotal"], mem
+    k = _kfiles(out["kfiles.txt"])
+    assert k["state"] == "valid" and k["devices/0000:00:03.0/state"] == "held"
+    assert k["devices/0000:00:03.0/translation"] == "adopted"
+    probe = json.loads(out["probe.json"])
+    assert probe["dma_old_iova"] is True and probe["irq_status_after_raise"] & 1
+    assert "No irq handler for 0." in out["dmesg.txt"]   # the MSI came through the old IRTE

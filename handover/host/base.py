@@ -304,13 +304,48 @@ class DomainWalk:
     leaves: list = field(default_factory=list)   # [(iova_pfn, (pml5e, pml4e, pdpe, pde, pte))]
 
 
+#: the registers of a unit the sources read, in the order of the UNIT record's fields
+UNIT_REGS = ("ver", "cap", "ecap", "gsts", "rtaddr", "irta", "iqa", "iqh", "iqt")
+
+
+@dataclass
+class UnitRegs:
+    """The registers of one IOMMU unit, as read (sysfs, the 0003 sysfs files, debugfs
+    iommu_regset); None: not captured."""
+
+    ver: int | None = None         # VER, major 7:4, minor 3:0
+    cap: int | None = None
+    ecap: int | None = None
+    gsts: int | None = None        # TES 31, QIES 26, IRES 25
+    rtaddr: int | None = None      # TTM 11:10 (bit 10: scalable mode)
+    irta: int | None = None        # EIME 11 (x2APIC), S 3:0
+    iqa: int | None = None
+    iqh: int | None = None
+    iqt: int | None = None
+
+    def get(self, name: str) -> int | None:
+        """The value of register ``name`` (one of UNIT_REGS), None if not captured."""
+        if name not in UNIT_REGS:
+            raise KeyError(name)
+        return getattr(self, name)
+
+    def set(self, name: str, value: int) -> None:
+        if name not in UNIT_REGS:
+            raise KeyError(name)
+        setattr(self, name, value)
+
+    def captured(self) -> dict[str, int]:
+        """The captured registers, name -> value, in UNIT_REGS order."""
+        return {n: v for n in UNIT_REGS if (v := getattr(self, n)) is not None}
+
+
 @dataclass
 class Unit:
     name: str                      # "dmar0"
     seq: int                       # the kernel's seq_id (N of dmarN)
     reg_base: int | None = None
     segment: int = 0
-    regs: dict = field(default_factory=dict)       # ver cap ecap gsts rtaddr irta iqa iqh iqt ...
+    regs: UnitRegs = field(default_factory=UnitRegs)
     reg_source: dict = field(default_factory=dict)  # register -> source name
     devices: list = field(default_factory=list)    # BDFs the unit covers (dmarN/devices)
     root_table: int | None = None                  # debugfs "Root Table Address"
@@ -323,9 +358,10 @@ class Unit:
 
     def status_from_gsts(self, source: str) -> None:
         """TES (bit 31) and IRES (bit 25) of a GSTS value in regs."""
-        if "gsts" in self.regs:
-            self.dma_enabled = bool(self.regs["gsts"] >> 31 & 1)
-            self.ir_enabled = bool(self.regs["gsts"] >> 25 & 1)
+        gsts = self.regs.gsts
+        if gsts is not None:
+            self.dma_enabled = bool(gsts >> 31 & 1)
+            self.ir_enabled = bool(gsts >> 25 & 1)
             self.ir_enabled_source = f"{source} GSTS.IRES"
 
 

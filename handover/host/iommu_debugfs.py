@@ -268,15 +268,16 @@ class IntelIommuDebugfs(Source):
                 for kname, attr in REG_NAMES.items():
                     if kname in d["regs"]:
                         v = d["regs"][kname]
-                        if attr in u.regs and u.regs[attr] != v and attr in ("cap", "ecap"):
+                        old = u.regs.get(attr)
+                        if old is not None and old != v and attr in ("cap", "ecap"):
                             host.note(f"units.{attr}.{name}", "partial", self.name,
-                                      f"debugfs {kname}={v:#x} differs from sysfs {u.regs[attr]:#x}")
-                        u.regs[attr] = v
+                                      f"debugfs {kname}={v:#x} differs from sysfs {old:#x}")
+                        u.regs.set(attr, v)
                         u.reg_source[attr] = self.name
                 u.status_from_gsts(self.name)
             for reg in DEBUGFS_ITEMS[:6]:
                 attr = reg.split(".")[1]
-                missing = [u.name for u in host.units.values() if attr not in u.regs]
+                missing = [u.name for u in host.units.values() if u.regs.get(attr) is None]
                 if missing:
                     host.note(reg, "absent", self.name,
                               f"{attr.upper()} not in {INTEL}/iommu_regset for {', '.join(missing)}")

@@ -109,22 +109,20 @@ def _meta(host: Host, opts: SaveOptions) -> dict:
 
 
 def _unit_record(u: Unit) -> dict:
+    vals = u.regs.captured()
     present = 0
-    vals = {}
-    for name, bit in E.UNIT_PRESENT_BIT.items():
-        if name in u.regs:
-            present |= bit
-            vals[name] = u.regs[name]
+    for name in vals:
+        present |= E.UNIT_PRESENT_BIT[name]
     flags = 0
-    g = u.regs.get("gsts")
+    g = u.regs.gsts
     if g is not None:
         flags |= (E.UNIT_F_TE if g >> 31 & 1 else 0) | (E.UNIT_F_IRE if g >> 25 & 1 else 0) \
             | (E.UNIT_F_QIE if g >> 26 & 1 else 0)
     elif u.ir_enabled:
         flags |= E.UNIT_F_IRE
-    if u.regs.get("irta", 0) >> 11 & 1:
+    if (u.regs.irta or 0) >> 11 & 1:
         flags |= E.UNIT_F_X2APIC
-    if u.regs.get("rtaddr", 0) >> 10 & 1:
+    if (u.regs.rtaddr or 0) >> 10 & 1:
         flags |= E.UNIT_F_SM
     return dict(unit=u.seq, segment=u.segment, flags=flags, present=present,
                 reg_base=u.reg_base or 0, **vals)
@@ -285,7 +283,7 @@ def build_state(host: Host, devices: list, opts: SaveOptions) -> tuple[State, di
                   sub_handle=v.sub_handle or 0, irq=v.irq or 0)
         # DMA remapping: context entries, domains, tables
         if u is not None and u.contexts is not None:
-            scalable = bool(u.regs.get("rtaddr", 0) >> 10 & 1)
+            scalable = bool((u.regs.rtaddr or 0) >> 10 & 1)
             for c in _context_for(u, dev):
                 dom = _domain_of_context(c, scalable)
                 pasid = c.pasid if c.pasid is not None else 0
@@ -324,16 +322,16 @@ def build_state(host: Host, devices: list, opts: SaveOptions) -> tuple[State, di
                 irte_count += 1
     # unit-wide structures
     for u in kept_units.values():
-        rt = u.regs.get("rtaddr")
+        rt = u.regs.rtaddr
         root = (rt & ADDR_MASK) if rt else u.root_table
         if root and (u.dma_enabled or u.dma_enabled is None):
             reserved.append((root, 0x1000, 1, u.seq))
-        irta = u.regs.get("irta")
+        irta = u.regs.irta
         if irta:
             reserved.append((irta & ADDR_MASK, 16 << ((irta & 0xF) + 1), 6, u.seq))
         elif u.ir_table:
             reserved.append((u.ir_table, 1 << 20, 6, u.seq))
-        iqa = u.regs.get("iqa")
+        iqa = u.regs.iqa
         if iqa:
             reserved.append((iqa & ADDR_MASK, 0x1000 << (iqa & 7), 8, u.seq))
     for start, size in opts.region_ranges:
@@ -358,14 +356,14 @@ def build_state(host: Host, devices: list, opts: SaveOptions) -> tuple[State, di
         absent("domains", "domains not readable (no context entries)")
     if not any(u.irtes is not None for u in kept_units.values()):
         absent("irtes", "IR table not readable")
-    if kept_units and all("cap" in u.regs and not u.regs["cap"] >> 59 & 1
+    if kept_units and all(u.regs.cap is not None and not u.regs.cap >> 59 & 1
                           for u in kept_units.values()):
         notes["pi_descs"] = {"status": "captured", "source": "intel-iommu-sysfs",
                              "detail": "none: no unit supports posted interrupts (CAP.PI clear)"}
     else:
         b.mark_absent("pi_descs", PI_DESC_REASON, "none")
     unknown = [f"{r} of {u.name}" for u in kept_units.values() for r in ("rtaddr", "irta", "iqa")
-               if r not in u.regs]
+               if u.regs.get(r) is None]
     if not reserved:
         b.mark_absent("reserved", "no table address readable (" + ", ".join(unknown or ["none"])
                       + "); region address unknown", "collect")

@@ -58,9 +58,9 @@ def test_parse_resource_and_upstream():
 
 def test_units_from_sysfs(host):
     u = host.units["dmar0"]
-    assert u.reg_base == 0xFED90000 and u.regs["cap"] == 0xD2008C22260206
-    assert u.regs["ecap"] == 0xF00F4A and u.regs["ver"] == 0x10
-    assert EDU in u.devices and "gsts" not in u.regs
+    assert u.reg_base == 0xFED90000 and u.regs.cap == 0xD2008C22260206
+    assert u.regs.ecap == 0xF00F4A and u.regs.ver == 0x10
+    assert EDU in u.devices and u.regs.gsts is None
     assert u.ir_enabled is True and "IR-" in u.ir_enabled_source
 
 

@@ -497,6 +497,26 @@ class KernelInterface:
 
 
 @dataclass
+class Note:
+    """Provenance of one item (``units.irta``, ``irtes``, ...): which source read it, or why
+    it could not be captured. Written into the state's META provenance as ``as_dict()``."""
+
+    status: str                    # captured | partial | absent
+    source: str                    # the source's name ("intel-iommu-debugfs", "collect", ...)
+    detail: str | None = None      # captured: what was read, from where
+    reason: str | None = None      # partial, absent: what is missing, and why
+
+    def as_dict(self) -> dict:
+        """The provenance entry: status, source, then detail and reason when set."""
+        d = {"status": self.status, "source": self.source}
+        if self.detail is not None:
+            d["detail"] = self.detail
+        if self.reason is not None:
+            d["reason"] = self.reason
+        return d
+
+
+@dataclass
 class Host:
     sysroot: Sysroot
     units: dict = field(default_factory=dict)      # name -> Unit
@@ -505,7 +525,7 @@ class Host:
     iomem: list = field(default_factory=list)      # (start, end, name, depth)
     #: /sys/kernel/handover/ of a patched kernel; None: a stock kernel (or not read)
     kernel_handover: KernelInterface | None = None
-    notes: dict = field(default_factory=dict)      # provenance: item -> note
+    notes: dict = field(default_factory=dict)      # provenance: item -> Note
     sources_run: list = field(default_factory=list)
     # devices whose deep state (MSI-X tables, page-table walks) the caller wants
     wanted: set | None = None
@@ -517,13 +537,12 @@ class Host:
             return dev.driver == "vfio-pci"
         return dev.bdf in self.wanted
 
-    def note(self, item: str, status: str, source: str, text: str = "", **extra) -> None:
-        """Provenance of one item: status "captured", "partial" or "absent"."""
-        d = {"status": status, "source": source}
-        if text:
-            d["reason" if status != "captured" else "detail"] = text
-        d.update(extra)
-        self.notes[item] = d
+    def note(self, item: str, status: str, source: str, text: str = "") -> None:
+        """Provenance of one item: status "captured" (``text``: the detail), "partial" or
+        "absent" (``text``: the reason)."""
+        text = text or None
+        self.notes[item] = (Note(status, source, detail=text) if status == "captured"
+                            else Note(status, source, reason=text))
 
     def unit_for(self, dev: PciDev) -> Unit | None:
         if dev.iommu and dev.iommu in self.units:

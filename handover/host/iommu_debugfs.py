@@ -12,7 +12,7 @@ from __future__ import annotations
 import errno
 import re
 
-from .base import ContextEntry, DomainWalk, Host, Source, errno_text, register
+from .base import ContextEntry, DomainWalk, Host, Note, Source, errno_text, register
 
 DEBUGFS = "/sys/kernel/debug"
 INTEL = f"{DEBUGFS}/iommu/intel"
@@ -253,8 +253,7 @@ class IntelIommuDebugfs(Source):
         reason = absent_reason(host)
         if reason:
             for it in DEBUGFS_ITEMS:
-                host.notes.setdefault(it, {"status": "absent", "source": self.name,
-                                           "reason": reason})
+                host.notes.setdefault(it, Note("absent", self.name, reason=reason))
             return
         text = self._read(host, "iommu_regset", DEBUGFS_ITEMS[:6])
         if text is not None:
@@ -328,7 +327,7 @@ class IntelIommuDebugfs(Source):
                       f"{INTEL}/<bdf>/domain_translation_struct for {', '.join(got) or 'none'}"
                       + (f"; failed: {'; '.join(failed)}" if failed else ""))
         else:
-            host.notes.setdefault("domains", {
-                "status": "partial", "source": self.name,
-                "reason": "no per-device domain_translation_struct; domains come from "
-                          "context entries only (page tables not walked)"})
+            host.notes.setdefault("domains", Note(
+                "partial", self.name,
+                reason="no per-device domain_translation_struct; domains come from "
+                       "context entries only (page tables not walked)"))

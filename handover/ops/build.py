@@ -18,7 +18,7 @@ from ..errors import HandoverError
 from ..formats import enums as E
 from ..formats.enums import ITEMS
 from ..formats.model import State, StateBuilder
-from ..host.base import ContextEntry, DomainWalk, Host, PciDev, Unit
+from ..host.base import ContextEntry, DomainWalk, Host, Note, PciDev, Unit
 from ..host.pci import bar_raw, normalize_bdf, sbdf_of
 from ..formats.token import hash_token
 
@@ -240,7 +240,7 @@ def _merge(ranges):
 
 # ---------------------------------------------------------------------------------------
 def build_state(host: Host, devices: list, opts: SaveOptions) -> tuple[State, dict]:
-    """-> (state, report). report = {"items": {item: note}, "devices": [...], ...}."""
+    """-> (state, report). report: see :func:`report_of`."""
     b = StateBuilder()
     b.meta = _meta(host, opts)
     notes = dict(host.notes)
@@ -344,11 +344,11 @@ def build_state(host: Host, devices: list, opts: SaveOptions) -> tuple[State, di
 
     def absent(item, fallback):
         n = notes.get(item)
-        reason = n.get("reason") if n and n.get("status") != "captured" else None
-        src = n.get("source", "") if n else ""
+        reason = n.reason if n and n.status != "captured" else None
+        src = n.source if n else ""
         b.mark_absent(item, reason or fallback, src)
 
-    if not any_unit and "units" in notes and notes["units"]["status"] == "absent":
+    if not any_unit and "units" in notes and notes["units"].status == "absent":
         absent("units", "no IOMMU unit found")
     if not any(u.contexts is not None for u in kept_units.values()):
         absent("contexts", "context entries not readable")
@@ -358,8 +358,8 @@ def build_state(host: Host, devices: list, opts: SaveOptions) -> tuple[State, di
         absent("irtes", "IR table not readable")
     if kept_units and all(u.regs.cap is not None and not u.regs.cap >> 59 & 1
                           for u in kept_units.values()):
-        notes["pi_descs"] = {"status": "captured", "source": "intel-iommu-sysfs",
-                             "detail": "none: no unit supports posted interrupts (CAP.PI clear)"}
+        notes["pi_descs"] = Note("captured", "intel-iommu-sysfs",
+                                 detail="none: no unit supports posted interrupts (CAP.PI clear)")
     else:
         b.mark_absent("pi_descs", PI_DESC_REASON, "none")
     unknown = [f"{r} of {u.name}" for u in kept_units.values() for r in ("rtaddr", "irta", "iqa")
@@ -368,31 +368,27 @@ def build_state(host: Host, devices: list, opts: SaveOptions) -> tuple[State, di
         b.mark_absent("reserved", "no table address readable (" + ", ".join(unknown or ["none"])
                       + "); region address unknown", "collect")
     elif unknown:
-        notes["reserved"] = {"status": "partial", "source": "collect",
-                             "reason": "not readable: " + ", ".join(unknown)}
+        notes["reserved"] = Note("partial", "collect", reason="not readable: " + ", ".join(unknown))
     for item in ITEMS:
         if item not in b.absent:
-            n = notes.get(item) or {}
-            b.provenance[item] = {"status": n.get("status", "captured"),
-                                  "source": n.get("source", "collect"),
-                                  **({"detail": n["detail"]} if "detail" in n else {}),
-                                  **({"reason": n["reason"]} if "reason" in n else {})}
+            b.provenance[item] = (notes.get(item) or Note("captured", "collect")).as_dict()
     for k, n in notes.items():
         if k not in ITEMS:
-            b.provenance[k] = n
+            b.provenance[k] = n.as_dict()
     # per-device notes that matter for the kept set
     for dev in devices:
         if dev.msix_reason:
-            b.provenance[f"msix-table.{dev.bdf}"] = {"status": "absent", "source": "interrupts",
-                                                     "reason": dev.msix_reason}
+            b.provenance[f"msix-table.{dev.bdf}"] = Note(
+                "absent", "interrupts", reason=dev.msix_reason).as_dict()
         if not dev.config_full:
-            b.provenance[f"config.{dev.bdf}"] = {
-                "status": "partial", "source": "pci-sysfs",
-                "reason": f"{len(dev.config)} bytes of config space (beyond 64 needs CAP_SYS_ADMIN)"}
+            b.provenance[f"config.{dev.bdf}"] = Note(
+                "partial", "pci-sysfs",
+                reason=f"{len(dev.config)} bytes of config space (beyond 64 needs "
+                       f"CAP_SYS_ADMIN)").as_dict()
     if not opts.region_ranges:
-        b.provenance["reserved.region"] = {"status": "absent", "source": "collect",
-                                           "reason": "physical address of the region unknown "
-                                                     "(a file, or not root)"}
+        b.provenance["reserved.region"] = Note(
+            "absent", "collect",
+            reason="physical address of the region unknown (a file, or not root)").as_dict()
     if alter:
         raise HandoverError(f"--test-alter-bar: no such saved BAR: "
                             f"{', '.join(f'{k[0]} #{k[1]}' for k in alter)}")

@@ -13,7 +13,7 @@ import pytest
 
 from handover.formats import enums as E
 from handover.host import read_host
-from handover.host.base import UNIT_REGS, Sysroot, UnitRegs
+from handover.host.base import UNIT_REGS, Host, Note, Sysroot, UnitRegs
 from tests import captured_outputs
 
 CAPTURED = captured_outputs.CAPTURED
@@ -92,3 +92,99 @@ def test_unit_regs_on_the_patched_kernel_tree():
             assert u.regs.get(reg) == int(f.read(), 16), reg
         assert u.reg_source[reg] == "intel-iommu-debugfs"
     assert u.dma_enabled is True and u.ir_enabled is True    # GSTS TES, IRES
+
+
+# --- Note ------------------------------------------------------------------------------
+def test_note_as_dict_keeps_the_provenance_layout():
+    assert Note("captured", "iomem").as_dict() == {"status": "captured", "source": "iomem"}
+    d = Note("absent", "intel-iommu-debugfs", reason="not mounted").as_dict()
+    assert list(d.items()) == [("status", "absent"), ("source", "intel-iommu-debugfs"),
+                               ("reason", "not mounted")]
+    d = Note("partial", "collect", detail="some", reason="not all").as_dict()
+    assert list(d) == ["status", "source", "detail", "reason"]
+
+
+def test_host_note_puts_the_text_in_detail_or_reason():
+    h = Host(sysroot=Sysroot("/nonexistent"))
+    h.note("units", "captured", "intel-iommu-sysfs", "dmar0")
+    h.note("irtes", "absent", "intel-iommu-debugfs", "no debugfs")
+    h.note("domains", "partial", "intel-iommu-debugfs", "some")
+    h.note("iomem", "captured", "iomem")
+    assert h.notes == {
+        "units": Note("captured", "intel-iommu-sysfs", detail="dmar0"),
+        "irtes": Note("absent", "intel-iommu-debugfs", reason="no debugfs"),
+        "domains": Note("partial", "intel-iommu-debugfs", reason="some"),
+        "iomem": Note("captured", "iomem"),
+    }
+
+
+def test_a_failing_source_leaves_absent_notes(monkeypatch):
+    from handover.host.iomem import IomemSource
+
+    def boom(self, host):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(IomemSource, "collect", boom)
+    h = host_of(PATCHED)
+    n = h.notes["iomem"]
+    assert isinstance(n, Note) and n.status == "absent" and n.source == "iomem"
+    assert n.reason.startswith("source iomem failed: ") and n.detail is None
+
+
+@pytest.mark.parametrize("tree", captured_outputs.trees())
+def test_notes_on_captured_trees_are_notes(tree):
+    h = host_of(tree)
+    assert h.notes and all(isinstance(n, Note) for n in h.notes.values())
+    for item, n in h.notes.items():
+        assert n.status in ("captured", "partial", "absent"), item
+        assert n.source and (n.reason is None or n.status != "captured"), item
+        assert n.detail is None or n.status == "captured", item
+
+
+def test_notes_on_the_patched_tree():
+    h = host_of(PATCHED)
+    assert h.notes["units.irta"] == Note("captured", "intel-iommu-debugfs",
+                                         detail="/sys/kernel/debug/iommu/intel/iommu_regset")
+    assert h.notes["domains"].status == "partial"
+    assert "page tables not walked" in h.notes["domains"].reason
+    stock = host_of(STOCK[0])
+    assert stock.notes["irtes"].status == "absent" and stock.notes["irtes"].reason
+
+
+def test_state_provenance_is_written_from_the_notes():
+    """build_state writes a host note as its as_dict() (the items of the format, with
+    their defaults, and any other note as it is)."""
+    from handover.formats.enums import ITEMS
+    from handover.ops.build import SaveOptions, build_state, select_devices
+
+    h = host_of(PATCHED)
+    kept, _ = select_devices(h, None)
+    st, _report = build_state(h, kept, SaveOptions())
+    for item, n in h.notes.items():
+        if item in ITEMS and item in st.absent:
+            continue
+        assert st.provenance[item] == n.as_dict(), item
+    # notes of build_state itself; an item nobody noted: captured by collect
+    assert st.provenance["pi_descs"] == {
+        "status": "captured", "source": "intel-iommu-sysfs",
+        "detail": "none: no unit supports posted interrupts (CAP.PI clear)"}
+    assert st.provenance["reserved"] == {"status": "captured", "source": "collect"}
+    assert list(st.provenance["reserved.region"]) == ["status", "source", "reason"]
+
+
+def test_capture_manifest_provenance_is_the_notes(tmp_path, golden):
+    """capture-sysroot writes the notes as JSON objects, as before (its manifest sorts keys)."""
+    import shutil
+    import tarfile
+
+    from handover.ops.capture import capture
+
+    root = tmp_path / "host"
+    shutil.copytree(os.path.join(CAPTURED, PATCHED), root, symlinks=True,
+                    ignore=shutil.ignore_patterns("_capture"))
+    out = tmp_path / "capture.tar"
+    capture(str(root), str(out))
+    with tarfile.open(out) as tar:
+        manifest = json.load(tar.extractfile("HANDOVER-CAPTURE.json"))
+    prov = json.loads(json.dumps(manifest["provenance"]).replace(str(tmp_path), "<TMP>"))
+    assert prov == golden[PATCHED]["capture_provenance"]

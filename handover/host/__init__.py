@@ -15,11 +15,12 @@ import importlib
 import pkgutil
 
 from .base import (REGISTRY, Caps, ContextEntry, DomainWalk, Host, Irq, KeepaliveDevice,
-                   KernelInterface, KernelStatus, PciDev, Source, Sysroot, Unit, Vector, register)
+                   KernelInterface, KernelStatus, Note, PciDev, Source, Sysroot, Unit, UnitRegs,
+                   Vector, register)
 
 __all__ = ["REGISTRY", "Caps", "ContextEntry", "DomainWalk", "Host", "Irq", "KeepaliveDevice",
-           "KernelInterface", "KernelStatus", "PciDev", "Source", "Sysroot", "Unit", "Vector",
-           "register",
+           "KernelInterface", "KernelStatus", "Note", "PciDev", "Source", "Sysroot", "Unit",
+           "UnitRegs", "Vector", "register",
            "all_sources", "read_host"]
 
 _LOADED = False
@@ -60,7 +61,7 @@ def read_host(sysroot: Sysroot | str = "/", *, only: list[str] | None = None,
             host.sources_run.append(src.name)
         except (OSError, ValueError, KeyError, IndexError) as e:  # a reader bug or odd host
             for item in src.items:
-                host.notes.setdefault(item, {"status": "absent", "source": src.name,
-                                             "reason": f"source {src.name} failed: {e}"})
+                host.notes.setdefault(item, Note("absent", src.name,
+                                                 reason=f"source {src.name} failed: {e}"))
             host.sources_run.append(f"{src.name} (failed: {e})")
     return host

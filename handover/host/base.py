@@ -304,13 +304,48 @@ class DomainWalk:
     leaves: list = field(default_factory=list)   # [(iova_pfn, (pml5e, pml4e, pdpe, pde, pte))]
 
 
+#: the registers of a unit the sources read, in the order of the UNIT record's fields
+UNIT_REGS = ("ver", "cap", "ecap", "gsts", "rtaddr", "irta", "iqa", "iqh", "iqt")
+
+
+@dataclass
+class UnitRegs:
+    """The registers of one IOMMU unit, as read (sysfs, the 0003 sysfs files, debugfs
+    iommu_regset); None: not captured."""
+
+    ver: int | None = None         # VER, major 7:4, minor 3:0
+    cap: int | None = None
+    ecap: int | None = None
+    gsts: int | None = None        # TES 31, QIES 26, IRES 25
+    rtaddr: int | None = None      # TTM 11:10 (bit 10: scalable mode)
+    irta: int | None = None        # EIME 11 (x2APIC), S 3:0
+    iqa: int | None = None
+    iqh: int | None = None
+    iqt: int | None = None
+
+    def get(self, name: str) -> int | None:
+        """The value of register ``name`` (one of UNIT_REGS), None if not captured."""
+        if name not in UNIT_REGS:
+            raise KeyError(name)
+        return getattr(self, name)
+
+    def set(self, name: str, value: int) -> None:
+        if name not in UNIT_REGS:
+            raise KeyError(name)
+        setattr(self, name, value)
+
+    def captured(self) -> dict[str, int]:
+        """The captured registers, name -> value, in UNIT_REGS order."""
+        return {n: v for n in UNIT_REGS if (v := getattr(self, n)) is not None}
+
+
 @dataclass
 class Unit:
     name: str                      # "dmar0"
     seq: int                       # the kernel's seq_id (N of dmarN)
     reg_base: int | None = None
     segment: int = 0
-    regs: dict = field(default_factory=dict)       # ver cap ecap gsts rtaddr irta iqa iqh iqt ...
+    regs: UnitRegs = field(default_factory=UnitRegs)
     reg_source: dict = field(default_factory=dict)  # register -> source name
     devices: list = field(default_factory=list)    # BDFs the unit covers (dmarN/devices)
     root_table: int | None = None                  # debugfs "Root Table Address"
@@ -323,9 +358,10 @@ class Unit:
 
     def status_from_gsts(self, source: str) -> None:
         """TES (bit 31) and IRES (bit 25) of a GSTS value in regs."""
-        if "gsts" in self.regs:
-            self.dma_enabled = bool(self.regs["gsts"] >> 31 & 1)
-            self.ir_enabled = bool(self.regs["gsts"] >> 25 & 1)
+        gsts = self.regs.gsts
+        if gsts is not None:
+            self.dma_enabled = bool(gsts >> 31 & 1)
+            self.ir_enabled = bool(gsts >> 25 & 1)
             self.ir_enabled_source = f"{source} GSTS.IRES"
 
 
@@ -461,6 +497,26 @@ class KernelInterface:
 
 
 @dataclass
+class Note:
+    """Provenance of one item (``units.irta``, ``irtes``, ...): which source read it, or why
+    it could not be captured. Written into the state's META provenance as ``as_dict()``."""
+
+    status: str                    # captured | partial | absent
+    source: str                    # the source's name ("intel-iommu-debugfs", "collect", ...)
+    detail: str | None = None      # captured: what was read, from where
+    reason: str | None = None      # partial, absent: what is missing, and why
+
+    def as_dict(self) -> dict:
+        """The provenance entry: status, source, then detail and reason when set."""
+        d = {"status": self.status, "source": self.source}
+        if self.detail is not None:
+            d["detail"] = self.detail
+        if self.reason is not None:
+            d["reason"] = self.reason
+        return d
+
+
+@dataclass
 class Host:
     sysroot: Sysroot
     units: dict = field(default_factory=dict)      # name -> Unit
@@ -469,7 +525,7 @@ class Host:
     iomem: list = field(default_factory=list)      # (start, end, name, depth)
     #: /sys/kernel/handover/ of a patched kernel; None: a stock kernel (or not read)
     kernel_handover: KernelInterface | None = None
-    notes: dict = field(default_factory=dict)      # provenance: item -> note
+    notes: dict = field(default_factory=dict)      # provenance: item -> Note
     sources_run: list = field(default_factory=list)
     # devices whose deep state (MSI-X tables, page-table walks) the caller wants
     wanted: set | None = None
@@ -481,13 +537,12 @@ class Host:
             return dev.driver == "vfio-pci"
         return dev.bdf in self.wanted
 
-    def note(self, item: str, status: str, source: str, text: str = "", **extra) -> None:
-        """Provenance of one item: status "captured", "partial" or "absent"."""
-        d = {"status": status, "source": source}
-        if text:
-            d["reason" if status != "captured" else "detail"] = text
-        d.update(extra)
-        self.notes[item] = d
+    def note(self, item: str, status: str, source: str, text: str = "") -> None:
+        """Provenance of one item: status "captured" (``text``: the detail), "partial" or
+        "absent" (``text``: the reason)."""
+        text = text or None
+        self.notes[item] = (Note(status, source, detail=text) if status == "captured"
+                            else Note(status, source, reason=text))
 
     def unit_for(self, dev: PciDev) -> Unit | None:
         if dev.iommu and dev.iommu in self.units:

@@ -43,20 +43,20 @@ class IntelIommuSysfs(Source):
             for reg in ("cap", "ecap"):
                 v = sr.try_int(f"{d}/{reg}", 16)
                 if v is not None:
-                    u.regs[reg] = v
+                    u.regs.set(reg, v)
                     u.reg_source[reg] = self.name
             # the handover kernel patches (0003) add the live GSTS, RTADDR, IRTA and queue
             # registers; detect the files, not the kernel version
             for reg in PATCHED_REGS:
                 v = sr.try_int(f"{d}/{reg}", 16)
                 if v is not None:
-                    u.regs[reg] = v
+                    u.regs.set(reg, v)
                     u.reg_source[reg] = self.name
             u.status_from_gsts(self.name)
             ver = sr.try_text(f"{d}/version")
             if ver:
                 try:
-                    u.regs["ver"] = parse_version(ver)
+                    u.regs.ver = parse_version(ver)
                     u.reg_source["ver"] = self.name
                 except ValueError:
                     pass

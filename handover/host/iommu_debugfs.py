@@ -12,7 +12,7 @@ from __future__ import annotations
 import errno
 import re
 
-from .base import ContextEntry, DomainWalk, Host, Source, errno_text, register
+from .base import ContextEntry, DomainWalk, Host, Note, Source, errno_text, register
 
 DEBUGFS = "/sys/kernel/debug"
 INTEL = f"{DEBUGFS}/iommu/intel"
@@ -253,8 +253,7 @@ class IntelIommuDebugfs(Source):
         reason = absent_reason(host)
         if reason:
             for it in DEBUGFS_ITEMS:
-                host.notes.setdefault(it, {"status": "absent", "source": self.name,
-                                           "reason": reason})
+                host.notes.setdefault(it, Note("absent", self.name, reason=reason))
             return
         text = self._read(host, "iommu_regset", DEBUGFS_ITEMS[:6])
         if text is not None:
@@ -268,15 +267,16 @@ class IntelIommuDebugfs(Source):
                 for kname, attr in REG_NAMES.items():
                     if kname in d["regs"]:
                         v = d["regs"][kname]
-                        if attr in u.regs and u.regs[attr] != v and attr in ("cap", "ecap"):
+                        old = u.regs.get(attr)
+                        if old is not None and old != v and attr in ("cap", "ecap"):
                             host.note(f"units.{attr}.{name}", "partial", self.name,
-                                      f"debugfs {kname}={v:#x} differs from sysfs {u.regs[attr]:#x}")
-                        u.regs[attr] = v
+                                      f"debugfs {kname}={v:#x} differs from sysfs {old:#x}")
+                        u.regs.set(attr, v)
                         u.reg_source[attr] = self.name
                 u.status_from_gsts(self.name)
             for reg in DEBUGFS_ITEMS[:6]:
                 attr = reg.split(".")[1]
-                missing = [u.name for u in host.units.values() if attr not in u.regs]
+                missing = [u.name for u in host.units.values() if u.regs.get(attr) is None]
                 if missing:
                     host.note(reg, "absent", self.name,
                               f"{attr.upper()} not in {INTEL}/iommu_regset for {', '.join(missing)}")
@@ -327,7 +327,7 @@ class IntelIommuDebugfs(Source):
                       f"{INTEL}/<bdf>/domain_translation_struct for {', '.join(got) or 'none'}"
                       + (f"; failed: {'; '.join(failed)}" if failed else ""))
         else:
-            host.notes.setdefault("domains", {
-                "status": "partial", "source": self.name,
-                "reason": "no per-device domain_translation_struct; domains come from "
-                          "context entries only (page tables not walked)"})
+            host.notes.setdefault("domains", Note(
+                "partial", self.name,
+                reason="no per-device domain_translation_struct; domains come from "
+                       "context entries only (page tables not walked)"))

@@ -18,7 +18,7 @@ from ..errors import HandoverError
 from ..formats import enums as E
 from ..formats.enums import ITEMS
 from ..formats.model import State, StateBuilder
-from ..host.base import ContextEntry, DomainWalk, Host, PciDev, Unit
+from ..host.base import ContextEntry, DomainWalk, Host, Note, PciDev, Unit
 from ..host.pci import bar_raw, normalize_bdf, sbdf_of
 from ..formats.token import hash_token
 
@@ -109,22 +109,20 @@ def _meta(host: Host, opts: SaveOptions) -> dict:
 
 
 def _unit_record(u: Unit) -> dict:
+    vals = u.regs.captured()
     present = 0
-    vals = {}
-    for name, bit in E.UNIT_PRESENT_BIT.items():
-        if name in u.regs:
-            present |= bit
-            vals[name] = u.regs[name]
+    for name in vals:
+        present |= E.UNIT_PRESENT_BIT[name]
     flags = 0
-    g = u.regs.get("gsts")
+    g = u.regs.gsts
     if g is not None:
         flags |= (E.UNIT_F_TE if g >> 31 & 1 else 0) | (E.UNIT_F_IRE if g >> 25 & 1 else 0) \
             | (E.UNIT_F_QIE if g >> 26 & 1 else 0)
     elif u.ir_enabled:
         flags |= E.UNIT_F_IRE
-    if u.regs.get("irta", 0) >> 11 & 1:
+    if (u.regs.irta or 0) >> 11 & 1:
         flags |= E.UNIT_F_X2APIC
-    if u.regs.get("rtaddr", 0) >> 10 & 1:
+    if (u.regs.rtaddr or 0) >> 10 & 1:
         flags |= E.UNIT_F_SM
     return dict(unit=u.seq, segment=u.segment, flags=flags, present=present,
                 reg_base=u.reg_base or 0, **vals)
@@ -242,7 +240,7 @@ def _merge(ranges):
 
 # ---------------------------------------------------------------------------------------
 def build_state(host: Host, devices: list, opts: SaveOptions) -> tuple[State, dict]:
-    """-> (state, report). report = {"items": {item: note}, "devices": [...], ...}."""
+    """-> (state, report). report: see :func:`report_of`."""
     b = StateBuilder()
     b.meta = _meta(host, opts)
     notes = dict(host.notes)
@@ -285,7 +283,7 @@ def build_state(host: Host, devices: list, opts: SaveOptions) -> tuple[State, di
                   sub_handle=v.sub_handle or 0, irq=v.irq or 0)
         # DMA remapping: context entries, domains, tables
         if u is not None and u.contexts is not None:
-            scalable = bool(u.regs.get("rtaddr", 0) >> 10 & 1)
+            scalable = bool((u.regs.rtaddr or 0) >> 10 & 1)
             for c in _context_for(u, dev):
                 dom = _domain_of_context(c, scalable)
                 pasid = c.pasid if c.pasid is not None else 0
@@ -324,16 +322,16 @@ def build_state(host: Host, devices: list, opts: SaveOptions) -> tuple[State, di
                 irte_count += 1
     # unit-wide structures
     for u in kept_units.values():
-        rt = u.regs.get("rtaddr")
+        rt = u.regs.rtaddr
         root = (rt & ADDR_MASK) if rt else u.root_table
         if root and (u.dma_enabled or u.dma_enabled is None):
             reserved.append((root, 0x1000, 1, u.seq))
-        irta = u.regs.get("irta")
+        irta = u.regs.irta
         if irta:
             reserved.append((irta & ADDR_MASK, 16 << ((irta & 0xF) + 1), 6, u.seq))
         elif u.ir_table:
             reserved.append((u.ir_table, 1 << 20, 6, u.seq))
-        iqa = u.regs.get("iqa")
+        iqa = u.regs.iqa
         if iqa:
             reserved.append((iqa & ADDR_MASK, 0x1000 << (iqa & 7), 8, u.seq))
     for start, size in opts.region_ranges:
@@ -346,11 +344,11 @@ def build_state(host: Host, devices: list, opts: SaveOptions) -> tuple[State, di
 
     def absent(item, fallback):
         n = notes.get(item)
-        reason = n.get("reason") if n and n.get("status") != "captured" else None
-        src = n.get("source", "") if n else ""
+        reason = n.reason if n and n.status != "captured" else None
+        src = n.source if n else ""
         b.mark_absent(item, reason or fallback, src)
 
-    if not any_unit and "units" in notes and notes["units"]["status"] == "absent":
+    if not any_unit and "units" in notes and notes["units"].status == "absent":
         absent("units", "no IOMMU unit found")
     if not any(u.contexts is not None for u in kept_units.values()):
         absent("contexts", "context entries not readable")
@@ -358,43 +356,39 @@ def build_state(host: Host, devices: list, opts: SaveOptions) -> tuple[State, di
         absent("domains", "domains not readable (no context entries)")
     if not any(u.irtes is not None for u in kept_units.values()):
         absent("irtes", "IR table not readable")
-    if kept_units and all("cap" in u.regs and not u.regs["cap"] >> 59 & 1
+    if kept_units and all(u.regs.cap is not None and not u.regs.cap >> 59 & 1
                           for u in kept_units.values()):
-        notes["pi_descs"] = {"status": "captured", "source": "intel-iommu-sysfs",
-                             "detail": "none: no unit supports posted interrupts (CAP.PI clear)"}
+        notes["pi_descs"] = Note("captured", "intel-iommu-sysfs",
+                                 detail="none: no unit supports posted interrupts (CAP.PI clear)")
     else:
         b.mark_absent("pi_descs", PI_DESC_REASON, "none")
     unknown = [f"{r} of {u.name}" for u in kept_units.values() for r in ("rtaddr", "irta", "iqa")
-               if r not in u.regs]
+               if u.regs.get(r) is None]
     if not reserved:
         b.mark_absent("reserved", "no table address readable (" + ", ".join(unknown or ["none"])
                       + "); region address unknown", "collect")
     elif unknown:
-        notes["reserved"] = {"status": "partial", "source": "collect",
-                             "reason": "not readable: " + ", ".join(unknown)}
+        notes["reserved"] = Note("partial", "collect", reason="not readable: " + ", ".join(unknown))
     for item in ITEMS:
         if item not in b.absent:
-            n = notes.get(item) or {}
-            b.provenance[item] = {"status": n.get("status", "captured"),
-                                  "source": n.get("source", "collect"),
-                                  **({"detail": n["detail"]} if "detail" in n else {}),
-                                  **({"reason": n["reason"]} if "reason" in n else {})}
+            b.provenance[item] = (notes.get(item) or Note("captured", "collect")).as_dict()
     for k, n in notes.items():
         if k not in ITEMS:
-            b.provenance[k] = n
+            b.provenance[k] = n.as_dict()
     # per-device notes that matter for the kept set
     for dev in devices:
         if dev.msix_reason:
-            b.provenance[f"msix-table.{dev.bdf}"] = {"status": "absent", "source": "interrupts",
-                                                     "reason": dev.msix_reason}
+            b.provenance[f"msix-table.{dev.bdf}"] = Note(
+                "absent", "interrupts", reason=dev.msix_reason).as_dict()
         if not dev.config_full:
-            b.provenance[f"config.{dev.bdf}"] = {
-                "status": "partial", "source": "pci-sysfs",
-                "reason": f"{len(dev.config)} bytes of config space (beyond 64 needs CAP_SYS_ADMIN)"}
+            b.provenance[f"config.{dev.bdf}"] = Note(
+                "partial", "pci-sysfs",
+                reason=f"{len(dev.config)} bytes of config space (beyond 64 needs "
+                       f"CAP_SYS_ADMIN)").as_dict()
     if not opts.region_ranges:
-        b.provenance["reserved.region"] = {"status": "absent", "source": "collect",
-                                           "reason": "physical address of the region unknown "
-                                                     "(a file, or not root)"}
+        b.provenance["reserved.region"] = Note(
+            "absent", "collect",
+            reason="physical address of the region unknown (a file, or not root)").as_dict()
     if alter:
         raise HandoverError(f"--test-alter-bar: no such saved BAR: "
                             f"{', '.join(f'{k[0]} #{k[1]}' for k in alter)}")

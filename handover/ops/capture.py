@@ -52,7 +52,7 @@ def capture(sysroot: str, output: str, note: str = "", progress=None) -> dict:
         "created": datetime.datetime.fromtimestamp(now, datetime.timezone.utc)
         .strftime("%Y-%m-%dT%H:%M:%SZ"),
         "sysroot": sr.root, "uname": list(os.uname()), "euid": os.geteuid(), "note": note,
-        "sources": host.sources_run, "provenance": host.notes,
+        "sources": host.sources_run, "provenance": {k: n.as_dict() for k, n in host.notes.items()},
         "errors": dict(sorted(sr.errors.items())),
         "mapped": {p: sorted(offs) for p, offs in sr.mapped.items()},
         "counts": {"files": len(sr.files), "links": len(sr.links), "dirs": len(sr.dirs)},

@@ -85,7 +85,7 @@ def check_units(st: State, host: Host, out: Verdicts) -> None:
                     "on" if saved_ire else "off", "on" if hu.ir_enabled else "off",
                     hu.ir_enabled_source)
         if su.present & E.UNIT_PRESENT_BIT["irta"]:
-            host_irta = hu.regs.get("irta")
+            host_irta = hu.regs.irta
             if host_irta is None and hu.ir_table is not None:
                 out.compare(name, "IR table address", su.irta & ~0xFFF, hu.ir_table, _h(),
                             "host address from ir_translation_struct")
@@ -95,10 +95,10 @@ def check_units(st: State, host: Host, out: Verdicts) -> None:
                             "IRTA not readable on this host (no debugfs or kernel interface)")
         else:
             out.add(name, "IRTA", "unverified", None,
-                    hx(hu.regs["irta"]) if "irta" in hu.regs else None,
+                    hx(hu.regs.irta) if hu.regs.irta is not None else None,
                     "IRTA was not captured at save")
         if su.present & E.UNIT_PRESENT_BIT["rtaddr"] and su.flags & E.UNIT_F_TE:
-            out.compare(name, "RTADDR", su.rtaddr, hu.regs.get("rtaddr"), _h())
+            out.compare(name, "RTADDR", su.rtaddr, hu.regs.rtaddr, _h())
 
 
 def check_devices(st: State, host: Host, token: str | None, out: Verdicts) -> None:

@@ -94,7 +94,7 @@ def _units(host) -> list[Check]:
                       "firmware, or intel_iommu=off", {})]
     out = []
     for u in sorted(host.units.values(), key=lambda x: x.seq):
-        rt, irta = u.regs.get("rtaddr"), u.regs.get("irta")
+        rt, irta = u.regs.rtaddr, u.regs.irta
         mode = "unknown" if rt is None else ("scalable" if rt >> 10 & 1 else "legacy")
         x2apic = None if irta is None else bool(irta >> 11 & 1)
         facts = {"unit": u.name, "register_base": None if u.reg_base is None else f"{u.reg_base:#x}",

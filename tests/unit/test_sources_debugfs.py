@@ -131,19 +131,19 @@ def test_source_fills_units_from_debugfs(tmp_path):
     root = copy_host(tmp_path / "h", debugfs=True)
     h = read_host(str(root))
     u = h.units["dmar0"]
-    assert u.regs["gsts"] == 0xC7000000 and u.reg_source["gsts"] == "intel-iommu-debugfs"
+    assert u.regs.gsts == 0xC7000000 and u.reg_source["gsts"] == "intel-iommu-debugfs"
     assert u.ir_enabled is True and u.ir_enabled_source.startswith("intel-iommu-debugfs")
     assert u.irtes[26][1] & 0xFFFF == 0x18 and u.contexts and u.root_table == 0x2F0E000
     assert h.devices["0000:00:03.0"].domain.pgd == 0x3A5C000
-    assert h.notes["irtes"]["status"] == "captured"
+    assert h.notes["irtes"].status == "captured"
 
 
 def test_source_absent_reasons(tmp_path):
     root = copy_host(tmp_path / "h")
     h = read_host(str(root))
-    assert h.notes["irtes"]["status"] == "absent"
-    assert "debugfs not mounted" in h.notes["irtes"]["reason"]
+    assert h.notes["irtes"].status == "absent"
+    assert "debugfs not mounted" in h.notes["irtes"].reason
     (root / "sys/kernel/debug/tracing").mkdir(parents=True)
     h = read_host(str(root))
-    assert h.notes["irtes"]["reason"] == ("no intel-iommu debugfs (CONFIG_INTEL_IOMMU_DEBUGFS) "
+    assert h.notes["irtes"].reason == ("no intel-iommu debugfs (CONFIG_INTEL_IOMMU_DEBUGFS) "
                                           "at /sys/kernel/debug/iommu/intel")

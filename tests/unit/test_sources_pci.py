@@ -58,9 +58,9 @@ def test_parse_resource_and_upstream():
 
 def test_units_from_sysfs(host):
     u = host.units["dmar0"]
-    assert u.reg_base == 0xFED90000 and u.regs["cap"] == 0xD2008C22260206
-    assert u.regs["ecap"] == 0xF00F4A and u.regs["ver"] == 0x10
-    assert EDU in u.devices and "gsts" not in u.regs
+    assert u.reg_base == 0xFED90000 and u.regs.cap == 0xD2008C22260206
+    assert u.regs.ecap == 0xF00F4A and u.regs.ver == 0x10
+    assert EDU in u.devices and u.regs.gsts is None
     assert u.ir_enabled is True and "IR-" in u.ir_enabled_source
 
 
@@ -95,7 +95,7 @@ def test_msix_table_through_resource(tmp_path):
     h = read_host(str(root), wanted={E1000E})
     v = h.devices[E1000E].vectors
     assert [(x.vector, x.irq, x.irte_index) for x in v] == [(0, 29, 40), (1, 30, 41), (2, 31, 42)]
-    assert h.notes["vectors.irte_index"]["status"] == "captured"
+    assert h.notes["vectors.irte_index"].status == "captured"
 
 
 def test_msix_table_unreadable_reason(tmp_path):
@@ -107,8 +107,8 @@ def test_msix_table_unreadable_reason(tmp_path):
     (dev_dir(root, E1000E) / "resource3").write_bytes(b"")   # mmap of an empty file fails
     h = read_host(str(root), wanted={E1000E})
     assert "resource3 mmap refused: EINVAL" in h.devices[E1000E].msix_reason
-    assert "E1000E" not in h.notes["vectors.irte_index"]["reason"]
-    assert "0000:00:04.0" in h.notes["vectors.irte_index"]["reason"]
+    assert "E1000E" not in h.notes["vectors.irte_index"].reason
+    assert "0000:00:04.0" in h.notes["vectors.irte_index"].reason
 
 
 def test_iomem(host):

@@ -10,6 +10,7 @@ message names the section and the byte offset.
 from __future__ import annotations
 
 import bisect
+import functools
 import operator
 import struct
 
@@ -64,6 +65,14 @@ def _packb(obj) -> bytes:
     return msgpack.packb(canonical(obj), use_bin_type=True)
 
 
+@functools.lru_cache(maxsize=None)
+def _record_shape(spec_name: str, minor: int, since: int) -> tuple[int, int]:
+    """(record size, section version) of a record section as format 1.<minor> writes it."""
+    spec = RECORD_SPECS[spec_name]
+    size = spec.size_at(minor)
+    return size, max([spec.since.get(f, 0) for f in spec.fields_at(size)] + [since])
+
+
 # ---------------------------------------------------------------------------------------
 def encode(state: State, minor: int = FORMAT_MINOR, generation: int | None = None) -> bytes:
     """Encode ``state`` as format 1.<minor>. Same state, same bytes."""
@@ -84,12 +93,11 @@ def encode(state: State, minor: int = FORMAT_MINOR, generation: int | None = Non
         if spec_name:
             spec = RECORD_SPECS[spec_name]
             table: Table = getattr(state, attr)
-            size = spec.size_at(minor)
+            size, version = _record_shape(spec_name, minor, since)
             data = table.buf
             if size != spec.size:
                 mv = memoryview(data)
                 data = b"".join([mv[i:i + size] for i in range(0, len(data), spec.size)])
-            version = max([spec.since.get(f, 0) for f in spec.fields_at(size)] + [since])
             if attr in state.absent:
                 if len(table):
                     raise ValueError(f"{attr}: marked absent but has {len(table)} records")

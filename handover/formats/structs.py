@@ -106,11 +106,15 @@ class RecordSpec:
     fmt: str = ""
     size: int = 0
     tuple_type: type = tuple
+    # (name or None for padding, end offset) per subcon: size_at/fields_at (called on every
+    # encode and decode) read this instead of asking construct for sizes again
+    layout: tuple[tuple[str | None, int], ...] = ()
 
     def __post_init__(self) -> None:
-        names, fmt, off = [], "<", 0
+        names, fmt, off, layout = [], "<", 0, []
         for sc in self.struct_.subcons:
             width = sc.sizeof()
+            layout.append((sc.name, off + width))
             assert sc.name is None or width > 8 or off % width == 0, (
                 f"{self.name}.{sc.name} at offset {off} is not naturally aligned")
             off += width
@@ -123,6 +127,7 @@ class RecordSpec:
             self.codes[sc.name] = code
             names.append(sc.name)
         self.fields = tuple(names)
+        self.layout = tuple(layout)
         self.fmt = fmt
         self.size = struct.calcsize(fmt)
         assert self.size == self.struct_.sizeof(), self.name
@@ -132,10 +137,10 @@ class RecordSpec:
     def size_at(self, minor: int) -> int:
         """Record size as a writer of format 1.<minor> lays it out."""
         size = 0
-        for sc in self.struct_.subcons:
-            if sc.name is not None and self.since.get(sc.name, 0) > minor:
+        for name, end in self.layout:
+            if name is not None and self.since.get(name, 0) > minor:
                 break
-            size += sc.sizeof()
+            size = end
         return size
 
     @property
@@ -144,13 +149,12 @@ class RecordSpec:
 
     def fields_at(self, size: int) -> tuple[str, ...]:
         """The named fields wholly inside the first ``size`` bytes of a record."""
-        out, off = [], 0
-        for sc in self.struct_.subcons:
-            off += sc.sizeof()
-            if off > size:
+        out = []
+        for name, end in self.layout:
+            if end > size:
                 break
-            if sc.name is not None:
-                out.append(sc.name)
+            if name is not None:
+                out.append(name)
         return tuple(out)
 
 

@@ -32,8 +32,7 @@ SYS_PIDFD_GETFD = 438
 HOLDER_NAME = "@handover-hold"
 PIDFILE = "hold.json"
 
-#: what a VFIO fd's /proc/<pid>/fd link reads
-CONTAINER = "/dev/vfio/vfio"
+#: what a VFIO device fd's /proc/<pid>/fd link reads (container and groups: /dev/vfio/...)
 DEVICE = "anon_inode:[vfio-device]"
 
 
@@ -79,8 +78,7 @@ def vfio_owners(sr: Sysroot, groups: set[str], exclude: int | None = None) -> li
                 continue
             if target in want:
                 held.add(target.rsplit("/", 1)[1])
-            if target in want or target == CONTAINER or target == DEVICE or \
-                    target.startswith("/dev/vfio/"):
+            if target == DEVICE or target.startswith("/dev/vfio/"):   # container, groups
                 fds.append(int(fd))
         if held:
             comm = (sr.try_text(f"/proc/{name}/comm") or "?").strip()

@@ -6,7 +6,10 @@ kernel's script that binds edu to vfio-pci, arms it and leaves a DMA in flight a
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from tests.system import lab
+from tests.system.patched import REGION, ROOT, on_patched
 
 TOKEN = "8c1f3a52-6b0e-4d7a-9e21-5f4c2b9d7a10"
 WRONG = "00000000-1111-2222-3333-444444444444"
@@ -86,3 +89,21 @@ python3 edu_keepalive.py owner 0000:00:03.0 "$dax" "$LAB_OUT/owner.json" TOKEN W
 hstatus > "$LAB_OUT/status-end.txt" 2>&1
 dmesg > "$LAB_OUT/dmesg.txt"
 """.replace("TOKEN", TOKEN).replace("WRONG", WRONG)
+
+
+GUEST_HELPERS = ("vfio_edu.py", "edu_keepalive.py")
+
+
+def boot(patched, scripts: list[str], timeout: float = 900):
+    """Run ``scripts`` in the lab: phase 1 on the stock kernel, every later phase on
+    ``patched``'s kernel with handover= and the dax range on its command line, the guest
+    helpers in the payload; check that every phase ran, each later one on the patched
+    kernel. Returns the lab's GuestResult."""
+    bz = Path(patched["bzImage"])
+    files = {f"lab/vmlinuz.{n}": bz for n in range(2, len(scripts) + 1)}
+    files.update({name: ROOT / "tests" / "system" / "guest" / name for name in GUEST_HELPERS})
+    res = lab.run_guest(scripts, pmem="legacy", kexec_append=f"handover={REGION} {DAX_RANGE}",
+                        files=files, timeout=timeout, **patched["run_guest"])
+    res.check()
+    on_patched(patched, res, *range(2, len(scripts) + 1))
+    return res

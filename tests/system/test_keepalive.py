@@ -37,15 +37,13 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 
 from tests.system import lab
 from tests.system.keepalive_scenario import (DAX_RANGE, EDU, NEW_KERNEL_COMMON,
-                                             NEW_KERNEL_KEEP, OLD_KERNEL, TOKEN, WRONG)
+                                             NEW_KERNEL_KEEP, OLD_KERNEL, TOKEN, WRONG, boot)
 from tests.system.keepalive_scenario import rewrite as _rewrite
-from tests.system.patched import REGION, ROOT, on_patched
 from tests.system.patched import status as _status
 
 pytestmark = [pytest.mark.system, pytest.mark.kernel]
@@ -83,16 +81,7 @@ dmesg > "$LAB_OUT/dmesg.txt"
 
 
 def _run(patched, last, spoil: str = ""):  # noqa: F811
-    bz = Path(patched["bzImage"])
-    files = {"lab/vmlinuz.2": bz, "lab/vmlinuz.3": bz,
-             "vfio_edu.py": ROOT / "tests" / "system" / "guest" / "vfio_edu.py",
-             "edu_keepalive.py": ROOT / "tests" / "system" / "guest" / "edu_keepalive.py"}
-    res = lab.run_guest(["true\n", OLD_KERNEL + spoil, last], pmem="legacy",
-                        kexec_append=f"handover={REGION} {DAX_RANGE}", files=files, timeout=900,
-                        **patched["run_guest"])
-    res.check()
-    on_patched(patched, res, 2, 3)   # the old and the new kernel (debian: with its modules)
-    return res
+    return boot(patched, ["true\n", OLD_KERNEL + spoil, last])
 
 
 def _text(phase, name):
@@ -289,7 +278,9 @@ echo "state: $(cat /sys/kernel/handover/state)"
 } > "$LAB_OUT/metrics.txt" 2>&1
 """
 
-CHAIN_KERNEL = (NEW_KERNEL_COMMON + r"""
+# each kernel of the chain: accept, then the owner (vfio_edu.py with the token) maps the old
+# IOVA again, takes edu over, DMAs and gets its MSI, and stays open; then the metrics
+CHAIN_OWNER = (NEW_KERNEL_COMMON + r"""
 python3 -m handover load --region /dev/pmem0 --token TOKEN --json > "$LAB_OUT/load.json" 2>"$LAB_OUT/load.err" || echo "load rc=$?" >> "$LAB_OUT/load.err"
 echo vfio-pci > /sys/bus/pci/devices/0000:00:03.0/driver_override
 echo 0000:00:03.0 > /sys/bus/pci/drivers_probe
@@ -297,26 +288,22 @@ python3 vfio_edu.py 0000:00:03.0 /tmp/vfio-ready /tmp/vfio-stop "$dax" TOKEN > /
 i=0; while [ ! -f /tmp/vfio-ready ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done
 cat /tmp/vfio-holder.log >&2
 cat /tmp/vfio-ready > "$LAB_OUT/vfio-ready.txt"
-""" + CHAIN_METRICS + r"""
+""" + CHAIN_METRICS).replace("TOKEN", TOKEN)
+
+# ... and arms the next kexec
+CHAIN_KERNEL = CHAIN_OWNER + r"""
 dmesg > "$LAB_OUT/dmesg.txt"
 python3 -m handover arm --kernel /payload/lab/vmlinuz.NEXT --initrd /payload/lab/initrd.img \
     --command-line "$(cat /payload/lab/cmdline.NEXT)" --append handover.lab.phase=NEXT \
     --region /dev/pmem0 --token TOKEN --json > "$LAB_OUT/arm.json"
 echo "exec python3 -m handover arm --exec" > /lab/exec
-""").replace("TOKEN", TOKEN)
+""".replace("TOKEN", TOKEN)
 
-CHAIN_LAST = (NEW_KERNEL_COMMON + r"""
-python3 -m handover load --region /dev/pmem0 --token TOKEN --json > "$LAB_OUT/load.json" 2>"$LAB_OUT/load.err" || echo "load rc=$?" >> "$LAB_OUT/load.err"
-echo vfio-pci > /sys/bus/pci/devices/0000:00:03.0/driver_override
-echo 0000:00:03.0 > /sys/bus/pci/drivers_probe
-python3 vfio_edu.py 0000:00:03.0 /tmp/vfio-ready /tmp/vfio-stop "$dax" TOKEN > /tmp/vfio-holder.log 2>&1 &
-i=0; while [ ! -f /tmp/vfio-ready ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done
-cat /tmp/vfio-holder.log >&2
-cat /tmp/vfio-ready > "$LAB_OUT/vfio-ready.txt"
-""" + CHAIN_METRICS + r"""
+# ... or, the last one, lets the owner go
+CHAIN_LAST = CHAIN_OWNER + r"""
 touch /tmp/vfio-stop
 dmesg > "$LAB_OUT/dmesg.txt"
-""").replace("TOKEN", TOKEN)
+"""
 
 
 def _metrics(phase) -> dict:
@@ -327,17 +314,10 @@ def _metrics(phase) -> dict:
 def test_ten_keepalive_kexecs(patched):  # noqa: F811
     """Phase 2 arms edu (as above); phases 3..12 are ten kernels a keepalive kexec booted."""
     first, last = 3, 2 + CHAIN_KEXECS
-    bz = Path(patched["bzImage"])
-    files = {f"lab/vmlinuz.{n}": bz for n in range(2, last + 1)}
-    files["vfio_edu.py"] = ROOT / "tests" / "system" / "guest" / "vfio_edu.py"
-    files["edu_keepalive.py"] = ROOT / "tests" / "system" / "guest" / "edu_keepalive.py"
     scripts = ["true\n", OLD_KERNEL]
     scripts += [CHAIN_KERNEL.replace("NEXT", str(n + 1)) for n in range(first, last)]
     scripts.append(CHAIN_LAST)
-    res = lab.run_guest(scripts, pmem="legacy", kexec_append=f"handover={REGION} {DAX_RANGE}",
-                        files=files, timeout=600 + 150 * CHAIN_KEXECS, **patched["run_guest"])
-    res.check()
-    on_patched(patched, res, 2, last)
+    res = boot(patched, scripts, timeout=600 + 150 * CHAIN_KEXECS)
     rows = []
     for n in range(first, last + 1):
         ph = res.phases[n - 1]

@@ -19,13 +19,11 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 
-from tests.system.keepalive_scenario import DAX_RANGE, OLD_KERNEL
+from tests.system.keepalive_scenario import OLD_KERNEL, boot
 from tests.system.keepalive_scenario import rewrite as _rewrite
-from tests.system.patched import REGION, ROOT, on_patched
 
 pytestmark = [pytest.mark.system, pytest.mark.kernel]
 
@@ -52,22 +50,11 @@ def _kfiles(text: str) -> dict:
 def _run(patched, last, spoil: str = "", append: str = ""):  # noqa: F811
     """Boot the three phases; ``append`` goes on the NEW kernel's command line only (what
     ``handover arm`` loads), not on the old kernel's."""
-    from tests.system import lab
-
-    bz = Path(patched["bzImage"])
-    files = {"lab/vmlinuz.2": bz, "lab/vmlinuz.3": bz,
-             "vfio_edu.py": ROOT / "tests" / "system" / "guest" / "vfio_edu.py",
-             "edu_keepalive.py": ROOT / "tests" / "system" / "guest" / "edu_keepalive.py"}
     old = OLD_KERNEL
     if append:
         old = old.replace("--append handover.lab.phase=3", f"--append 'handover.lab.phase=3 {append}'")
         assert old != OLD_KERNEL
-    res = lab.run_guest(["true\n", old + spoil, last], pmem="legacy",
-                        kexec_append=f"handover={REGION} {DAX_RANGE}",
-                        files=files, timeout=900, **patched["run_guest"])
-    res.check()
-    on_patched(patched, res, 2, 3)
-    new = res.phases[2]
+    new = boot(patched, ["true\n", old + spoil, last]).phases[2]
     return {name: new.files[name].decode(errors="replace") for name in new.files}
 
 
@@ -117,9 +104,8 @@ def test_iommu_off_stops_the_device_first(patched):  # noqa: F811
     assert _stopped(out)
 
 
-def _add_range(start: str, size: str, kind: int) -> str:
-    """Guest script: one more RESERVED record; start and size are Python expressions
-    (of the decoded state ``st``)."""
+def _reserved_rows(expr: str) -> str:
+    """Guest script: the RESERVED records become ``expr`` (of ``st`` and ``rows``)."""
     return f"""
 python3 - <<'EOF'
 from handover.formats.codec import decode, encode
@@ -127,11 +113,16 @@ from handover.formats.model import Table
 from handover.pmem import commit, read_latest
 st = decode(read_latest("/dev/pmem0").blob)
 rows = list(st.reserved)
-rows.append(rows[0]._replace(start={start}, size={size}, kind={kind}))
-st.reserved = Table.from_rows(st.reserved.spec, rows)
+st.reserved = Table.from_rows(st.reserved.spec, {expr})
 commit("/dev/pmem0", encode(st))
 EOF
 """
+
+
+def _add_range(start: str, size: str, kind: int) -> str:
+    """Guest script: one more RESERVED record; start and size are Python expressions
+    (of the decoded state ``st``)."""
+    return _reserved_rows(f"rows + [rows[0]._replace(start={start}, size={size}, kind={kind})]")
 
 
 RANGES = {
@@ -160,21 +151,6 @@ def test_ranges_the_kernel_cannot_keep_are_refused(patched, case):  # noqa: F811
             "(no valid state): stopped") in dmesg
     assert k.get("reserved_ranges") == "0"
     assert _stopped(out)
-
-
-def _reserved_rows(expr: str) -> str:
-    """Guest script: the RESERVED records become ``expr`` (of ``st`` and ``rows``)."""
-    return f"""
-python3 - <<'EOF'
-from handover.formats.codec import decode, encode
-from handover.formats.model import Table
-from handover.pmem import commit, read_latest
-st = decode(read_latest("/dev/pmem0").blob)
-rows = list(st.reserved)
-st.reserved = Table.from_rows(st.reserved.spec, {expr})
-commit("/dev/pmem0", encode(st))
-EOF
-"""
 
 
 PAGE_TABLE, DMA_BUFFER = 5, 10
@@ -227,18 +203,8 @@ def test_kexec_never_lands_on_kept_memory(patched):  # noqa: F811
     """The kernel loaded for the kexec has a segment over a page-table page edu's
     translation walks: at the kexec the old kernel disarms (edu stopped, translation
     off) instead of letting the relocation overwrite it under a running device."""
-    from tests.system import lab
-
-    bz = Path(patched["bzImage"])
-    files = {"lab/vmlinuz.2": bz, "lab/vmlinuz.3": bz,
-             "vfio_edu.py": ROOT / "tests" / "system" / "guest" / "vfio_edu.py",
-             "edu_keepalive.py": ROOT / "tests" / "system" / "guest" / "edu_keepalive.py"}
     last = KFILES + 'cat /sys/class/iommu/dmar0/intel-iommu/gsts > "$LAB_OUT/gsts.txt"\n'
-    res = lab.run_guest(["true\n", OLD_KERNEL + RELOAD_OVER_TABLES, last], pmem="legacy",
-                        kexec_append=f"handover={REGION} {DAX_RANGE}",
-                        files=files, timeout=900, **patched["run_guest"])
-    res.check()
-    on_patched(patched, res, 2, 3)
+    res = boot(patched, ["true\n", OLD_KERNEL + RELOAD_OVER_TABLES, last])
     old, new = res.phases[1], res.phases[2]
     reload = old.files["reload.txt"].decode()
     print(reload, old.files["reload.log"].decode()[-2000:])

@@ -390,11 +390,39 @@ static void ho_section_entry(const __u8 *e, struct ho_section *s)
 	s->record_size = ho_get_le32(e + HO_SEC_OFF_RECORD_SIZE);
 }
 
+/*
+ * The header's checks once its magic and fixed part are there, in the Python reader's
+ * order: version, section count, header size, @avail bytes holding the section table,
+ * header CRC. Fills @v's version and generation, @header_size and @count.
+ */
+static int ho_check_header(const __u8 *b, __u64 avail, struct ho_view *v,
+			   __u64 *header_size, __u32 *count, __u64 *err_off)
+{
+	v->major = ho_get_le16(b + HO_HDR_OFF_MAJOR);
+	v->minor = ho_get_le16(b + HO_HDR_OFF_MINOR);
+	v->generation = ho_get_le64(b + HO_HDR_OFF_GENERATION);
+	*header_size = ho_get_le32(b + HO_HDR_OFF_HEADER_SIZE);
+	*count = ho_get_le32(b + HO_HDR_OFF_SECTION_COUNT);
+	if (v->major != HO_READ_MAJOR)
+		return ho_fail(err_off, HO_HDR_OFF_MAJOR, HO_E_VERSION);
+	if (*count > HO_MAX_SECTIONS)
+		return ho_fail(err_off, HO_HDR_OFF_SECTION_COUNT, HO_E_SECTION_COUNT);
+	if (*header_size != HO_HEADER_SIZE + (__u64)HO_SECTION_ENTRY_SIZE * *count)
+		return ho_fail(err_off, HO_HDR_OFF_HEADER_SIZE, HO_E_HEADER_SIZE);
+	if (avail < *header_size)
+		return ho_fail(err_off, avail, HO_E_TRUNCATED);
+	if (ho_crc32c(ho_crc32c(0, b, HO_HEADER_CRC_OFFSET), b + HO_HEADER_SIZE,
+		      *header_size - HO_HEADER_SIZE) != ho_get_le32(b + HO_HDR_OFF_HEADER_CRC) &&
+	    !HO_IGNORE_CRC)
+		return ho_fail(err_off, HO_HDR_OFF_HEADER_CRC, HO_E_HEADER_CRC);
+	return 0;
+}
+
 int ho_parse(const void *blob, __u64 n, struct ho_view *v, __u64 *err_off)
 {
 	const __u8 *b = blob;
 	__u64 header_size, total, expect;
-	__u32 count, stored, calc;
+	__u32 count;
 	int rc;
 
 	*err_off = 0;
@@ -415,25 +443,10 @@ int ho_parse(const void *blob, __u64 n, struct ho_view *v, __u64 *err_off)
 	}
 	if (n < HO_HEADER_SIZE)
 		return ho_fail(err_off, n, HO_E_TRUNCATED);
-	v->major = ho_get_le16(b + HO_HDR_OFF_MAJOR);
-	v->minor = ho_get_le16(b + HO_HDR_OFF_MINOR);
-	header_size = ho_get_le32(b + HO_HDR_OFF_HEADER_SIZE);
+	rc = ho_check_header(b, n, v, &header_size, &count, err_off);
+	if (rc)
+		return rc;
 	total = ho_get_le64(b + HO_HDR_OFF_TOTAL_SIZE);
-	count = ho_get_le32(b + HO_HDR_OFF_SECTION_COUNT);
-	v->generation = ho_get_le64(b + HO_HDR_OFF_GENERATION);
-	stored = ho_get_le32(b + HO_HDR_OFF_HEADER_CRC);
-	if (v->major != HO_READ_MAJOR)
-		return ho_fail(err_off, HO_HDR_OFF_MAJOR, HO_E_VERSION);
-	if (count > HO_MAX_SECTIONS)
-		return ho_fail(err_off, HO_HDR_OFF_SECTION_COUNT, HO_E_SECTION_COUNT);
-	if (header_size != HO_HEADER_SIZE + (__u64)HO_SECTION_ENTRY_SIZE * count)
-		return ho_fail(err_off, HO_HDR_OFF_HEADER_SIZE, HO_E_HEADER_SIZE);
-	if (n < header_size)
-		return ho_fail(err_off, n, HO_E_TRUNCATED);
-	calc = ho_crc32c(ho_crc32c(0, b, HO_HEADER_CRC_OFFSET), b + HO_HEADER_SIZE,
-			 header_size - HO_HEADER_SIZE);
-	if (calc != stored && !HO_IGNORE_CRC)
-		return ho_fail(err_off, HO_HDR_OFF_HEADER_CRC, HO_E_HEADER_CRC);
 	if (total > HO_MAX_BLOB_SIZE)
 		return ho_fail(err_off, HO_HDR_OFF_TOTAL_SIZE, HO_E_TOTAL_SIZE);
 	if (total > n)
@@ -559,6 +572,7 @@ int ho_parse_head(const __u8 *b, __u64 head_len, __u64 size, struct ho_view *v,
 {
 	__u64 header_size;
 	__u32 count;
+	int rc;
 
 	*err_off = 0;
 	v->blob = 0;
@@ -568,23 +582,9 @@ int ho_parse_head(const __u8 *b, __u64 head_len, __u64 size, struct ho_view *v,
 		return ho_fail(err_off, head_len, HO_E_TRUNCATED);
 	if (!ho_memeq(b, HO_MAGIC, HO_MAGIC_LEN))
 		return ho_fail(err_off, 0, HO_E_MAGIC);
-	v->major = ho_get_le16(b + HO_HDR_OFF_MAJOR);
-	v->minor = ho_get_le16(b + HO_HDR_OFF_MINOR);
-	v->generation = ho_get_le64(b + HO_HDR_OFF_GENERATION);
-	header_size = ho_get_le32(b + HO_HDR_OFF_HEADER_SIZE);
-	count = ho_get_le32(b + HO_HDR_OFF_SECTION_COUNT);
-	if (v->major != HO_READ_MAJOR)
-		return ho_fail(err_off, HO_HDR_OFF_MAJOR, HO_E_VERSION);
-	if (count > HO_MAX_SECTIONS)
-		return ho_fail(err_off, HO_HDR_OFF_SECTION_COUNT, HO_E_SECTION_COUNT);
-	if (header_size != HO_HEADER_SIZE + (__u64)HO_SECTION_ENTRY_SIZE * count)
-		return ho_fail(err_off, HO_HDR_OFF_HEADER_SIZE, HO_E_HEADER_SIZE);
-	if (head_len < header_size)
-		return ho_fail(err_off, head_len, HO_E_TRUNCATED);
-	if (ho_crc32c(ho_crc32c(0, b, HO_HEADER_CRC_OFFSET), b + HO_HEADER_SIZE,
-		      header_size - HO_HEADER_SIZE) != ho_get_le32(b + HO_HDR_OFF_HEADER_CRC) &&
-	    !HO_IGNORE_CRC)
-		return ho_fail(err_off, HO_HDR_OFF_HEADER_CRC, HO_E_HEADER_CRC);
+	rc = ho_check_header(b, head_len, v, &header_size, &count, err_off);
+	if (rc)
+		return rc;
 	if (ho_get_le64(b + HO_HDR_OFF_TOTAL_SIZE) != size)
 		return ho_fail(err_off, HO_HDR_OFF_TOTAL_SIZE, HO_E_TOTAL_SIZE);
 	for (__u32 i = 0; i < count; i++) {

@@ -125,9 +125,11 @@ def feed(sysroot: Sysroot, verdict: str, reason: str = "") -> str:
 
 
 KEEPALIVE = f"{ROOT}/keepalive"
+NEXT_REGION = f"{ROOT}/next_region"
 
 
-def arm_keepalive(sysroot: Sysroot, devices: list[str], next_reads_state: bool = True) -> dict:
+def arm_keepalive(sysroot: Sysroot, devices: list[str], next_reads_state: bool = True,
+                  region: str | None = None) -> dict:
     """Tell a patched running kernel which devices its kexec must leave running (DMA
     translation on, bus mastering kept: kernel-patches 0005). Feature-detected: on a stock
     kernel the file does not exist and nothing changes.
@@ -135,18 +137,35 @@ def arm_keepalive(sysroot: Sysroot, devices: list[str], next_reads_state: bool =
     Only when the next kernel reads the state (it declares so in its Handover ELF note): a
     kernel that does not would find translation on, disable it as a stock kernel does, and
     the devices still bus-mastering would DMA to their IOVAs as physical addresses. Then
-    any earlier arming is cleared and the kexec stops the devices as usual."""
+    any earlier arming is cleared and the kexec stops the devices as usual.
+
+    ``region`` (``<size>@<phys>``, the next kernel's ``handover=``) goes to
+    ``next_region`` where the kernel has it (kernel-patches 0011): at the kexec the old
+    kernel checks the newest state there against its live tables and disarms if they
+    differ; without a region it would disarm, so nothing is armed."""
     if not sysroot.exists(KEEPALIVE):
         return {"armed": False, "reason": f"{KEEPALIVE} missing: kernel without handover patches"}
+    checks = sysroot.exists(NEXT_REGION)
+    why = None
     if not next_reads_state:
+        why = "the next kernel does not declare that it reads the handover state: the " \
+              "kexec stops the devices as usual"
+    elif checks and not region:
+        why = "the region has no physical address the kernel can check the saved state at: " \
+              "the kexec stops the devices as usual"
+    if why:
         devices = []
-    word = "clear"
+    word, path = "clear", KEEPALIVE
     try:
-        for word in ["clear", *devices]:
+        sysroot.write_text(KEEPALIVE, "clear\n")
+        if checks:
+            path = NEXT_REGION
+            sysroot.write_text(NEXT_REGION, (region if devices else "clear") + "\n")
+        path = KEEPALIVE
+        for word in devices:
             sysroot.write_text(KEEPALIVE, word + "\n")
     except OSError as e:
-        raise HandoverError(f"{KEEPALIVE}: cannot arm {word}: {e.strerror}") from None
-    if not next_reads_state:
-        return {"armed": False, "reason": "the next kernel does not declare that it reads the "
-                "handover state: the kexec stops the devices as usual"}
+        raise HandoverError(f"{path}: cannot arm {word}: {e.strerror}") from None
+    if why:
+        return {"armed": False, "reason": why}
     return {"armed": True, "devices": list(devices)}

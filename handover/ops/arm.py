@@ -104,11 +104,17 @@ def plan_cmdline(current: str, command_line: str | None, append: str, region: st
         memmap = memmap_words_for(current, facts["phys_start"]) or [facts["memmap_option"]]
     phys = facts.get("phys_start")
     word = next_region or (f"phys:{phys:#x}" if phys is not None else os.path.abspath(region))
-    hparam = None
-    if declared and phys is not None and facts.get("size"):
-        hparam = f"handover={facts['size']:#x}@{phys:#x}"
+    spec = region_spec(facts)
+    hparam = f"handover={spec}" if declared and spec else None
     cmd = next_cmdline(base, append, word, policy, memmap, hparam)
     return (cmd + f" handover.token={token}" if token else cmd), word
+
+
+def region_spec(facts: dict) -> str | None:
+    """``<size>@<phys>`` of a region at a known physical address (the patched kernel's
+    ``handover=``, and the old kernel's ``next_region``), or None."""
+    phys, size = facts.get("phys_start"), facts.get("size")
+    return f"{size:#x}@{phys:#x}" if phys is not None and size else None
 
 
 def kexec_command(kernel: str, initrd: str | None, cmdline: str, mode: str = "l",
@@ -306,7 +312,8 @@ def arm(req: ArmRequest) -> dict:
                   "token_salt": token_hash[0].hex() if token_hash else None,
                   "token_hash": token_hash[1].hex() if token_hash else None}
         doc["marker"] = write_marker(req.result_dir, marker)
-        doc["keepalive"] = arm_keepalive(sr, report.get("devices") or [], declared)
+        doc["keepalive"] = arm_keepalive(sr, report.get("devices") or [], declared,
+                                         region=region_spec(facts))
         if req.hold and doc["keepalive"].get("armed") and req.sysroot == "/":
             doc["hold"] = hold_devices(sr, doc["keepalive"]["devices"], req.result_dir)
     return doc

@@ -211,12 +211,41 @@ def test_kexec_never_lands_on_kept_memory(patched):  # noqa: F811
     assert reload.startswith("rc=0 "), reload
     page = reload.split("page=")[1].strip()
     # the old kernel saw the overlap and disarmed before its shutdown
-    assert re.search(r"handover: kexec segment \d+ \(0x[0-9a-f]+\+0x[0-9a-f]+\) overlaps "
-                     r"0x[0-9a-f]+\+", res.console), res.console[-4000:]
+    assert re.search(r"handover: 0000:00:03\.0: its (root|context|page) table 0x[0-9a-f]+"
+                     r"\+0x[0-9a-f]+ is in kexec segment \d+ \(0x[0-9a-f]+\+0x[0-9a-f]+\)",
+                     res.console), res.console[-4000:]
     print("the page-table page under the reloaded initrd:", page)
     assert ("handover: disarmed: a segment of the loaded kernel overlaps memory a kept "
             "device uses") in res.console
     # so the new kernel found translation off and edu stopped; nothing was adopted
+    out = {name: new.files[name].decode(errors="replace") for name in new.files}
+    dmesg, k = out["dmesg.txt"], _kfiles(out["kfiles.txt"])
+    assert "Translation already enabled" not in dmesg
+    assert k.get("devices/0000:00:03.0/state") != "held", out["kfiles.txt"]
+    assert _stopped(out)
+
+
+# after `handover arm`: the owner maps fresh memory of its own at a new IOVA, so edu's
+# translation now uses a leaf (and page tables) the saved state does not preserve
+MAP_AFTER_SAVE = r"""
+python3 edu_keepalive.py map 0000:00:03.0 0x800000 0x200000 > "$LAB_OUT/map.txt" 2>&1
+"""
+
+
+def test_a_mapping_after_the_save_disarms(patched):  # noqa: F811
+    """Between the save and the kexec the owner maps more memory: the saved state no
+    longer describes edu's translation (the next kernel would neither reserve that memory
+    nor find the new leaf in a preserved buffer). At the kexec the old kernel compares its
+    live tables with the newest state in the region, disarms (edu stopped, translation
+    off as for any kexec), and the new kernel keeps nothing."""
+    res = boot(patched, ["true\n", OLD_KERNEL + MAP_AFTER_SAVE, KFILES])
+    old, new = res.phases[1], res.phases[2]
+    assert old.files["map.txt"].decode().strip() == "map 0x800000+0x200000: ok"
+    assert re.search(r"handover: 0000:00:03\.0: its (mapped memory|page table) 0x[0-9a-f]+"
+                     r"\+0x[0-9a-f]+ is not preserved by the saved state", res.console), \
+        res.console[-4000:]
+    assert ("handover: disarmed: a kept device uses memory the saved state does not preserve "
+            "(its translation changed after the save)") in res.console
     out = {name: new.files[name].decode(errors="replace") for name in new.files}
     dmesg, k = out["dmesg.txt"], _kfiles(out["kfiles.txt"])
     assert "Translation already enabled" not in dmesg

@@ -210,9 +210,11 @@ cat /tmp/vfio-ready > "$LAB_OUT/vfio-ready.txt"
 python3 -m handover region init /dev/pmem0 --force
 python3 -m handover save --region /dev/pmem0 --json > "$LAB_OUT/save.json"
 python3 -m handover inspect --json /dev/pmem0 > "$LAB_OUT/inspect.json"
+# the region the kexec checks the saved state in (the next kernel's handover=)
+[ ! -e /sys/kernel/handover/next_region ] || echo REGION > /sys/kernel/handover/next_region
 echo 0000:00:03.0 > /sys/kernel/handover/keepalive
 cat /sys/kernel/handover/keepalive > "$LAB_OUT/keepalive.txt"
-"""
+""".replace("REGION", REGION)
 
 REPORT_DMAR = REPORT + r"""
 dmesg | grep -E 'DMAR' > "$LAB_OUT/dmar.txt" || true

@@ -299,3 +299,31 @@ def test_arm_keepalive_only_for_a_kernel_that_reads_the_state(tmp_path):
     got = arm_keepalive(Sysroot(str(tmp_path)), ["0000:00:03.0"], next_reads_state=False)
     assert got["armed"] is False and "does not declare" in got["reason"]
     assert f.read_text() == "clear\n"
+
+
+def test_arm_keepalive_names_the_region_the_kexec_checks(tmp_path):
+    """A kernel with next_region checks, at the kexec, the newest state of that region
+    against its live tables: arm writes the next kernel's handover= there before any
+    device, and arms nothing when the region has no physical address to name."""
+    from handover.host import Sysroot
+    from handover.host.kernel_handover import KEEPALIVE, NEXT_REGION, arm_keepalive
+
+    keep = tmp_path / KEEPALIVE.lstrip("/")
+    nxt = tmp_path / NEXT_REGION.lstrip("/")
+    keep.parent.mkdir(parents=True)
+    keep.write_text("")
+    nxt.write_text("")
+    got = arm_keepalive(Sysroot(str(tmp_path)), ["0000:00:03.0"], region="0x4000000@0x30000000")
+    assert got == {"armed": True, "devices": ["0000:00:03.0"]}
+    assert nxt.read_text() == "0x4000000@0x30000000\n" and keep.read_text() == "0000:00:03.0\n"
+    got = arm_keepalive(Sysroot(str(tmp_path)), ["0000:00:03.0"], region=None)
+    assert got["armed"] is False and "physical address" in got["reason"]
+    assert nxt.read_text() == "clear\n" and keep.read_text() == "clear\n"
+
+
+def test_region_spec_is_the_kernel_parameter():
+    from handover.ops.arm import region_spec
+
+    assert region_spec({"phys_start": 0x30000000, "size": 64 << 20}) == "0x4000000@0x30000000"
+    assert region_spec({"phys_start": None, "size": 64 << 20}) is None
+    assert region_spec({"phys_start": 0x30000000, "size": 0}) is None

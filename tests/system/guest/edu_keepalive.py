@@ -176,6 +176,12 @@ def stage(bdf, buffer, out):
         json.dump({"pattern": pattern.hex(), "staged": ok}, f)
 
 
+def map_more(bdf, iova, size):
+    """The owner (vfio_edu.py) maps fresh memory of its own at ``iova``: after the save,
+    the translation then uses a page the saved state does not preserve."""
+    print(f"map {iova}+{size}: {_Held(bdf)._call('map', int(iova, 0), int(size, 0))}", flush=True)
+
+
 def kick(bdf):
     edu = _bar0(bdf, held_ok=True)
     edu.start(INFLIGHT_EDU, IOVA + INFLIGHT_DST, 1 | 2)
@@ -307,4 +313,4 @@ def owner(bdf, buffer, out, token, wrong):
 if __name__ == "__main__":
     cmd, args = sys.argv[1], sys.argv[2:]
     {"probe": probe, "owner": owner, "stage": stage, "kick": kick,
-     "intruder": intruder}[cmd](*args)
+     "intruder": intruder, "map": map_more}[cmd](*args)

@@ -144,23 +144,34 @@ def main(bdf: str, ready: str, stop: str, buffer: str | None = None,
     # (vfio-pci) claimed, so edu_keepalive.py stage/kick ask here (REQUEST, see serve())
     req = REQUEST.format(bdf=bdf)
     open(req + ".holder", "w").close()
+    more = []   # memory mapped on request ("map"), kept for as long as the mapping
+
+    def map_more(iova, size):
+        m = mmap.mmap(-1, size, mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
+        more.append(m)
+        va = ctypes.addressof(ctypes.c_char.from_buffer(m))
+        fcntl.ioctl(cfd, IOMMU_MAP_DMA, bytearray(struct.pack("IIQQQ", 32, 3, va, iova, size)))
+        return "ok"
+
+    ops = {"dma": edu.dma, "start": edu.start, "rd": edu.rd, "map": map_more}
     while not os.path.exists(stop):
         if os.path.exists(req):
-            serve(edu, req)
+            serve(ops, req)
         time.sleep(0.05)
 
 
-#: edu_keepalive.py's request to the holder: {"op": "dma"|"start"|"rd", "args": [...]} as JSON;
-#: the answer {"result": ...} comes back in REQUEST + ".done"
+#: edu_keepalive.py's request to the holder: {"op": "dma"|"start"|"rd"|"map", "args": [...]}
+#: as JSON ("map": fresh anonymous memory at an IOVA of this container); the answer
+#: {"result": ...} comes back in REQUEST + ".done"
 REQUEST = "/tmp/vfio-edu-{bdf}.req"
 
 
-def serve(edu, req):
+def serve(ops, req):
     with open(req) as f:
         r = json.load(f)
     os.unlink(req)
     try:
-        out = {"result": {"dma": edu.dma, "start": edu.start, "rd": edu.rd}[r["op"]](*r["args"])}
+        out = {"result": ops[r["op"]](*r["args"])}
     except Exception as e:  # noqa: BLE001 - the asking process reports it
         out = {"error": repr(e)}
     with open(req + ".tmp", "w") as f:

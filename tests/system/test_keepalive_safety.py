@@ -212,8 +212,8 @@ def test_kexec_never_lands_on_kept_memory(patched):  # noqa: F811
     page = reload.split("page=")[1].strip()
     # the old kernel saw the overlap and disarmed before its shutdown
     assert re.search(r"handover: 0000:00:03\.0: its (root|context|page) table 0x[0-9a-f]+"
-                     r"\+0x[0-9a-f]+ is in kexec segment \d+ \(0x[0-9a-f]+\+0x[0-9a-f]+\)",
-                     res.console), res.console[-4000:]
+                     r"\+0x[0-9a-f]+ is in a kexec segment", res.console), res.console[-4000:]
+    assert re.search(r"handover: kexec segment \d+: 0x[0-9a-f]+\+0x[0-9a-f]+", res.console)
     print("the page-table page under the reloaded initrd:", page)
     assert ("handover: disarmed: a segment of the loaded kernel overlaps memory a kept "
             "device uses") in res.console
@@ -244,8 +244,8 @@ def test_a_mapping_after_the_save_disarms(patched):  # noqa: F811
     assert re.search(r"handover: 0000:00:03\.0: its (mapped memory|page table) 0x[0-9a-f]+"
                      r"\+0x[0-9a-f]+ is not preserved by the saved state", res.console), \
         res.console[-4000:]
-    assert ("handover: disarmed: a kept device uses memory the saved state does not preserve "
-            "(its translation changed after the save)") in res.console
+    assert ("handover: disarmed: the translation of a kept device changed after the save"
+            ) in res.console
     out = {name: new.files[name].decode(errors="replace") for name in new.files}
     dmesg, k = out["dmesg.txt"], _kfiles(out["kfiles.txt"])
     assert "Translation already enabled" not in dmesg

@@ -14,6 +14,7 @@ import functools
 import os
 import re
 import sys
+import textwrap
 
 from . import enums as E
 from .mpcheck import MSGPACK_MAX_DEPTH
@@ -74,6 +75,23 @@ def _comments(block_start: str) -> dict[str, str]:
     return out
 
 
+#: the kernel's line limit (checkpatch): a field whose comment would pass it gets the
+#: comment on the lines above it
+LINE_MAX = 100
+
+
+def _field_c(decl: str, off: int, comment: str) -> list[str]:
+    """A struct member with its offset and comment, within LINE_MAX columns (tab = 8)."""
+    one = f"\t{decl};{'':<8}/* +{off} {comment} */" if comment else f"\t{decl};{'':<8}/* +{off} */"
+    if len(one.expandtabs(8)) <= LINE_MAX:
+        return [one]
+    above = textwrap.wrap(comment, LINE_MAX - 8 - 6)  # tab, '/* ', ' */'
+    if len(above) == 1:
+        return [f"\t/* {above[0]} */", f"\t{decl};{'':<8}/* +{off} */"]
+    return (["\t/*"] + [f"\t * {w}" for w in above] + ["\t */"]
+            + [f"\t{decl};{'':<8}/* +{off} */"])
+
+
 def _struct_c(cname: str, struct_, comments: dict, doc: str) -> list[str]:
     lines = [f"/* {doc} */", f"struct {cname} {{"]
     off = 0
@@ -83,13 +101,12 @@ def _struct_c(cname: str, struct_, comments: dict, doc: str) -> list[str]:
             lines.append(f"\t__u8 __pad{npad}[{size}];{'':<20}/* +{off} */")
             npad += 1
         elif is_bytes:
-            c = comments.get(name, "")
-            lines.append(f"\t__u8 {name}[{size}];{'':<8}/* +{off} {c} */")
+            lines += _field_c(f"__u8 {name}[{size}]", off, comments.get(name, ""))
         else:
-            c = comments.get(name, "")
-            lines.append(f"\t{_CTYPE[size]} {name};{'':<8}/* +{off} {c} */")
+            lines += _field_c(f"{_CTYPE[size]} {name}", off, comments.get(name, ""))
         off += size
-    lines.append("} __attribute__((packed));")
+    lines.append("} __packed;")
+    lines.append("")
     lines.append(f"static_assert(sizeof(struct {cname}) == {off}, \"{cname} size\");")
     return lines
 
@@ -121,7 +138,7 @@ def _key_cmp(spec) -> list[str]:
             if name is not None:
                 offs[name] = (off, size)
             off += size
-        lines.append("\tint c;")
+        lines.append("\tint c;\n")
         for k in spec.key:
             o, size = offs[k]
             lines.append(f"\tc = ho_cmp_u64(ho_get_le{size * 8}(a + {o}), ho_get_le{size * 8}(b + {o}));")
@@ -190,6 +207,7 @@ def generate() -> str:
     for e in E.ErrorCode:
         a(f"\tHO_{'E_' if e.value else ''}{e.name} = {e.value},")
     a("};")
+    a("")
     a("#define HO_ERROR_NAMES { \\")
     a(" \\\n".join(f'\t[{e.value}] = "{e.name}",' for e in E.ErrorCode) + " \\")
     a("}")
@@ -229,13 +247,14 @@ def generate() -> str:
     a("/* little-endian accessors (no alignment assumptions) */")
     for bits in (8, 16, 32, 64):
         n = bits // 8
-        expr = " | ".join(f"(__u{bits})p[{i}] << {8 * i}" if i else f"(__u{bits})p[0]" for i in range(n))
-        a(f"static inline __u{bits} ho_get_le{bits}(const __u8 *p)\n{{\n\treturn {expr};\n}}")
+        terms = [f"(__u{bits})p[{i}] << {8 * i}" if i else f"(__u{bits})p[0]" for i in range(n)]
+        expr = " |\n\t       ".join(" | ".join(terms[i:i + 4]) for i in range(0, n, 4))
+        a(f"static inline __u{bits} ho_get_le{bits}(const __u8 *p)\n{{\n\treturn {expr};\n}}\n")
     a("static inline int ho_cmp_u64(__u64 a, __u64 b)\n{\n\treturn a < b ? -1 : a > b;\n}")
     a("")
     a("/* record order the decoder enforces (strictly increasing by key) */")
-    for spec in RECORD_SPECS.values():
-        L += _key_cmp(spec)
+    for i, spec in enumerate(RECORD_SPECS.values()):
+        L += ([""] if i else []) + _key_cmp(spec)
     a("")
     a("/* section type -> record size for 1.x (0: byte section; -1: unknown) */")
     a("static inline int ho_record_size(unsigned int type, int min)\n{\n\tswitch (type) {")
@@ -301,8 +320,8 @@ def generate_region() -> str:
         off += sc.sizeof()
     a(f"#define HO_REGION_HDR_OFF_HDR_CRC {off}")
     a(f"static_assert(HO_REGION_HDR_OFF_HDR_CRC + 4 == HO_REGION_HDR_SIZE, \"region header size\");")
-    a(f"static_assert(HO_REGION_HDR_OFF_SLOT + HO_REGION_SLOTS * HO_REGION_SLOT_SIZE <= "
-      f"HO_REGION_HDR_CRC_LEN, \"region slots\");")
+    a(f"static_assert(HO_REGION_HDR_OFF_SLOT + HO_REGION_SLOTS * HO_REGION_SLOT_SIZE <=\n"
+      f"\t      HO_REGION_HDR_CRC_LEN, \"region slots\");")
     a("")
     a("#endif /* _HANDOVER_REGION_H */")
     return "\n".join(L) + "\n"

@@ -26,6 +26,17 @@ from .kernel import Kernel, module_names
 from .payload import ConsoleReader, PhaseResult, marker_timings, read_results, write_payload
 
 PMEM_KINDS = (None, "legacy", "nvdimm")
+#: edu's place on the bus: the QEMU devices that put it there, and its address in the guest
+#: (bus numbers as the firmware assigns them: depth-first below the root port at 00:07.0)
+_RP = ["-device", "pcie-root-port,id=rp1,bus=pcie.0,chassis=1,slot=1,addr=07.0"]
+TOPOLOGIES = {
+    "root": ["-device", "edu,addr=03.0"],
+    "root-port": _RP + ["-device", "edu,bus=rp1,addr=00.0"],
+    "switch": _RP + ["-device", "x3130-upstream,id=up1,bus=rp1,addr=00.0",
+                     "-device", "xio3130-downstream,id=dn1,bus=up1,chassis=2,slot=2,addr=00.0",
+                     "-device", "edu,bus=dn1,addr=00.0"],
+}
+EDU_BDF = {"root": "0000:00:03.0", "root-port": "0000:01:00.0", "switch": "0000:03:00.0"}
 KEXEC_MODES = ("l", "s", "p")
 
 
@@ -43,6 +54,9 @@ class RunOptions:
     files: {payload path: bytes | str | host Path}, visible in the guest under
     /payload/<path> (cwd of the scripts).
     memory, cpu, qemu_args: QEMU's ``-m``, ``-cpu`` and more arguments.
+    topology: where edu sits (TOPOLOGIES): "root" (00:03.0 on the root bus), "root-port"
+    (behind a PCIe root port at 00:07.0: 01:00.0), "switch" (behind the root port and a
+    switch's upstream and downstream ports: 03:00.0). EDU_BDF gives its address.
     timeout: the whole run is killed after this many seconds (LabTimeout).
     workdir: where the payload, results disk, console.log and qemu-cmd.txt go (default: a
     new ``runs/run-*`` in the cache; the newest 6 are kept).  echo: copy the console to
@@ -65,6 +79,7 @@ class RunOptions:
     memory: str = "1G"
     cpu: str | None = None
     qemu_args: list | None = None
+    topology: str = "root"
     timeout: float = DEFAULT_TIMEOUT
     workdir: str | Path | None = None
     echo: bool = False
@@ -148,14 +163,17 @@ def format_timings(timings: dict) -> str:
 def qemu_command(kernel: Kernel, initrd: Path, cmdline: str, payload: Path, results: Path,
                  nvdimm: Path | None = None, nvdimm_size: int = 256 << 20,
                  nvdimm_label_size: int | None = None, memory: str = "1G",
-                 cpu: str | None = None, extra_args: list | None = None) -> list:
+                 cpu: str | None = None, extra_args: list | None = None,
+                 topology: str = "root") -> list:
     """The QEMU command line of the lab machine (see the module's docstring)."""
+    if topology not in TOPOLOGIES:
+        raise LabError(f"unknown topology {topology!r} (one of {', '.join(TOPOLOGIES)})")
     machine = "q35,nvdimm=on" if nvdimm else "q35"
     mem = f"{memory},slots=2,maxmem=4G" if nvdimm else memory
     cmd = [
         "qemu-system-x86_64", "-machine", machine, "-accel", "tcg", "-smp", "1", "-m", mem,
         "-device", "intel-iommu,intremap=on",
-        "-device", "edu,addr=03.0",
+        *TOPOLOGIES[topology],
         "-netdev", "user,id=n0,restrict=on", "-device", "e1000e,netdev=n0,addr=04.0",
         "-drive", f"if=none,id=pay,file={payload},format=raw,readonly=on",
         "-device", "virtio-blk-pci,drive=pay,iommu_platform=on,disable-legacy=on,addr=05.0",
@@ -217,7 +235,8 @@ def run(scripts, opts: RunOptions) -> GuestResult:
     with open(results, "wb") as f:
         f.truncate(RESULT_SLOT_MB * max(1, len(scripts)) << 20)
     cmd = qemu_command(kernel, initrd, first, payload, results, nv, opts.nvdimm_size,
-                       opts.nvdimm_label_size, opts.memory, opts.cpu, opts.qemu_args)
+                       opts.nvdimm_label_size, opts.memory, opts.cpu, opts.qemu_args,
+                       opts.topology)
     (wd / "qemu-cmd.txt").write_text(shlex.join(cmd) + "\n")
     log(f"boot: {shlex.join(cmd)}")
     if opts.shell:

@@ -89,6 +89,7 @@ enum ho_error {
 	HO_E_IRTE_INDEX = 24,
 	HO_E_CONFIG = 25,
 };
+
 #define HO_ERROR_NAMES { \
 	[0] = "OK", \
 	[1] = "NOSTATE", \
@@ -187,7 +188,8 @@ struct ho_header {
 	__u64 generation;        /* +32 save generation (monotonic per host) */
 	__u8 reserved[20];        /* +40 zero */
 	__u32 header_crc;        /* +60 CRC32C of bytes 0..59, then the section table */
-} __attribute__((packed));
+} __packed;
+
 static_assert(sizeof(struct ho_header) == 64, "ho_header size");
 #define HO_HDR_OFF_MAGIC 0
 #define HO_HDR_OFF_MAJOR 8
@@ -211,7 +213,8 @@ struct ho_section_entry {
 	__u32 record_size;        /* +28 bytes per record (0 for byte sections) */
 	__u32 crc;        /* +32 CRC32C of the section's bytes */
 	__u32 reserved;        /* +36 zero */
-} __attribute__((packed));
+} __packed;
+
 static_assert(sizeof(struct ho_section_entry) == 40, "ho_section_entry size");
 #define HO_SEC_OFF_TYPE 0
 #define HO_SEC_OFF_VERSION 2
@@ -240,7 +243,8 @@ struct ho_unit {
 	__u64 iqa;        /* +64 IQA 0x90: 63:12 base, bit 11 DW, 2:0 QS */
 	__u64 iqh;        /* +72 IQH 0x80 (since 1.1): queue head, byte offset */
 	__u64 iqt;        /* +80 IQT 0x88 (since 1.1): queue tail, byte offset */
-} __attribute__((packed));
+} __packed;
+
 static_assert(sizeof(struct ho_unit) == 88, "ho_unit size");
 #define HO_UNIT_SIZE 88
 #define HO_UNIT_MIN_SIZE 72	/* as written by format 1.0 */
@@ -263,12 +267,17 @@ static_assert(sizeof(struct ho_unit) == 88, "ho_unit size");
 struct ho_domain {
 	__u16 unit;        /* +0 unit index */
 	__u16 did;        /* +2 domain ID (struct iommu_domain_info.did); 0 and 1 reserved */
-	__u8 tt;        /* +4 translation type: legacy context TT (0 multi-level, 1 +dev-TLB, 2 pass-through) or scalable PGTT | 0x80 */
+	/*
+	 * translation type: legacy context TT (0 multi-level, 1 +dev-TLB, 2 pass-through) or
+	 * scalable PGTT | 0x80
+	 */
+	__u8 tt;        /* +4 */
 	__u8 agaw;        /* +5 adjusted guest address width (1/2/3 = 39/48/57 bit) */
 	__u8 gaw;        /* +6 guest address width in bits (dmar_domain.gaw) */
 	__u8 flags;        /* +7 HO_DOM_F_*: FIRST_LEVEL 0, PASID 1 */
 	__u64 pgd;        /* +8 page-table root physical address (dmar_domain.pgd) */
-} __attribute__((packed));
+} __packed;
+
 static_assert(sizeof(struct ho_domain) == 16, "ho_domain size");
 #define HO_DOMAIN_SIZE 16
 #define HO_DOMAIN_MIN_SIZE 16	/* as written by format 1.0 */
@@ -291,10 +300,12 @@ struct ho_context {
 	__u64 root_hi;        /* +24 root entry hi (scalable UP+UCTP) */
 	__u64 lo;        /* +32 context entry lo: P 0, FPD 1, TT 3:2, SLPTPTR 63:12 */
 	__u64 hi;        /* +40 context entry hi: AW 2:0, DID 23:8 */
-	__u64 pasid_val0;        /* +48 PASID entry val[0]: P, FPD, AW 4:2, PGTT 8:6, SSPTPTR 63:12 */
+	/* PASID entry val[0]: P, FPD, AW 4:2, PGTT 8:6, SSPTPTR 63:12 */
+	__u64 pasid_val0;        /* +48 */
 	__u64 pasid_val1;        /* +56 PASID entry val[1]: DID 15:0 */
 	__u64 pasid_val2;        /* +64 PASID entry val[2]: FSPTPTR 63:12 */
-} __attribute__((packed));
+} __packed;
+
 static_assert(sizeof(struct ho_context) == 72, "ho_context size");
 #define HO_CONTEXT_SIZE 72
 #define HO_CONTEXT_MIN_SIZE 72	/* as written by format 1.0 */
@@ -318,7 +329,8 @@ struct ho_irte {
 	__u8 __pad0[2];                    /* +6 */
 	__u64 lo;        /* +8 bits 63:0  (P 0, FPD 1, IM 15, vector 23:16, DST/PDA_L) */
 	__u64 hi;        /* +16 bits 127:64 (SID 79:64, SQ 81:80, SVT 83:82, PDA_H 127:96) */
-} __attribute__((packed));
+} __packed;
+
 static_assert(sizeof(struct ho_irte) == 24, "ho_irte size");
 #define HO_IRTE_SIZE 24
 #define HO_IRTE_MIN_SIZE 24	/* as written by format 1.0 */
@@ -332,13 +344,18 @@ struct ho_vector {
 	__u32 sbdf;        /* +0 device */
 	__u16 unit;        /* +4 unit whose IR table holds the entry (0xffff unknown) */
 	__u8 kind;        /* +6 HO_VEC_*: INTX 0, MSI 1, MSIX 2 */
-	__u8 flags;        /* +7 HO_VEC_F_*: IRTE_KNOWN 0, POSTED 1, MASKED 2, ENABLED 3, MSG_KNOWN 4, REMAPPED 5 (since 1.1) */
+	/*
+	 * HO_VEC_F_*: IRTE_KNOWN 0, POSTED 1, MASKED 2, ENABLED 3, MSG_KNOWN 4, REMAPPED 5
+	 * (since 1.1)
+	 */
+	__u8 flags;        /* +7 */
 	__u32 vector;        /* +8 msi_index: MSI-X table slot / MSI vector i / INTx pin */
 	__u32 irte_index;        /* +12 handle (+ sub_handle already applied when SHV) */
 	__u16 sub_handle;        /* +16 MSI data 15:0 when SHV */
 	__u8 __pad0[2];                    /* +18 */
 	__u32 irq;        /* +20 host Linux irq number (0 unknown) */
-} __attribute__((packed));
+} __packed;
+
 static_assert(sizeof(struct ho_vector) == 24, "ho_vector size");
 #define HO_VECTOR_SIZE 24
 #define HO_VECTOR_MIN_SIZE 24	/* as written by format 1.0 */
@@ -358,7 +375,8 @@ struct ho_pi_desc {
 	__u32 vcpu;        /* +24 owner vCPU index */
 	__u8 __pad0[4];                    /* +28 */
 	__u8 raw[64];        /* +32 PIR 255:0, ON 256, SN 257, NV 279:272, NDST 319:288 */
-} __attribute__((packed));
+} __packed;
+
 static_assert(sizeof(struct ho_pi_desc) == 96, "ho_pi_desc size");
 #define HO_PI_DESC_SIZE 96
 #define HO_PI_DESC_MIN_SIZE 96	/* as written by format 1.0 */
@@ -377,7 +395,8 @@ struct ho_bar {
 	__u64 size;        /* +16 bytes (end - start + 1); 0 when unassigned */
 	__u64 raw;        /* +24 the BAR register(s) as read from config space (64-bit pair) */
 	__u64 res_flags;        /* +32 the kernel's IORESOURCE_* flags (sysfs "resource") */
-} __attribute__((packed));
+} __packed;
+
 static_assert(sizeof(struct ho_bar) == 40, "ho_bar size");
 #define HO_BAR_SIZE 40
 #define HO_BAR_MIN_SIZE 40	/* as written by format 1.0 */
@@ -399,7 +418,11 @@ struct ho_device {
 	__u32 class_;        /* +12 PCI_CLASS_REVISION 31:8 (24-bit class code) */
 	__u8 revision;        /* +16 PCI_REVISION_ID 0x08 */
 	__u8 header_type;        /* +17 PCI_HEADER_TYPE 0x0e */
-	__u16 flags;        /* +18 HO_DEV_F_*: DSN 0, VF 1, PF 2, SRIOV_EN 3, BRIDGE 4, KEEPALIVE 5, TOKEN 6, CONFIG_FULL 7 */
+	/*
+	 * HO_DEV_F_*: DSN 0, VF 1, PF 2, SRIOV_EN 3, BRIDGE 4, KEEPALIVE 5, TOKEN 6, CONFIG_FULL
+	 * 7
+	 */
+	__u16 flags;        /* +18 */
 	__u32 iommu_group;        /* +20 iommu_group number (0xffffffff none) */
 	__u64 dsn;        /* +24 Device Serial Number (ext cap 0x0003), if HO_DEV_F_DSN */
 	__u16 unit;        /* +32 unit index covering the device (0xffff none) */
@@ -411,9 +434,11 @@ struct ho_device {
 	__u32 config_len;        /* +48 config snapshot length (64, 256 or 4096) */
 	__u8 driver[32];        /* +52 bound driver name, NUL padded ("vfio-pci") */
 	__u8 token_salt[16];        /* +84 random salt */
-	__u8 token_hash[32];        /* +100 SHA-256(token_salt || token UUID bytes), if HO_DEV_F_TOKEN */
+	/* SHA-256(token_salt || token UUID bytes), if HO_DEV_F_TOKEN */
+	__u8 token_hash[32];        /* +100 */
 	__u8 __pad0[4];                    /* +132 */
-} __attribute__((packed));
+} __packed;
+
 static_assert(sizeof(struct ho_device) == 136, "ho_device size");
 #define HO_DEVICE_SIZE 136
 #define HO_DEVICE_MIN_SIZE 136	/* as written by format 1.0 */
@@ -447,7 +472,8 @@ struct ho_bridge {
 	__u16 command;        /* +6 the bridge's PCI_COMMAND at save (MASTER 0x4 must stay) */
 	__u32 bridge;        /* +8 sbdf of the bridge */
 	__u8 __pad1[4];                    /* +12 */
-} __attribute__((packed));
+} __packed;
+
 static_assert(sizeof(struct ho_bridge) == 16, "ho_bridge size");
 #define HO_BRIDGE_SIZE 16
 #define HO_BRIDGE_MIN_SIZE 16	/* as written by format 1.0 */
@@ -460,10 +486,15 @@ static_assert(sizeof(struct ho_bridge) == 16, "ho_bridge size");
 struct ho_reserved {
 	__u64 start;        /* +0 physical start */
 	__u64 size;        /* +8 bytes */
-	__u16 kind;        /* +16 HO_RES_*: ROOT_TABLE 1, CONTEXT_TABLE 2, PASID_DIR 3, PASID_TABLE 4, PAGE_TABLE 5, IR_TABLE 6, PI_DESC 7, INV_QUEUE 8, REGION 9, DMA_BUFFER 10, OTHER 15 */
+	/*
+	 * HO_RES_*: ROOT_TABLE 1, CONTEXT_TABLE 2, PASID_DIR 3, PASID_TABLE 4, PAGE_TABLE 5,
+	 * IR_TABLE 6, PI_DESC 7, INV_QUEUE 8, REGION 9, DMA_BUFFER 10, OTHER 15
+	 */
+	__u16 kind;        /* +16 */
 	__u16 unit;        /* +18 unit index, 0xffff when not tied to a unit */
 	__u32 flags;        /* +20 none defined */
-} __attribute__((packed));
+} __packed;
+
 static_assert(sizeof(struct ho_reserved) == 24, "ho_reserved size");
 #define HO_RESERVED_SIZE 24
 #define HO_RESERVED_MIN_SIZE 24	/* as written by format 1.0 */
@@ -478,18 +509,23 @@ static inline __u8 ho_get_le8(const __u8 *p)
 {
 	return (__u8)p[0];
 }
+
 static inline __u16 ho_get_le16(const __u8 *p)
 {
 	return (__u16)p[0] | (__u16)p[1] << 8;
 }
+
 static inline __u32 ho_get_le32(const __u8 *p)
 {
 	return (__u32)p[0] | (__u32)p[1] << 8 | (__u32)p[2] << 16 | (__u32)p[3] << 24;
 }
+
 static inline __u64 ho_get_le64(const __u8 *p)
 {
-	return (__u64)p[0] | (__u64)p[1] << 8 | (__u64)p[2] << 16 | (__u64)p[3] << 24 | (__u64)p[4] << 32 | (__u64)p[5] << 40 | (__u64)p[6] << 48 | (__u64)p[7] << 56;
+	return (__u64)p[0] | (__u64)p[1] << 8 | (__u64)p[2] << 16 | (__u64)p[3] << 24 |
+	       (__u64)p[4] << 32 | (__u64)p[5] << 40 | (__u64)p[6] << 48 | (__u64)p[7] << 56;
 }
+
 static inline int ho_cmp_u64(__u64 a, __u64 b)
 {
 	return a < b ? -1 : a > b;
@@ -499,14 +535,17 @@ static inline int ho_cmp_u64(__u64 a, __u64 b)
 static inline int ho_unit_key_cmp(const __u8 *a, const __u8 *b)
 {
 	int c;
+
 	c = ho_cmp_u64(ho_get_le16(a + 0), ho_get_le16(b + 0));
 	if (c)
 		return c;
 	return 0;
 }
+
 static inline int ho_domain_key_cmp(const __u8 *a, const __u8 *b)
 {
 	int c;
+
 	c = ho_cmp_u64(ho_get_le16(a + 0), ho_get_le16(b + 0));
 	if (c)
 		return c;
@@ -515,9 +554,11 @@ static inline int ho_domain_key_cmp(const __u8 *a, const __u8 *b)
 		return c;
 	return 0;
 }
+
 static inline int ho_context_key_cmp(const __u8 *a, const __u8 *b)
 {
 	int c;
+
 	c = ho_cmp_u64(ho_get_le16(a + 8), ho_get_le16(b + 8));
 	if (c)
 		return c;
@@ -529,14 +570,17 @@ static inline int ho_context_key_cmp(const __u8 *a, const __u8 *b)
 		return c;
 	return 0;
 }
+
 static inline int ho_irte_key_cmp(const __u8 *a, const __u8 *b)
 {
 	/* IRTE records are ordered by their first 64-bit word: unit << 32 | index (padding zero) */
 	return ho_cmp_u64(ho_get_le64(a), ho_get_le64(b));
 }
+
 static inline int ho_vector_key_cmp(const __u8 *a, const __u8 *b)
 {
 	int c;
+
 	c = ho_cmp_u64(ho_get_le32(a + 0), ho_get_le32(b + 0));
 	if (c)
 		return c;
@@ -548,17 +592,21 @@ static inline int ho_vector_key_cmp(const __u8 *a, const __u8 *b)
 		return c;
 	return 0;
 }
+
 static inline int ho_pi_desc_key_cmp(const __u8 *a, const __u8 *b)
 {
 	int c;
+
 	c = ho_cmp_u64(ho_get_le64(a + 0), ho_get_le64(b + 0));
 	if (c)
 		return c;
 	return 0;
 }
+
 static inline int ho_bar_key_cmp(const __u8 *a, const __u8 *b)
 {
 	int c;
+
 	c = ho_cmp_u64(ho_get_le32(a + 0), ho_get_le32(b + 0));
 	if (c)
 		return c;
@@ -567,17 +615,21 @@ static inline int ho_bar_key_cmp(const __u8 *a, const __u8 *b)
 		return c;
 	return 0;
 }
+
 static inline int ho_device_key_cmp(const __u8 *a, const __u8 *b)
 {
 	int c;
+
 	c = ho_cmp_u64(ho_get_le32(a + 0), ho_get_le32(b + 0));
 	if (c)
 		return c;
 	return 0;
 }
+
 static inline int ho_bridge_key_cmp(const __u8 *a, const __u8 *b)
 {
 	int c;
+
 	c = ho_cmp_u64(ho_get_le32(a + 0), ho_get_le32(b + 0));
 	if (c)
 		return c;
@@ -586,9 +638,11 @@ static inline int ho_bridge_key_cmp(const __u8 *a, const __u8 *b)
 		return c;
 	return 0;
 }
+
 static inline int ho_reserved_key_cmp(const __u8 *a, const __u8 *b)
 {
 	int c;
+
 	c = ho_cmp_u64(ho_get_le64(a + 0), ho_get_le64(b + 0));
 	if (c)
 		return c;

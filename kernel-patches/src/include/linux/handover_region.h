@@ -58,6 +58,7 @@
 #define HO_REGION_HDR_OFF_RESERVED 200
 #define HO_REGION_HDR_OFF_HDR_CRC 508
 static_assert(HO_REGION_HDR_OFF_HDR_CRC + 4 == HO_REGION_HDR_SIZE, "region header size");
-static_assert(HO_REGION_HDR_OFF_SLOT + HO_REGION_SLOTS * HO_REGION_SLOT_SIZE <= HO_REGION_HDR_CRC_LEN, "region slots");
+static_assert(HO_REGION_HDR_OFF_SLOT + HO_REGION_SLOTS * HO_REGION_SLOT_SIZE <=
+	      HO_REGION_HDR_CRC_LEN, "region slots");
 
 #endif /* _HANDOVER_REGION_H */

@@ -1,0 +1,79 @@
+"""Keepalive behind bridges (the real-host-configurations issue): edu behind a PCIe root
+port, and behind a root port and a switch (upstream and downstream ports), as passthrough
+devices sit on real hosts. The scenario of test_keepalive.py with edu at its address there:
+the old kernel keeps bus mastering on every bridge above edu; the new kernel finds edu at
+the same bus number, neither reassigns the bridges' bus numbers or windows nor lets the
+port services disable what is below, adopts edu's translation and IRTE, and hands the
+device to its owner with the token.
+
+    HANDOVER_BUILD_KERNEL=1 python -m pytest -s -m kernel tests/system/test_keepalive_topology.py
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from tests.system import lab
+from tests.system.keepalive_scenario import NEW_KERNEL_KEEP, OLD_KERNEL, boot
+from tests.system.patched import status as _status
+
+pytestmark = [pytest.mark.system, pytest.mark.kernel]
+
+# every bridge: its address, secondary/subordinate bus, COMMAND and its memory window
+BRIDGES = r"""
+for d in /sys/bus/pci/devices/*; do
+  [ -e "$d/subordinate_bus_number" ] || continue
+  echo "$(basename $d) $(od -An -tx1 -j25 -N2 $d/config | tr -d ' ') $(od -An -tx2 -j4 -N2 $d/config | tr -d ' ') $(od -An -tx4 -j32 -N4 $d/config | tr -d ' ')"
+done > "$LAB_OUT/bridges-NAME.txt"
+"""
+# bridges as the old kernel left them, after the arming (its kexec keeps them)
+OLD = OLD_KERNEL + BRIDGES.replace("NAME", "old")
+# in the new kernel, before anything touches edu, and at the end
+NEW = BRIDGES.replace("NAME", "new") + NEW_KERNEL_KEEP + BRIDGES.replace("NAME", "end")
+
+
+def _bridges(text: str) -> dict:
+    """{bdf: (secondary+subordinate bus, command, memory window)}"""
+    return {f[0]: (f[1], int(f[2], 16), f[3]) for f in (ln.split() for ln in text.splitlines())
+            if len(f) == 4}
+
+
+@pytest.mark.parametrize("topology", ["root-port", "switch"])
+def test_keepalive_behind_bridges(patched, topology):  # noqa: F811
+    bdf = lab.EDU_BDF[topology]
+    res = boot(patched, ["true\n", OLD, NEW], topology=topology)
+    old, new = res.phases[1], res.phases[2]
+    text = {n: new.files[n].decode(errors="replace") for n in new.files}
+    print(text["status.txt"])
+    print("\n".join(ln for ln in text["dmesg.txt"].splitlines()
+                    if re.search(r"handover|DMAR|pcieport|" + bdf[5:], ln)))
+    assert "dma_roundtrip=ok" in old.files["vfio-ready.txt"].decode()
+    before = _bridges(old.files["bridges-old.txt"].decode())
+    above = sorted(b for b, (buses, _, _) in before.items()
+                   if int(buses[:2], 16) <= int(bdf[5:7], 16) <= int(buses[2:], 16))
+    assert len(above) == {"root-port": 1, "switch": 3}[topology], before
+    # the bridges kept their bus numbers, windows and bus mastering across the kexec, and
+    # still have them once the port services and the owner are done
+    for name in ("bridges-new.txt", "bridges-end.txt"):
+        after = _bridges(text[name])
+        for b in above:
+            assert after[b][0] == before[b][0] and after[b][2] == before[b][2], (name, b)
+            assert after[b][1] & 0x4, f"{name}: {b} lost bus mastering: {after[b]}"
+    status = _status(text["status.txt"])
+    assert status["state"] == "valid" and status["ir_tables_kept"] == "1"
+    assert re.search(rf"device: {bdf} held adopted domain=\d+", text["status.txt"])
+    # edu's DMA with the old IOVA and the DMA in flight at the kexec landed in the buffer
+    probe = json.loads(text["probe.json"])
+    inflight = json.loads(old.files["inflight.json"])
+    assert probe["dma_old_iova"] is True and probe["command"] & 0x4
+    assert inflight["staged"] and probe["inflight"] == inflight["pattern"]
+    # the owner with its token: translation handed over, DMA and MSI through the old IRTE
+    owner = json.loads(text["owner.json"])
+    assert owner["owner_token"] == "opened" and owner["translation"] == "owner"
+    assert owner["dma_old_iova"] is True and owner["msi_eventfd"] == "ok"
+    assert owner["dma_new_iova"] is True and owner["dma_old_iova_unmapped"] is False
+    load = json.loads(text["load.json"])
+    assert load["ok"], text.get("load.err")

@@ -154,18 +154,28 @@ def decode_irta(v: int) -> dict:
             "mode": IR_MODE[bool(v >> 11 & 1)]}
 
 
+def rtaddr_mode(rtaddr: int) -> str:
+    """The translation mode RTADDR's TTM bits (11:10) select: legacy, scalable, ..."""
+    return RTADDR_TTM[bits(rtaddr, 11, 10)]
+
+
+def irta_mode(irta: int) -> str:
+    """The interrupt-remapping mode IRTA's EIME bit (11) selects: x2APIC (EIM) or xAPIC."""
+    return IR_MODE[bool(irta >> 11 & 1)]
+
+
 def unit_modes(flags: int, present: int, rtaddr: int, irta: int) -> dict:
     """A saved unit's translation mode (RTADDR TTM 11:10, else the SM flag) and interrupt-
     remapping mode (IRTA EIME bit 11, else the X2APIC flag), each with where it was read
     from; None (and source None) when neither was recorded."""
     if present & UNIT_PRESENT_BIT["rtaddr"]:
-        tm, tm_from = RTADDR_TTM[bits(rtaddr, 11, 10)], "RTADDR"
+        tm, tm_from = rtaddr_mode(rtaddr), "RTADDR"
     elif flags & UNIT_F_SM:
         tm, tm_from = "scalable", "flags"
     else:
         tm, tm_from = None, None
     if present & UNIT_PRESENT_BIT["irta"]:
-        ir, ir_from = IR_MODE[bool(irta >> 11 & 1)], "IRTA"
+        ir, ir_from = irta_mode(irta), "IRTA"
     elif flags & UNIT_F_X2APIC:
         ir, ir_from = IR_MODE[True], "flags"
     else:

@@ -56,6 +56,7 @@ def unit_dict(u, missing=()) -> dict:
     for reg in ("iqh", "iqt"):
         if have(reg):
             d[reg] = D.hx(getattr(u, reg))
+    d.update(D.unit_modes(u.flags, present, u.rtaddr, u.irta))
     d["absent_registers"] = [n for n in E.UNIT_PRESENT_BIT if not have(n)]
     return d
 
@@ -65,14 +66,25 @@ def irte_dict(r) -> dict:
             "decoded": D.decode_irte(r.lo, r.hi)}
 
 
-def vector_dict(r) -> dict:
+def vector_dict(r, irte_lo: int | None = None) -> dict:
+    """``irte_lo``: the low word of the vector's IRTE when the state holds it (posted or
+    remapped is read from its IM bit)."""
     d = {"device": D.bdf_str(r.sbdf), "kind": E.VECTOR_KIND.get(r.kind, str(r.kind)),
          "vector": r.vector, "unit": unit_name(r.unit), "flags": E.flag_names(r.flags, E.VECTOR_FLAGS),
-         "irq": r.irq or None}
+         "irq": r.irq or None, "delivery": D.vector_delivery(r.flags, irte_lo)}
     if r.flags & E.VEC_F_IRTE_KNOWN:
         d["irte_index"] = r.irte_index
         d["sub_handle"] = r.sub_handle
     return d
+
+
+def vector_irtes(st: State) -> dict:
+    """(unit, IRTE index) -> IRTE lo, for the IRTEs the state's vectors name (one pass over
+    the IRTE table; the others are not kept)."""
+    want = {(v.unit, v.irte_index) for v in st.vectors if v.flags & E.VEC_F_IRTE_KNOWN}
+    if not want:
+        return {}
+    return {(r[1], r[0]): r[2] for r in st.irtes.rows() if (r[1], r[0]) in want}
 
 
 def bar_dict(r) -> dict:
@@ -113,10 +125,21 @@ def reserved_dict(r) -> dict:
 
 def bridge_dict(r) -> dict:
     return {"device": D.bdf_str(r.sbdf), "depth": r.depth, "bridge": D.bdf_str(r.bridge),
-            "command": D.hx(r.command, 4)}
+            "command": D.hx(r.command, 4), "bus_master": D.bus_master(r.command)}
 
 
-def device_dict(st: State, r) -> dict:
+def bridges_by_device(st: State) -> dict:
+    """sbdf -> the device's BRIDGE records, nearest bridge (depth 0) first."""
+    out: dict[int, list] = {}
+    for r in st.bridges:
+        out.setdefault(r.sbdf, []).append(r)
+    for rows in out.values():
+        rows.sort(key=lambda r: r.depth)
+    return out
+
+
+def device_dict(st: State, r, bridges: list | None = None) -> dict:
+    """``bridges``: the device's BRIDGE records (bridges_by_device), for ``bridge_path``."""
     import hashlib
 
     cfg = st.device_config(r)
@@ -132,7 +155,10 @@ def device_dict(st: State, r) -> dict:
     if r.flags & (E.DEV_F_PF | E.DEV_F_VF):
         d["sriov"] = {"total_vfs": r.total_vfs, "num_vfs": r.num_vfs,
                       "ctrl": D.hx(r.sriov_ctrl, 4),
-                      "physfn": None if r.physfn == 0xFFFFFFFF else D.bdf_str(r.physfn)}
+                      "physfn": None if r.physfn == 0xFFFFFFFF else D.bdf_str(r.physfn),
+                      **D.sriov_role(r.flags, r.num_vfs, r.total_vfs, r.sriov_ctrl, r.physfn)}
+    d["bridge_path"] = [{"bridge": D.bdf_str(b.bridge), "command": D.hx(b.command, 4),
+                         "bus_master": D.bus_master(b.command)} for b in bridges or ()]
     return d
 
 
@@ -154,8 +180,18 @@ def _state_parts(st: State, source: dict | None):
     if source:
         head["source"] = source
     missing = st.units.missing_fields()
+
+    def devices():
+        by_dev = bridges_by_device(st)
+        return (device_dict(st, d, by_dev.get(d.sbdf)) for d in st.devices)
+
+    def vectors():
+        lo = vector_irtes(st)
+        return (vector_dict(v, lo.get((v.unit, v.irte_index))
+                            if v.flags & E.VEC_F_IRTE_KNOWN else None) for v in st.vectors)
+
     tables = {"units": lambda: (unit_dict(u, missing) for u in st.units),
-              "devices": lambda: (device_dict(st, d) for d in st.devices)}
+              "devices": devices, "vectors": vectors}
     for attr in TABLE_ATTRS:
         if attr not in tables:
             tables[attr] = (lambda a: lambda: (_DICT[a](r) for r in getattr(st, a)))(attr)
@@ -238,6 +274,7 @@ def tree_lines(st: State, *, limit: int = 16, source: str = "") -> Iterator[str]
         if "iqa" in d:
             r = d["iqa_decoded"]
             yield f"    IQA   {d['iqa']}  queue {r['base']}, {r['pages']} page(s){', 256-bit' if r['dw256'] else ''}"
+        yield "    " + _modes_line(d)
         if d["absent_registers"]:
             yield f"    not captured: {', '.join(d['absent_registers'])}"
         rows = irtes_by_unit.get(u.unit, [])
@@ -247,16 +284,18 @@ def tree_lines(st: State, *, limit: int = 16, source: str = "") -> Iterator[str]
             yield f"      [{r[0]:5d}] {D.irte_summary(r[2], r[3])}"
         if len(rows) > limit:
             yield f"      ... {len(rows) - limit} more (--limit)"
-    per_dev: dict[str, dict[int, list]] = {a: {} for a in ("bars", "vectors", "bridges", "contexts")}
+    per_dev: dict[str, dict[int, list]] = {a: {} for a in ("bars", "vectors", "contexts")}
     for a in per_dev:
         for r in getattr(st, a):
             per_dev[a].setdefault(r.sbdf, []).append(r)
+    per_dev["bridges"] = bridges_by_device(st)
+    irte_lo = {(r[1], r[0]): r[2] for rows in irtes_by_unit.values() for r in rows}
     yield f"Devices ({len(st.devices)})"
     for n, dev in enumerate(st.devices):
         if n >= limit:
             yield f"  ... {len(st.devices) - limit} more (--limit)"
             break
-        d = device_dict(st, dev)
+        d = device_dict(st, dev, per_dev["bridges"].get(dev.sbdf))
         yield (f"  {d['device']}  {dev.vendor:04x}:{dev.device:04x} ({dev.subsystem_vendor:04x}:"
                f"{dev.subsystem_device:04x})  class {dev.class_:06x} rev {dev.revision:02x}  "
                f"driver {d['driver'] or '-'}  group {_t(d['iommu_group'])}  {d['unit']}  [{' '.join(d['flags'])}]")
@@ -266,15 +305,16 @@ def tree_lines(st: State, *, limit: int = 16, source: str = "") -> Iterator[str]
         for b in per_dev["bars"].get(dev.sbdf, []):
             yield (f"    {E.bar_index_name(b.index):<11} {b.start:#018x} {D.size_str(b.size):>6}  "
                    f"{' '.join(D.bar_flags(b.flags))}")
-        for v in per_dev["vectors"].get(dev.sbdf, []):
-            vd = vector_dict(v)
-            tgt = f"{vd['unit']} IRTE {vd['irte_index']}" if "irte_index" in vd else "IRTE unknown"
-            yield f"    {vd['kind']} {v.vector} -> {tgt}  irq {_t(vd['irq'])}"
+        if "sriov" in d:
+            yield "    " + _sriov_line(d["sriov"])
+        yield "    " + _bridges_line(d["bridge_path"])
+        yield from _vector_lines(per_dev["vectors"].get(dev.sbdf, []), irte_lo, limit)
         for c in per_dev["contexts"].get(dev.sbdf, []):
             cd = context_dict(c)
-            yield f"    context {cd['unit']} did {c.did}  entry {cd['entry'][0]}:{cd['entry'][1]}"
-        for br in per_dev["bridges"].get(dev.sbdf, []):
-            yield f"    upstream bridge {D.bdf_str(br.bridge)} (depth {br.depth}, COMMAND {br.command:#06x})"
+            pasid = c.pasid if c.flags & E.CTX_F_PASID else None
+            yield (f"    context {cd['unit']} entry {cd['entry'][0]}:{cd['entry'][1]}  "
+                   + D.context_summary(c.lo, c.hi, cd["scalable"], pasid,
+                                       (c.pasid_val0, c.pasid_val1, c.pasid_val2)))
     def domain_line(r):
         return f"  {unit_name(r.unit)} did {r.did:<5} {D.domain_tt_name(r.tt)}, {r.gaw}-bit, pgd {r.pgd:#x}"
 
@@ -298,6 +338,47 @@ def tree_lines(st: State, *, limit: int = 16, source: str = "") -> Iterator[str]
             yield line(r)
     for u in st.unknown_sections:
         yield f"Unknown section type {u.type} ({len(u.data)} bytes, skipped)"
+
+
+def _modes_line(d: dict) -> str:
+    """A unit's translation and interrupt-remapping modes, and what they were read from."""
+    def one(value, src):
+        return f"{value} ({src})" if value else "unknown (not recorded)"
+
+    return (f"modes: translation {one(d['translation_mode'], d['translation_mode_from'])}, "
+            f"interrupt remapping {one(d['ir_mode'], d['ir_mode_from'])}")
+
+
+def _sriov_line(s: dict) -> str:
+    if s["role"] == "VF":
+        return f"SR-IOV VF of PF {s['physfn'] or 'unknown'}"
+    return (f"SR-IOV PF: {s['num_vfs']} of {s['total_vfs']} VFs, VF Enable "
+            f"{'on' if s['vf_enable'] else 'off'}")
+
+
+def _bridges_line(path: list) -> str:
+    if not path:
+        return "bridges: none (root bus)"
+    return "bridges (nearest first): " + " > ".join(
+        f"{b['bridge']} (COMMAND {b['command']}, bus master {'on' if b['bus_master'] else 'OFF'})"
+        for b in path)
+
+
+def _vector_lines(vectors: list, irte_lo: dict, limit: int) -> Iterator[str]:
+    """The device's vectors grouped by kind (INTx, MSI, MSI-X): index -> IRTE, delivery."""
+    by_kind: dict[int, list] = {}
+    for v in vectors:
+        by_kind.setdefault(v.kind, []).append(v)
+    for kind in sorted(by_kind):
+        rows = by_kind[kind]
+        yield f"    {E.VECTOR_KIND.get(kind, str(kind))} ({len(rows)})"
+        for v in rows[:limit]:
+            known = v.flags & E.VEC_F_IRTE_KNOWN
+            vd = vector_dict(v, irte_lo.get((v.unit, v.irte_index)) if known else None)
+            tgt = f"{vd['unit']} IRTE {vd['irte_index']}" if known else "IRTE unknown"
+            yield f"      [{v.vector}] -> {tgt}  {vd['delivery']}  irq {_t(vd['irq'])}"
+        if len(rows) > limit:
+            yield f"      ... {len(rows) - limit} more (--limit)"
 
 
 # --- diff ------------------------------------------------------------------------------------

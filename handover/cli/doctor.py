@@ -23,10 +23,12 @@ MARK = {"ok": "ok  ", "warn": "warn", "fail": "FAIL", "info": "    "}
 def doctor(image, region, devices, as_json, sysroot):
     """Preflight: can this host do a keepalive kexec, and if not, why.
 
-    Checks the running and the next kernel (do they declare the format), the IOMMU (mode,
-    interrupt remapping, x2APIC), each passthrough device (vfio-pci, alone in its IOMMU
-    group, its bridges), the region (kind, physical address, memmap=), kexec-tools, and
-    says what would be kept and what released. Exit 0 ready, 1 not ready."""
+    Checks the running and the next kernel (do they declare the format), the IOMMU (legacy
+    or scalable mode, interrupt remapping, xAPIC or x2APIC/EIM), each passthrough device
+    (vfio-pci, alone in its IOMMU group, its bridges and DMA aliases, SR-IOV role, MSI/MSI-X
+    vectors, what the kernel cannot keep yet: /sys/kernel/handover/features), the region
+    (kind, physical address, memmap=), kexec-tools, and says what would be kept and what
+    released. Exit 0 ready, 1 not ready."""
     from ..ops.doctor import DoctorRequest, doctor as run
 
     rep = run(DoctorRequest(sysroot=sysroot, kernel=image, region=region, devices=devices))

@@ -12,9 +12,21 @@ from __future__ import annotations
 from .enums import (
     BAR_FLAGS,
     CONTEXT_TT,
+    DEV_F_PF,
+    DEV_F_VF,
     DOMAIN_TT_SCALABLE,
     GSTS_BITS,
+    IR_MODE,
     PASID_PGTT,
+    PCI_COMMAND_MASTER,
+    RTADDR_TTM,
+    SRIOV_CTRL_VFE,
+    UNIT_F_SM,
+    UNIT_F_X2APIC,
+    UNIT_PRESENT_BIT,
+    VEC_F_MSG_KNOWN,
+    VEC_F_POSTED,
+    VEC_F_REMAPPED,
     flag_names,
 )
 
@@ -132,12 +144,44 @@ def decode_ecap(ecap: int) -> dict:
 
 
 def decode_rtaddr(v: int) -> dict:
-    return {"root_table": hx(v & ~0xFFF), "scalable": bool(v >> 10 & 1), "ttm": bits(v, 11, 10)}
+    return {"root_table": hx(v & ~0xFFF), "scalable": bool(v >> 10 & 1), "ttm": bits(v, 11, 10),
+            "mode": RTADDR_TTM[bits(v, 11, 10)]}
 
 
 def decode_irta(v: int) -> dict:
     s = v & 0xF
-    return {"table": hx(v & ~0xFFF), "eime": bool(v >> 11 & 1), "size": s, "entries": 1 << (s + 1)}
+    return {"table": hx(v & ~0xFFF), "eime": bool(v >> 11 & 1), "size": s, "entries": 1 << (s + 1),
+            "mode": IR_MODE[bool(v >> 11 & 1)]}
+
+
+def rtaddr_mode(rtaddr: int) -> str:
+    """The translation mode RTADDR's TTM bits (11:10) select: legacy, scalable, ..."""
+    return RTADDR_TTM[bits(rtaddr, 11, 10)]
+
+
+def irta_mode(irta: int) -> str:
+    """The interrupt-remapping mode IRTA's EIME bit (11) selects: x2APIC (EIM) or xAPIC."""
+    return IR_MODE[bool(irta >> 11 & 1)]
+
+
+def unit_modes(flags: int, present: int, rtaddr: int, irta: int) -> dict:
+    """A saved unit's translation mode (RTADDR TTM 11:10, else the SM flag) and interrupt-
+    remapping mode (IRTA EIME bit 11, else the X2APIC flag), each with where it was read
+    from; None (and source None) when neither was recorded."""
+    if present & UNIT_PRESENT_BIT["rtaddr"]:
+        tm, tm_from = rtaddr_mode(rtaddr), "RTADDR"
+    elif flags & UNIT_F_SM:
+        tm, tm_from = "scalable", "flags"
+    else:
+        tm, tm_from = None, None
+    if present & UNIT_PRESENT_BIT["irta"]:
+        ir, ir_from = irta_mode(irta), "IRTA"
+    elif flags & UNIT_F_X2APIC:
+        ir, ir_from = IR_MODE[True], "flags"
+    else:
+        ir, ir_from = None, None
+    return {"translation_mode": tm, "translation_mode_from": tm_from,
+            "ir_mode": ir, "ir_mode_from": ir_from}
 
 
 def decode_iqa(v: int) -> dict:
@@ -172,10 +216,56 @@ def decode_pasid_entry(v0: int, v1: int, v2: int) -> dict:
             "did": bits(v1, 15, 0), "fsptptr": hx(v2 & ~0xFFF)}
 
 
+def context_summary(lo: int, hi: int, scalable: bool, pasid: int | None = None,
+                    pasid_vals: tuple[int, int, int] = (0, 0, 0)) -> str:
+    """One line: a legacy context entry (TT, AW, DID, SLPTPTR), or a scalable one (PASID
+    directory) with its PASID entry (PGTT, DID, SSPTPTR) when the state holds it."""
+    c = decode_context(lo, hi, scalable)
+    if not scalable:
+        return (f"legacy: {c['tt']}, {c['address_width']}-bit, DID {c['did']}, SLPTPTR "
+                f"{c['slptptr']}{'' if c['present'] else ' (not present)'}")
+    out = (f"scalable: PASID directory {c['pasid_dir']} ({1 << (c['pdts'] + 7)} entries), "
+           f"RID_PASID {c['rid_pasid']}")
+    if pasid is not None:
+        p = decode_pasid_entry(*pasid_vals)
+        out += (f"; PASID {pasid}: PGTT {p['pgtt']}, DID {p['did']}, SSPTPTR {p['ssptptr']}"
+                + (f", FSPTPTR {p['fsptptr']}" if p["pgtt"] in ("first-level", "nested") else "")
+                + ("" if p["present"] else " (not present)"))
+    return out
+
+
 def domain_tt_name(tt: int) -> str:
     if tt & DOMAIN_TT_SCALABLE:
         return "scalable " + PASID_PGTT.get(tt & 0x7F, f"pgtt {tt & 0x7F}")
     return CONTEXT_TT.get(tt, f"tt {tt}")
+
+
+# --- PCI topology, SR-IOV, vectors ------------------------------------------------------------
+def bus_master(command: int) -> bool:
+    """PCI_COMMAND bit 2: the function may issue DMA (a bridge: forward it upstream)."""
+    return bool(command & PCI_COMMAND_MASTER)
+
+
+def sriov_role(flags: int, num_vfs: int, total_vfs: int, ctrl: int, physfn: int) -> dict | None:
+    """A saved device's SR-IOV role: a VF and its PF, a PF with its VF counts and VF
+    Enable, or None (neither)."""
+    if flags & DEV_F_VF:
+        return {"role": "VF", "physfn": None if physfn == 0xFFFFFFFF else bdf_str(physfn)}
+    if flags & DEV_F_PF:
+        return {"role": "PF", "num_vfs": num_vfs, "total_vfs": total_vfs,
+                "vf_enable": bool(ctrl & SRIOV_CTRL_VFE)}
+    return None
+
+
+def vector_delivery(flags: int, irte_lo: int | None = None) -> str:
+    """How a vector reaches the CPU: ``posted`` (its IRTE has IM set, or the vector is
+    flagged POSTED), ``remapped`` (remappable message), ``compatibility`` (a message in
+    compatibility format: not remapped), or ``unknown`` (the message was not read)."""
+    if flags & VEC_F_POSTED or (irte_lo is not None and irte_lo >> 15 & 1):
+        return "posted"
+    if flags & VEC_F_MSG_KNOWN:
+        return "remapped" if flags & VEC_F_REMAPPED else "compatibility"
+    return "remapped" if irte_lo is not None else "unknown"
 
 
 # --- BARs ---------------------------------------------------------------------------------

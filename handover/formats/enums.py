@@ -65,6 +65,11 @@ UNIT_PRESENT = {
 }
 UNIT_PRESENT_BIT = {v: 1 << k for k, v in UNIT_PRESENT.items()}
 
+# RTADDR bits 11:10, TTM (translation table mode; Linux tests only bit 10, DMA_RTADDR_SMT)
+RTADDR_TTM = {0: "legacy", 1: "scalable", 2: "reserved", 3: "abort-dma"}
+# IRTA bit 11, EIME: 32-bit x2APIC destination IDs (irq_remapping.c IR_X2APIC_MODE)
+IR_MODE = {False: "xAPIC", True: "x2APIC (EIM)"}
+
 # GSTS bits (iommu.h:277-296)
 GSTS_BITS = {31: "TES", 30: "RTPS", 29: "FLS", 28: "AFLS", 27: "WBFS", 26: "QIES",
              25: "IRES", 24: "IRTPS", 23: "CFIS"}
@@ -110,6 +115,17 @@ DEVICE_FLAGS = {0: "DSN", 1: "VF", 2: "PF", 3: "SRIOV_EN", 4: "BRIDGE", 5: "KEEP
                 6: "TOKEN", 7: "CONFIG_FULL"}
 (DEV_F_DSN, DEV_F_VF, DEV_F_PF, DEV_F_SRIOV_EN, DEV_F_BRIDGE, DEV_F_KEEPALIVE,
  DEV_F_TOKEN, DEV_F_CONFIG_FULL) = (1 << i for i in range(8))
+
+# SR-IOV control (extended capability 0x0010, +8)
+SRIOV_CTRL_VFE, SRIOV_CTRL_MSE, SRIOV_CTRL_ARI = 0x1, 0x8, 0x10
+
+# --- PCI (include/uapi/linux/pci_regs.h) ---------------------------------------------------
+PCI_COMMAND_MASTER = 0x4
+# PCI Express capability flags 7:4, the device/port type (PCI_EXP_TYPE_*)
+PCIE_TYPE = {0: "endpoint", 1: "legacy endpoint", 4: "root port", 5: "upstream port",
+             6: "downstream port", 7: "PCIe-to-PCI bridge", 8: "PCI-to-PCIe bridge",
+             9: "root complex integrated endpoint", 10: "root complex event collector"}
+PCIE_TYPE_PCI_BRIDGE, PCIE_TYPE_PCIE_BRIDGE = 7, 8
 
 # --- reserved ranges --------------------------------------------------------------------
 RESERVED_KIND = {1: "root-table", 2: "context-table", 3: "pasid-dir", 4: "pasid-table",

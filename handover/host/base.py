@@ -479,6 +479,10 @@ class KernelInterface:
     formats: str | None            # the format versions the kernel reads, "1.0-1.1"
     decision: str | None           # pending | accept | abort
     status: KernelStatus = field(default_factory=KernelStatus)
+    #: the words of /sys/kernel/handover/features (``scalable``, ``sriov``, ``dma-alias``:
+    #: what the kernel can keep beyond a legacy-mode device without aliases); empty when
+    #: the file is missing (legacy only)
+    features: frozenset = frozenset()
 
     @property
     def state(self) -> str | None:

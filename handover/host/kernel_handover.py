@@ -15,6 +15,11 @@ file (documented in the series' Documentation/ABI/testing/sysfs-kernel-handover)
     ``keepalive``.
 ``formats``
     The format versions the kernel reads, ``1.0-1.1``.
+``features``
+    Words naming what the kernel can keep beyond the base case (a legacy-mode unit, a device
+    without DMA aliases, no SR-IOV): ``scalable``, ``sriov``, ``dma-alias``. Missing (the
+    current series has no such file): the base case only. Expected of a future series;
+    user space refuses, before the kexec, what the kernel does not declare.
 ``blob`` (0400)
     The RAM copy of the state the kernel validated.
 ``decision`` (0644)
@@ -104,10 +109,21 @@ class KernelHandover(Source):
                       f"{ROOT} missing: kernel without handover patches")
             return
         info = KernelInterface(path=ROOT, formats=sr.try_text(f"{ROOT}/formats"),
-                               decision=sr.try_text(f"{ROOT}/decision"), status=read_status(sr))
+                               decision=sr.try_text(f"{ROOT}/decision"), status=read_status(sr),
+                               features=read_features(sr))
         host.kernel_handover = info
         host.note("kernel-handover", "captured", self.name,
                   f"{ROOT}: state {info.state}, formats {info.formats}")
+
+
+FEATURES = f"{ROOT}/features"
+
+
+def read_features(sysroot: Sysroot) -> frozenset:
+    """The words of /sys/kernel/handover/features: what the running kernel can keep beyond
+    the base case (a legacy-mode unit, a device without DMA aliases, no SR-IOV). Missing
+    (every kernel of the current series): nothing beyond the base case, "legacy only"."""
+    return frozenset((sysroot.try_text(FEATURES) or "").split())
 
 
 def feed(sysroot: Sysroot, verdict: str, reason: str = "") -> str:

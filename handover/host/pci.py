@@ -148,6 +148,40 @@ def upstream_of(path: str) -> list[str]:
     return list(reversed(comps[:-1]))
 
 
+#: PCI Express device/port types (PCI_EXP_FLAGS 7:4) that alias the requester ID of what
+#: is below them (drivers/pci/search.c pci_for_each_dma_alias)
+PCIE_ALIASING = {7: "PCIe-to-PCI bridge", 8: "PCI-to-PCIe bridge"}
+
+
+def bridge_kind(dev: PciDev) -> str:
+    """What a bridge on a device's path is, for DMA aliasing: a PCIe port type, a
+    "conventional PCI bridge" (no PCI Express capability in a readable config), or
+    "unknown" (config space past 64 bytes not readable: not root)."""
+    from ..formats.enums import PCIE_TYPE
+
+    if dev.caps.pcie_type is not None:
+        return PCIE_TYPE.get(dev.caps.pcie_type, f"PCIe type {dev.caps.pcie_type}")
+    if len(dev.config) <= 0x40:
+        return "unknown"
+    return "conventional PCI bridge"
+
+
+def dma_alias_bridges(host: Host, dev: PciDev) -> list[tuple[str, str]]:
+    """[(bridge BDF, kind)] of the bridges above ``dev`` through which its DMA reaches the
+    IOMMU with another requester ID (the bridge's, or its secondary bus's): a PCIe-to-PCI
+    (or PCI-to-PCIe) bridge, or a conventional PCI bridge, as pci_for_each_dma_alias walks
+    them. Root ports, switch ports and a bridge whose kind is unknown are not listed."""
+    out = []
+    for b in dev.upstream:
+        bd = host.devices.get(b)
+        if bd is None:
+            continue
+        kind = bridge_kind(bd)
+        if bd.caps.pcie_type in PCIE_ALIASING or kind == "conventional PCI bridge":
+            out.append((b, kind))
+    return out
+
+
 @register
 class PciSource(Source):
     name = "pci-sysfs"

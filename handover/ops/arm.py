@@ -264,7 +264,7 @@ def arm(req: ArmRequest) -> dict:
     devices. Returns the report (``warnings`` lists what the caller should say)."""
     from ..formats.token import hash_token
     from ..host import Sysroot
-    from ..host.kernel_handover import arm_keepalive
+    from ..host.kernel_handover import KEEPALIVE, arm_keepalive
     from .save import SaveRequest, save
 
     t0 = time.monotonic()
@@ -283,9 +283,14 @@ def arm(req: ArmRequest) -> dict:
                         "readable by every user in /proc/cmdline")
     # the token is hashed once: the state and the marker carry the same (salt, hash)
     token_hash = hash_token(req.token) if req.token else None
+    # devices are armed to stay running only when the running kernel can (its keepalive
+    # file) and the next one reads the state: then a device the kernel cannot keep is
+    # refused now, before anything is saved or loaded (else the kexec stops every device)
+    keepalive = declared and sr.exists(KEEPALIVE)
     report = save(SaveRequest(region=region, devices=tuple(req.devices), token_hash=token_hash,
                               force=req.force, minor=minor, dry_run=req.dry_run,
-                              alter=req.alter, sysroot=req.sysroot, progress=req.progress))
+                              alter=req.alter, sysroot=req.sysroot, progress=req.progress,
+                              keepalive=keepalive))
     t_save = time.monotonic() - t0
     facts = region_facts(region, req.sysroot)
     current = sr.try_text("/proc/cmdline")

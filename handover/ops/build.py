@@ -278,6 +278,10 @@ def build_state(host: Host, devices: list, opts: SaveOptions) -> tuple[State, di
             if v.irte_index is not None:
                 fl |= E.VEC_F_IRTE_KNOWN
                 vectors_by_unit.setdefault(v.unit, set()).add(v.irte_index)
+                vu = kept_units.get(v.unit)
+                irte = vu.irtes.get(v.irte_index) if vu and vu.irtes else None
+                if irte and irte[0] >> 15 & 1:   # IM: a posted-format IRTE
+                    fl |= E.VEC_F_POSTED
             b.add("vectors", sbdf=dev.sbdf, unit=0xFFFF if v.unit is None else v.unit,
                   kind=v.kind, flags=fl, vector=v.vector, irte_index=v.irte_index or 0,
                   sub_handle=v.sub_handle or 0, irq=v.irq or 0)

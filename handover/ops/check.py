@@ -13,6 +13,7 @@ matches only when no verdict is ``mismatch`` or ``missing``.
 
 from __future__ import annotations
 
+from ..formats import descriptions as D
 from ..formats import enums as E
 from ..formats.descriptions import bdf_str, hx
 from ..formats.model import State
@@ -99,6 +100,41 @@ def check_units(st: State, host: Host, out: Verdicts) -> None:
                     "IRTA was not captured at save")
         if su.present & E.UNIT_PRESENT_BIT["rtaddr"] and su.flags & E.UNIT_F_TE:
             out.compare(name, "RTADDR", su.rtaddr, hu.regs.rtaddr, _h())
+        check_unit_modes(name, su, hu, out)
+
+
+#: why a mode that differs between the saved unit and the host's cannot be carried
+MODE_CONSEQUENCE = {
+    "translation mode": "the kept context entries cannot be adopted in the other mode: the "
+                        "kept devices' DMA would be translated wrongly",
+    "interrupt remapping mode": "the kept IR table would misroute interrupts",
+}
+
+
+def check_unit_modes(name: str, su, hu, out: Verdicts) -> None:
+    """The saved unit's translation mode (legacy/scalable) and interrupt-remapping mode
+    (xAPIC / x2APIC EIM) against the host unit's, each only when the saved unit used it
+    (TE for translation, IRE for interrupt remapping)."""
+    saved = D.unit_modes(su.flags, su.present, su.rtaddr, su.irta)
+    checks = []
+    if su.flags & E.UNIT_F_TE:
+        checks.append(("translation mode", saved["translation_mode"], hu.regs.rtaddr,
+                       D.rtaddr_mode, "RTADDR"))
+    if su.flags & E.UNIT_F_IRE:
+        checks.append(("interrupt remapping mode", saved["ir_mode"], hu.regs.irta,
+                       D.irta_mode, "IRTA"))
+    for check, s, reg, mode_of, reg_name in checks:
+        if s is None:
+            out.add(name, check, "unverified", None,
+                    None if reg is None else mode_of(reg),
+                    f"not recorded in the saved state ({reg_name} not captured at save)")
+        elif reg is None:
+            out.add(name, check, "unverified", s, None,
+                    f"{reg_name} not readable on this host (no debugfs or kernel interface)")
+        else:
+            h = mode_of(reg)
+            out.add(name, check, "match" if h == s else "mismatch", s, h,
+                    "" if h == s else MODE_CONSEQUENCE[check])
 
 
 def check_devices(st: State, host: Host, token: str | None, out: Verdicts) -> None:

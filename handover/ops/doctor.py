@@ -18,6 +18,8 @@ import os
 from dataclasses import asdict, dataclass, field
 
 from ..errors import HandoverError
+from ..formats.enums import IR_MODE
+from .keepable import FEATURE_SCALABLE, NOT_DECLARED, features_of
 
 SCHEMA = "handover.doctor/1"
 KEXEC_PATHS = ("/usr/sbin/kexec", "/sbin/kexec", "/usr/bin/kexec", "/usr/local/sbin/kexec")
@@ -88,7 +90,7 @@ def _target_kernel(image: str | None) -> tuple[Check, bool]:
                  {"image": os.path.abspath(image), "writes": f"1.{minor}"}), True
 
 
-def _units(host) -> list[Check]:
+def _units(host, features: frozenset) -> list[Check]:
     if not host.units:
         return [Check("iommu", "fail", "no IOMMU unit (/sys/class/iommu/dmar*): VT-d off in the "
                       "firmware, or intel_iommu=off", {})]
@@ -97,27 +99,82 @@ def _units(host) -> list[Check]:
         rt, irta = u.regs.rtaddr, u.regs.irta
         mode = "unknown" if rt is None else ("scalable" if rt >> 10 & 1 else "legacy")
         x2apic = None if irta is None else bool(irta >> 11 & 1)
+        scalable_kept = mode != "scalable" or FEATURE_SCALABLE in features
         facts = {"unit": u.name, "register_base": None if u.reg_base is None else f"{u.reg_base:#x}",
                  "mode": mode, "interrupt_remapping": u.ir_enabled, "x2apic": x2apic,
-                 "translation": u.dma_enabled}
+                 "ir_mode": None if x2apic is None else IR_MODE[x2apic],
+                 "translation": u.dma_enabled, "mode_kept": scalable_kept}
         words = [f"{u.name} at {facts['register_base'] or 'unknown address'}",
                  f"{mode} mode" if mode != "unknown" else "mode unknown (RTADDR not readable)",
                  "IR on" if u.ir_enabled else ("IR off" if u.ir_enabled is False else
                                                "IR state unknown"),
-                 "x2APIC" if x2apic else ("xAPIC" if x2apic is False else "x2APIC unknown")]
+                 facts["ir_mode"] or "x2APIC/EIM unknown (IRTA not readable)"]
         status, why = "ok", ""
         if u.ir_enabled is False:
             status, why = "fail", ": interrupt remapping is off, the vectors cannot be carried"
+        elif not scalable_kept:
+            status, why = "warn", (f": scalable mode is not kept yet ({NOT_DECLARED.format(FEATURE_SCALABLE)}): "
+                                   f"its devices are refused before the kexec")
         elif u.ir_enabled is None or mode == "unknown":
             status, why = "warn", ": not every register is readable (no debugfs or patched sysfs)"
         out.append(Check(f"iommu.{u.name}", status, ", ".join(words) + why, facts))
     return out
 
 
-def _devices(host, requested) -> tuple[list[Check], list[str], list[str]]:
-    """(checks, kept, released)."""
+def _topology(host, d) -> tuple[dict, str]:
+    """(facts, words) of a device's place: its bridges (kind, bus master), DMA aliases,
+    SR-IOV role, MSI/MSI-X vectors."""
+    from ..formats.enums import PCI_COMMAND_MASTER, SRIOV_CTRL_VFE, VECTOR_KIND
+    from ..host.pci import bridge_kind, dma_alias_bridges
+
+    bridges = []
+    for b in d.upstream:
+        bd = host.devices.get(b)
+        cmd = int.from_bytes(bd.config[4:6], "little") if bd and len(bd.config) >= 6 else None
+        bridges.append({"bdf": b, "kind": bridge_kind(bd) if bd else "unknown",
+                        "bus_master": None if cmd is None else bool(cmd & PCI_COMMAND_MASTER)})
+    aliases = [b for b, _ in dma_alias_bridges(host, d)]
+    sriov = None
+    if d.physfn:
+        sriov = {"role": "VF", "physfn": d.physfn}
+    elif d.caps.sriov is not None:
+        s = d.caps.sriov
+        sriov = {"role": "PF", "num_vfs": s.num_vfs, "total_vfs": s.total_vfs,
+                 "vf_enable": bool(s.ctrl & SRIOV_CTRL_VFE)}
+    counts: dict[str, int] = {}
+    for v in d.vectors:
+        k = VECTOR_KIND.get(v.kind, str(v.kind))
+        counts[k] = counts.get(k, 0) + 1
+    if not d.vectors:   # not a device whose vectors were read: count msi_irqs
+        for kind in d.msi_irqs.values():
+            k = {"msi": "MSI", "msix": "MSI-X"}.get(kind, kind)
+            counts[k] = counts.get(k, 0) + 1
+    facts = {"bridges": [b["bdf"] for b in bridges], "bridge_path": bridges,
+             "dma_alias_via": aliases, "sriov": sriov, "vectors": counts}
+    path = " > ".join(f"{b['bdf']} ({b['kind']}"
+                      + ("" if b["bus_master"] is None else
+                         f", bus master {'on' if b['bus_master'] else 'off'}") + ")"
+                      for b in bridges) or "none (root bus)"
+    words = f"bridges: {path}"
+    if aliases:
+        words += f"; DMA aliased by {', '.join(aliases)}"
+    if sriov and sriov["role"] == "VF":
+        words += f"; SR-IOV VF of {sriov['physfn']}"
+    elif sriov:
+        words += (f"; SR-IOV PF, {sriov['num_vfs']} of {sriov['total_vfs']} VFs, VF Enable "
+                  f"{'on' if sriov['vf_enable'] else 'off'}")
+    words += "; vectors: " + (", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
+                              or "none")
+    return facts, words
+
+
+def _devices(host, requested, features: frozenset = frozenset(),
+             keeps: bool = False) -> tuple[list[Check], list[str], list[str]]:
+    """(checks, kept, released). ``keeps``: the running kernel can keep devices, so one it
+    cannot keep fails (arm refuses it); otherwise that is a warning."""
     from ..host.pci import normalize_bdf
     from .build import IOMMU_FREE_DRIVERS
+    from .keepable import refusals
 
     vfio = sorted(b for b, d in host.devices.items() if d.driver == "vfio-pci")
     wanted = [normalize_bdf(b) for b in requested] if requested else vfio
@@ -143,17 +200,26 @@ def _devices(host, requested) -> tuple[list[Check], list[str], list[str]]:
                             and not (o.header_type & 0x7F == 1 and o.driver in IOMMU_FREE_DRIVERS))
             if shared:
                 problems.append(f"IOMMU group {d.iommu_group} shared with {', '.join(shared)}")
-        bridges = " > ".join(d.upstream) or "none (root bus)"
+        topo, where = _topology(host, d)
         facts = {"bdf": b, "driver": d.driver, "iommu_group": d.iommu_group,
-                 "unit": d.iommu, "bridges": list(d.upstream), "shares_group_with": shared}
+                 "unit": d.iommu, "shares_group_with": shared, **topo}
+        cannot = refusals(host, d, features)
+        facts["not_kept"] = cannot
         if problems:
-            checks.append(Check(f"device.{b}", "fail", f"{b}: " + "; ".join(problems), facts))
+            checks.append(Check(f"device.{b}", "fail", f"{b}: " + "; ".join(problems + cannot)
+                                + f"; {where}", facts))
+        elif cannot:
+            checks.append(Check(f"device.{b}", "fail" if keeps else "warn",
+                                f"{b} {d.vendor:04x}:{d.device:04x}: not kept: "
+                                + "; ".join(cannot)
+                                + ("; arm refuses it before the kexec" if keeps else "")
+                                + f"; {where}", facts))
         else:
             kept.append(b)
             checks.append(Check(f"device.{b}", "ok",
                                 f"{b} {d.vendor:04x}:{d.device:04x}: vfio-pci, alone in IOMMU "
-                                f"group {d.iommu_group}, {d.iommu or 'unit unknown'}, bridges: "
-                                f"{bridges}", facts))
+                                f"group {d.iommu_group}, {d.iommu or 'unit unknown'}, {where}",
+                                facts))
     released = sorted(set(vfio) - set(kept))
     return checks, kept, released
 
@@ -237,8 +303,9 @@ def doctor(req: DoctorRequest) -> dict:
     host = read_host(sr)
     running, running_keeps = _running_kernel(sr, host)
     target, target_reads = _target_kernel(req.kernel)
-    checks = [running, target, *_units(host)]
-    dev_checks, kept, released = _devices(host, req.devices)
+    features = features_of(host)
+    checks = [running, target, *_units(host, features)]
+    dev_checks, kept, released = _devices(host, req.devices, features, running_keeps)
     checks += dev_checks
     checks += _regions(sr, req.region)
     checks.append(_kexec(sr))

@@ -33,6 +33,9 @@ class SaveRequest:
     sysroot: str = "/"
     minor: int | None = None
     progress: Progress = None
+    #: the devices will be armed for a keepalive kexec (arm): refuse, before anything is
+    #: written, a device the kernel cannot keep (ops.keepable)
+    keepalive: bool = False
 
 
 def region_ranges(region: str) -> list[tuple[int, int]]:
@@ -97,6 +100,10 @@ def save(req: SaveRequest) -> dict:
         wanted = {normalize_bdf(d) for d in req.devices} if req.devices else None
         host = read_host(sr, wanted, req.progress)
         kept, warnings = build.select_devices(host, list(req.devices) or None, force=req.force)
+        if req.keepalive:
+            from .keepable import refuse_unkeepable
+
+            refuse_unkeepable(host, kept)
         opts = build.SaveOptions(devices=[d.bdf for d in kept], token=req.token,
                                  token_hash=req.token_hash, force=req.force, require=req.require,
                                  region_ranges=ranges, generation=generation,

@@ -39,7 +39,7 @@ def test_inspect_tree_decodes_irtes_devices_bars():
     code, out, _ = run("inspect", TINY)
     assert code == 0
     assert "dmar0" in out and "remapped vec=0x20" in out and "0000:01:00.0" in out
-    assert "BAR0" in out and "MSI-X 0 -> dmar0 IRTE 0" in out
+    assert "BAR0" in out and "    MSI-X (" in out and "[0] -> dmar0 IRTE 0  remapped" in out
 
 
 def test_inspect_json_is_stdout_only(tmp_path):

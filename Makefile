@@ -11,7 +11,7 @@ HANDOVER_VENV ?= $(HOME)/.cache/handover/venv
 VPY := $(HANDOVER_VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: venv tools man test test-unit test-system test-kernel test-keepalive kernel kernel-debian kernel-check demo bench bench-keepalive vectors clean-venv
+.PHONY: venv tools man test test-unit test-system test-kernel test-keepalive kernel kernel-debian kernel-check qemu qemu-check demo bench bench-keepalive vectors clean-venv
 
 $(VPY): pyproject.toml
 	@echo "handover: setting up $(HANDOVER_VENV)" >&2
@@ -55,6 +55,17 @@ kernel-check: $(VPY)
 	$(VPY) tools/kernel.py checkpatch
 	$(VPY) tools/kernel.py check-series --config lab
 	$(VPY) tools/kernel.py check-series --config debian
+
+# the patched QEMU (the VMM side; cached in ~/.cache/handover-qemu, compiles under nice -n 19)
+#   make qemu         Debian's qemu 7.2 source + qemu-patches/, qemu-system-x86_64 only
+#   make qemu-check   every patch applies in order, QEMU's checkpatch.pl on each, and the
+#                     host-side smoke test of the built binary (skipped when not built)
+qemu: $(VPY)
+	$(VPY) tools/qemu.py build
+
+qemu-check: $(VPY)
+	$(VPY) tools/qemu.py check
+	$(VPY) -m pytest -ra -m qemu $(PYTEST_ARGS) tests/qemu
 
 test-kernel: $(VPY)
 	HANDOVER_BUILD_KERNEL=1 $(VPY) -m pytest -ra -s -m kernel $(PYTEST_ARGS) tests

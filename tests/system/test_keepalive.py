@@ -61,6 +61,19 @@ EOF
     "identity": _rewrite("devices", "r._replace(device=0x11e9)"),
     "bar": _rewrite("bars", "r._replace(start=r.start + 0x100000)"),
     "irta": _rewrite("units", "r._replace(irta=r.irta + 0x100000)"),
+    # edu's BAR0 (1 MiB) recorded with a size no BAR has: the kernel would believe it
+    "bar-size": _rewrite("bars", "r._replace(size=0x180000) if (r.sbdf, r.index) == (0x18, 0) else r"),
+    # edu's BAR0 not recorded at all: the kernel would size it, writing it under a running device
+    "no-bar": r"""
+python3 - <<'EOF'
+from handover.formats.codec import decode, encode
+from handover.formats.model import Table
+from handover.pmem import commit, read_latest
+st = decode(read_latest("/dev/pmem0").blob)
+st.bars = Table.from_rows(st.bars.spec, [r for r in st.bars if (r.sbdf, r.index) != (0x18, 0)])
+commit("/dev/pmem0", encode(st))
+EOF
+""",
 }
 
 NEW_KERNEL_REJECT = NEW_KERNEL_COMMON + r"""
@@ -229,7 +242,7 @@ def test_rejected_state_releases_the_device(patched):  # noqa: F811
     assert "handover: released (the handover was aborted)" in _text(new, "dmesg.txt")
 
 
-@pytest.mark.parametrize("spoil", ["corrupt", "identity", "bar", "irta"])
+@pytest.mark.parametrize("spoil", ["corrupt", "identity", "bar", "bar-size", "no-bar", "irta"])
 def test_kernel_rejects_and_stops_the_device(patched, spoil):  # noqa: F811
     res = _run(patched, NEW_KERNEL_KERNEL_REJECTS, SPOIL[spoil])
     new = res.phases[2]
@@ -244,6 +257,8 @@ def test_kernel_rejects_and_stops_the_device(patched, spoil):  # noqa: F811
         assert status["state"] == "valid"
         why = {"identity": "its identity differs from the saved one",
                "bar": "a BAR differs from the saved one",
+               "bar-size": "a BAR's saved size is no BAR size",
+               "no-bar": "a BAR the state does not record",
                "irta": "its interrupt-remapping table was not kept"}[spoil]
         if spoil == "irta":
             # the state's IRTA is not the live one: IR is reprogrammed as on a stock kernel

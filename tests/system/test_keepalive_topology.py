@@ -77,3 +77,51 @@ def test_keepalive_behind_bridges(patched, topology):  # noqa: F811
     assert owner["dma_new_iova"] is True and owner["dma_old_iova_unmapped"] is False
     load = json.loads(text["load.json"])
     assert load["ok"], text.get("load.err")
+
+
+# the second edu: driven through VFIO as well (a fresh owner with anonymous memory), but not
+# named to `handover arm`, so the kexec stops it like any device
+SECOND = "0000:00:08.0"
+OLD_TWO = OLD_KERNEL.replace(
+    "python3 -m handover region init", f"""echo vfio-pci > /sys/bus/pci/devices/{SECOND}/driver_override
+echo {SECOND} > /sys/bus/pci/drivers_probe
+python3 vfio_edu.py {SECOND} /tmp/vfio2-ready /tmp/vfio2-stop > /tmp/vfio2.log 2>&1 &
+i=0; while [ ! -f /tmp/vfio2-ready ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done
+cp /tmp/vfio2-ready "$LAB_OUT/vfio2-ready.txt"
+python3 -m handover region init""", 1).replace("--region /dev/pmem0 --token", "--region /dev/pmem0 --device 0000:00:03.0 --token", 1)
+# in the new kernel: after the kept edu's scenario, the second one gets a fresh owner
+NEW_TWO = NEW_KERNEL_KEEP + f"""
+od -An -tx2 -j4 -N2 /sys/bus/pci/devices/{SECOND}/config > "$LAB_OUT/second-command.txt"
+echo vfio-pci > /sys/bus/pci/devices/{SECOND}/driver_override
+echo {SECOND} > /sys/bus/pci/drivers_probe
+python3 vfio_edu.py {SECOND} /tmp/vfio2-ready /tmp/vfio2-stop > "$LAB_OUT/vfio2.log" 2>&1 &
+i=0; while [ ! -f /tmp/vfio2-ready ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done
+cp /tmp/vfio2-ready "$LAB_OUT/vfio2-ready.txt" || true
+touch /tmp/vfio2-stop
+ls /sys/kernel/handover/devices/ > "$LAB_OUT/handover-devices.txt"
+"""
+
+
+def test_two_devices_one_kept(patched):  # noqa: F811
+    """Two edus, both driven through VFIO; only 00:03.0 is named to `handover arm`. The
+    kexec stops the other one as usual; the new kernel keeps 00:03.0 (its DMA in flight
+    lands, its owner takes it over) and gives 00:08.0 fresh state: not held, bus mastering
+    off, and a new owner without a token gets DMA and MSI through a new domain."""
+    res = boot(patched, ["true\n", OLD_TWO, NEW_TWO], topology="two-edu")
+    old, new = res.phases[1], res.phases[2]
+    text = {n: new.files[n].decode(errors="replace") for n in new.files}
+    assert "dma_roundtrip=ok" in old.files["vfio2-ready.txt"].decode()
+    arm = json.loads(old.files["arm.json"])
+    assert arm["keepalive"] == {"armed": True, "devices": ["0000:00:03.0"]}
+    assert text["handover-devices.txt"].split() == ["0000:00:03.0"]
+    assert re.search(r"device: 0000:00:03.0 held adopted domain=\d+", text["status.txt"])
+    probe = json.loads(text["probe.json"])
+    inflight = json.loads(old.files["inflight.json"])
+    assert probe["dma_old_iova"] is True and probe["inflight"] == inflight["pattern"]
+    owner = json.loads(text["owner.json"])
+    assert owner["owner_token"] == "opened" and owner["translation"] == "owner"
+    assert owner["dma_old_iova"] is True and owner["msi_eventfd"] == "ok"
+    # the second edu: stopped at the kexec, then a fresh device for a fresh owner
+    assert not int(text["second-command.txt"].split()[0], 16) & 0x4
+    second = text.get("vfio2-ready.txt", "")
+    assert "dma_roundtrip=ok" in second and "msi_eventfd=ok" in second, text.get("vfio2.log")

@@ -31,12 +31,14 @@ PMEM_KINDS = (None, "legacy", "nvdimm")
 _RP = ["-device", "pcie-root-port,id=rp1,bus=pcie.0,chassis=1,slot=1,addr=07.0"]
 TOPOLOGIES = {
     "root": ["-device", "edu,addr=03.0"],
+    "two-edu": ["-device", "edu,addr=03.0", "-device", "edu,addr=08.0"],
     "root-port": _RP + ["-device", "edu,bus=rp1,addr=00.0"],
     "switch": _RP + ["-device", "x3130-upstream,id=up1,bus=rp1,addr=00.0",
                      "-device", "xio3130-downstream,id=dn1,bus=up1,chassis=2,slot=2,addr=00.0",
                      "-device", "edu,bus=dn1,addr=00.0"],
 }
-EDU_BDF = {"root": "0000:00:03.0", "root-port": "0000:01:00.0", "switch": "0000:03:00.0"}
+EDU_BDF = {"root": "0000:00:03.0", "two-edu": "0000:00:03.0", "root-port": "0000:01:00.0",
+           "switch": "0000:03:00.0"}
 KEXEC_MODES = ("l", "s", "p")
 
 
@@ -56,7 +58,8 @@ class RunOptions:
     memory, cpu, qemu_args: QEMU's ``-m``, ``-cpu`` and more arguments.
     topology: where edu sits (TOPOLOGIES): "root" (00:03.0 on the root bus), "root-port"
     (behind a PCIe root port at 00:07.0: 01:00.0), "switch" (behind the root port and a
-    switch's upstream and downstream ports: 03:00.0). EDU_BDF gives its address.
+    switch's upstream and downstream ports: 03:00.0), "two-edu" (a second edu at 00:08.0).
+    EDU_BDF gives its address.
     timeout: the whole run is killed after this many seconds (LabTimeout).
     workdir: where the payload, results disk, console.log and qemu-cmd.txt go (default: a
     new ``runs/run-*`` in the cache; the newest 6 are kept).  echo: copy the console to

@@ -67,11 +67,16 @@ def _one_line(e: click.UsageError) -> UsageLine:
     return UsageLine(" ".join(e.format_message().split()), ctx=e.ctx)
 
 
+#: click >= 8.2 raises this for a group called without arguments (it prints the help);
+#: Debian 12's click 8.1 prints the help itself and raises nothing (feature detection)
+_NO_ARGS_HELP = tuple(c for c in (getattr(click.exceptions, "NoArgsIsHelpError", None),) if c)
+
+
 class _LazyGroup(click.Group):
     def make_context(self, *args, **kwargs):
         try:
             return super().make_context(*args, **kwargs)
-        except click.exceptions.NoArgsIsHelpError:
+        except _NO_ARGS_HELP:
             raise
         except click.UsageError as e:
             raise _one_line(e) from None
@@ -79,7 +84,7 @@ class _LazyGroup(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except (click.exceptions.NoArgsIsHelpError, UsageLine):
+        except (*_NO_ARGS_HELP, UsageLine):
             raise
         except click.UsageError as e:
             raise _one_line(e) from None

@@ -5,6 +5,13 @@ reader and timeout, and the result (:class:`GuestResult`).
 Machine: ``-machine q35[,nvdimm=on] -accel tcg -smp 1 -m 1G -device intel-iommu,intremap=on``,
 edu at 03.0, e1000e at 04.0 (user net, restricted), the payload disk (read-only tar) at 05.0
 and the results disk at 06.0 (both virtio-blk with ``iommu_platform=on``: behind VT-d too).
+With ``RunOptions(nvme=True)`` also an NVMe controller at 08.0 on the root bus (NVME_BDF,
+``-device nvme,serial=handover-nvme,drive=nvm0,addr=08.0,max_ioqpairs=4,msix_qsize=5``: MSI-X
+with 5 vectors, one for the admin queue and one per I/O queue pair; 64-entry queues at most
+(CAP.MQES=2047 in QEMU 7.2, the driver chooses); FLR capable, so vfio-pci resets it when it
+is opened and closed) backed by ``nvme.img``, a fresh raw image of ``nvme_size`` bytes (8 MiB)
+in the run's workdir. No guest driver claims it (the nvme module is not in the initrd).
+The default machine has no NVMe controller.
 """
 
 from __future__ import annotations
@@ -38,6 +45,10 @@ TOPOLOGIES = {
 }
 EDU_BDF = {"root": "0000:00:03.0", "root-port": "0000:01:00.0", "switch": "0000:03:00.0"}
 KEXEC_MODES = ("l", "s", "p")
+#: the NVMe controller of ``RunOptions(nvme=True)``: its QEMU device and guest address
+NVME_BDF = "0000:00:08.0"
+NVME_SERIAL = "handover-nvme"
+NVME_DEVICE = f"nvme,serial={NVME_SERIAL},drive=nvm0,addr=08.0,max_ioqpairs=4,msix_qsize=5"
 
 
 @dataclasses.dataclass
@@ -57,6 +68,8 @@ class RunOptions:
     topology: where edu sits (TOPOLOGIES): "root" (00:03.0 on the root bus), "root-port"
     (behind a PCIe root port at 00:07.0: 01:00.0), "switch" (behind the root port and a
     switch's upstream and downstream ports: 03:00.0). EDU_BDF gives its address.
+    nvme: add the NVMe controller (NVME_DEVICE at NVME_BDF, see the module's docstring),
+    backed by a fresh raw ``nvme.img`` of ``nvme_size`` bytes in the workdir.
     timeout: the whole run is killed after this many seconds (LabTimeout).
     workdir: where the payload, results disk, console.log and qemu-cmd.txt go (default: a
     new ``runs/run-*`` in the cache; the newest 6 are kept).  echo: copy the console to
@@ -80,6 +93,8 @@ class RunOptions:
     cpu: str | None = None
     qemu_args: list | None = None
     topology: str = "root"
+    nvme: bool = False
+    nvme_size: int = 8 << 20
     timeout: float = DEFAULT_TIMEOUT
     workdir: str | Path | None = None
     echo: bool = False
@@ -164,7 +179,7 @@ def qemu_command(kernel: Kernel, initrd: Path, cmdline: str, payload: Path, resu
                  nvdimm: Path | None = None, nvdimm_size: int = 256 << 20,
                  nvdimm_label_size: int | None = None, memory: str = "1G",
                  cpu: str | None = None, extra_args: list | None = None,
-                 topology: str = "root") -> list:
+                 topology: str = "root", nvme: Path | None = None) -> list:
     """The QEMU command line of the lab machine (see the module's docstring)."""
     if topology not in TOPOLOGIES:
         raise LabError(f"unknown topology {topology!r} (one of {', '.join(TOPOLOGIES)})")
@@ -190,6 +205,8 @@ def qemu_command(kernel: Kernel, initrd: Path, cmdline: str, payload: Path, resu
             dev += f",label-size={nvdimm_label_size}"
         cmd += ["-object", f"memory-backend-file,id=nvm0,mem-path={nvdimm},size={nvdimm_size},share=on",
                 "-device", dev]
+    if nvme:
+        cmd += ["-drive", f"if=none,id=nvm0,file={nvme},format=raw", "-device", NVME_DEVICE]
     return cmd + list(extra_args or [])
 
 
@@ -228,6 +245,11 @@ def run(scripts, opts: RunOptions) -> GuestResult:
         if not nv.exists() or nv.stat().st_size != opts.nvdimm_size:
             with open(nv, "wb") as f:
                 f.truncate(opts.nvdimm_size)
+    nvme = None
+    if opts.nvme:
+        nvme = wd / "nvme.img"
+        with open(nvme, "wb") as f:      # fresh every run: zeros
+            f.truncate(opts.nvme_size)
     first, cmdlines = opts.cmdlines(len(scripts))
     payload, results = wd / "payload.tar", wd / "results.img"
     with Step("write payload", timings):
@@ -236,7 +258,7 @@ def run(scripts, opts: RunOptions) -> GuestResult:
         f.truncate(RESULT_SLOT_MB * max(1, len(scripts)) << 20)
     cmd = qemu_command(kernel, initrd, first, payload, results, nv, opts.nvdimm_size,
                        opts.nvdimm_label_size, opts.memory, opts.cpu, opts.qemu_args,
-                       opts.topology)
+                       opts.topology, nvme)
     (wd / "qemu-cmd.txt").write_text(shlex.join(cmd) + "\n")
     log(f"boot: {shlex.join(cmd)}")
     if opts.shell:

@@ -14,7 +14,12 @@ the tests of this module:
      flight ("inflight");
   4. the holder stops (closes: vfio-pci's FLR on a stock kernel), and a new process resumes: it
      must find the controller reset (CC.EN=0, CSTS.RDY=0) and say so, writing nothing.
-The in-flight write reached the disk image (the host reads it in the workdir).
+  5. with the controller's reset methods emptied (sysfs reset_method: vfio-pci then resets
+     nothing at open or close, as a kernel that keeps the device), init again, leaving a write
+     in flight on queue 2, exit; resume in a new process: the controller is the one it left,
+     the in-flight write is reaped from the CQ and its data read back, and I/O goes on from
+     the saved SQ tails / CQ heads / phases, each completion on its queue's own vector.
+The in-flight writes reached the disk image (the host reads it in the workdir).
 """
 
 from __future__ import annotations
@@ -66,6 +71,13 @@ cp /tmp/nv-ready "$LAB_OUT/ready.json"
 echo "@@LAB NVME-HOLDER-DONE phase=1"
 python3 vfio_nvme.py resume $NV "$dax" "$LAB_OUT/resume.json"
 echo "@@LAB NVME-RESUME-DONE phase=1"
+# no reset this time: vfio-pci finds no reset method (as a kernel that keeps the device does
+# not reset it); close still disables MSI-X and bus mastering
+echo "" > /sys/bus/pci/devices/$NV/reset_method
+python3 vfio_nvme.py init $NV "$dax" "$LAB_OUT/init2.json" --queues 2 --rounds 2 --inflight 2
+echo "@@LAB NVME-INIT2-DONE phase=1"
+python3 vfio_nvme.py resume $NV "$dax" "$LAB_OUT/resume2.json" --rounds ROUNDS
+echo "@@LAB NVME-RESUME2-DONE phase=1"
 """.replace("BDF", NV).replace("ROUNDS", str(ROUNDS))
 
 
@@ -107,8 +119,12 @@ def test_nvme_init_io_then_resume_detects_reset(run):
     # the holder's requests: another round, the state reloaded from the buffer, a write in flight
     req_io = _json(run, "req-io.json")["result"]
     assert req_io["ok"], req_io
+    ready = _json(run, "ready.json")
+    assert ready["ok"]
     reload = _json(run, "req-reload.json")["result"]
-    assert reload["ok"] and reload["generation"] > st["generation"], reload
+    assert reload["ok"] and reload["generation"] > ready["generation"], reload
+    # the reloaded queues went on where the in-memory ones stood
+    assert [r["sq_tail_before"] for r in reload["io"]] == [r["sq_tail_after"] for r in req_io["io"]]
     inflight = _json(run, "req-inflight.json")["result"]
     assert inflight["qid"] == 1
     assert "holder.rc" not in p.files, p.stderr
@@ -125,6 +141,43 @@ def test_nvme_init_io_then_resume_detects_reset(run):
     assert rs["saved"]["inflight"]["1"], "the state in the buffer lost the command in flight"
     assert "io" not in rs and "reaped" not in rs and rs["regs_after"]["cc"] == 0
     assert rs["action"].startswith("none")
+    assert rs["cq_posted_before_open"]["1"] == [inflight["cid"]], rs["cq_posted_before_open"]
+
+
+def test_nvme_resume_without_reset_goes_on_on_the_same_queues(run):
+    init2, rs = _json(run, "init2.json"), _json(run, "resume2.json")
+    assert init2["ok"], init2.get("error")
+    assert init2["regs_at_open"]["cc"] & 1 == 0      # (the previous owner's FLR)
+    left = init2["left_inflight"]
+    assert left["qid"] == 2 and left["posted"], left
+    assert rs["ok"], rs.get("error")
+    assert rs["controller_reset"] is False, rs["reset_evidence"]
+    assert rs["cq_posted_before_open"] == {"0": [], "1": [], "2": [left["cid"]]}
+    saved = {int(k): v for k, v in rs["saved"]["queues"].items()}
+    st2 = {q["qid"]: q for q in init2["state"]["queues"]}
+    for qid in (0, 1, 2):
+        for k in ("sq_tail", "cq_head", "phase", "next_cid"):
+            assert saved[qid][k] == st2[qid][k], (qid, k)
+    # the command left in flight: reaped from the CQ by its phase tag, its data on the disk
+    (reaped,) = rs["reaped"]
+    assert reaped["cid"] == left["cid"] and reaped["qid"] == 2 and reaped["status"] == 0
+    (check,) = rs["inflight_checks"]
+    assert check["data_ok"] and check["irq"], check
+    with open(run.workdir / "nvme.img", "rb") as f:
+        f.seek(left["slba"] * init2["ns"]["lba_size"])
+        assert hashlib.sha256(f.read(4096)).hexdigest()[:16] == left["sha"]
+    # the admin queue goes on (Identify), then I/O from the saved tails and phases
+    assert rs["identify_after_resume"]["sn"] == lab.NVME_SERIAL
+    assert rs["admin_after"]["sq_tail"] == (saved[0]["sq_tail"] + 2) % 32
+    io = rs["io"]
+    first = {r["qid"]: r for r in reversed(io)}
+    assert first[1]["sq_tail_before"] == saved[1]["sq_tail"]
+    assert first[1]["phase_before"] == saved[1]["phase"]
+    # queue 2: the in-flight write and its read-back came first
+    assert first[2]["sq_tail_before"] == (saved[2]["sq_tail"] + 1) % 16
+    assert all(r["data_ok"] and r["irq"] and r["vector"] == r["qid"] for r in io), io
+    assert {r["phase_after"] for r in io if r["qid"] == 1} == {0, 1}
+    assert rs["irq_counts"][1] >= 2 * ROUNDS and rs["irq_counts"][2] >= 2 * ROUNDS
 
 
 def test_nvme_second_open_while_held_is_busy(run):

@@ -4,8 +4,9 @@ Runs inside the lab guest (Debian python3.11, stdlib only), on QEMU's nvme contr
 (``lab.RunOptions(nvme=True)``: 00:08.0, MSI-X). Usage::
 
     python3 vfio_nvme.py init BDF BUFFER OUT.json [--queues N] [--rounds R] [--token T]
+                              [--inflight QID] [--hold READY STOP]
+    python3 vfio_nvme.py resume BDF BUFFER OUT.json [--rounds R] [--token T] [--inflight QID]
                               [--hold READY STOP]
-    python3 vfio_nvme.py resume BDF BUFFER OUT.json [--rounds R] [--token T] [--hold READY STOP]
     python3 vfio_nvme.py request BDF OP [ARG ...]       # ask a holding process (see serve())
 
 BUFFER is the DMA memory: a file to map (a device-dax node /dev/daxN.M, whose memory
@@ -23,8 +24,15 @@ of a 4 KiB write + read-back of a random pattern on every I/O queue, each comple
 for by its vector's eventfd and found by its phase tag. R >= 8 wraps the queues (the phase
 flips).
 
+--inflight QID: after the rounds, submit one more write on queue QID, ring its doorbell, save
+the state and leave its CQE in the queue's CQ for the next owner (what a kexec in the middle
+of I/O leaves): the process only watches the CQ memory until the CQE is there (without
+reaping it or writing the CQ head doorbell), since a stock kernel clears bus mastering at
+close. ``request inflight`` in hold mode does not wait at all.
+
 resume: maps BUFFER again at the same IOVA, reads the saved state from the buffer itself,
-opens the device, and checks, with register READS only, that the controller is the one it
+notes the CQEs already posted past the saved CQ heads (reading the buffer only), opens the
+device, and checks, with register READS only, that the controller is the one it
 left: CC.EN=1, CSTS.RDY=1 (and not CFS), AQA/ASQ/ACQ equal to the saved ones. If not, the
 controller was reset in between (vfio-pci's FLR at close/open on a stock kernel): it reports
 ``controller_reset: true`` and does nothing else (no CC write, no re-initialisation).
@@ -423,6 +431,23 @@ class Nvme:
         self.queues = {d["qid"]: Queue.from_dict(d) for d in st["queues"]}
 
 
+def peek(buf, st):
+    """Read-only: the CQEs the controller posted past each saved CQ head (expected phase)."""
+    out = {}
+    for q in st["queues"]:
+        head, phase, cids = q["cq_head"], q["phase"], []
+        for _ in range(q["size"]):
+            cid, status = struct.unpack_from("<HH", buf, q["cq_off"] + head * 16 + 12)
+            if status & 1 != phase:
+                break
+            cids.append(cid)
+            head += 1
+            if head == q["size"]:
+                head, phase = 0, phase ^ 1
+        out[str(q["qid"])] = cids
+    return out
+
+
 def read_state(buf):
     """The state block of the buffer (page 0), or None with the reason."""
     if bytes(buf[STATE_OFF:STATE_OFF + 8]) != MAGIC:
@@ -528,6 +553,7 @@ def resume(args, report):
                                                                     "phase", "next_cid")}
                                   for q in st["queues"]},
                        "inflight": {str(q["qid"]): q["inflight"] for q in st["queues"]}}
+    report["cq_posted_before_open"] = peek(v.buf, st)
     v.open_device(args.token)
     report["command_at_open"] = v.command()
     # read-only look at the controller: is it the one the state describes?
@@ -646,7 +672,8 @@ def request(bdf, op, *args, timeout=30.0):
 
 def hold(n, args, report):
     with open(args.hold[0] + ".tmp", "w") as f:
-        json.dump({"ok": report.get("ok"), "pid": os.getpid()}, f)
+        json.dump({"ok": report.get("ok"), "pid": os.getpid(),
+                   "generation": n.state["generation"]}, f)
     os.rename(args.hold[0] + ".tmp", args.hold[0])
     req = REQUEST.format(bdf=args.bdf)
     open(req + ".holder", "w").close()
@@ -668,6 +695,8 @@ def main(argv=None):
         s.add_argument("--rounds", type=int, default=2)
         s.add_argument("--token")
         s.add_argument("--hold", nargs=2, metavar=("READY", "STOP"))
+        s.add_argument("--inflight", type=int, metavar="QID",
+                       help="at the end, leave a write in flight on this queue")
         if mode == "init":
             s.add_argument("--queues", type=int, default=2)
     s = sub.add_parser("request")
@@ -689,6 +718,18 @@ def main(argv=None):
         else:
             v, n = resume(args, report)
             report["ok"] = n is None or (report["ok_io"] and report["ok_inflight"])
+        if n is not None and args.inflight:
+            left = n.inflight(n.queues[args.inflight])
+            # not reaped; but wait (buffer reads only) until the controller posted its CQE:
+            # a stock kernel clears bus mastering at close, which would fail a later CQE write
+            t = time.monotonic()
+            while str(left["cid"]) not in map(str, peek(n.buf, n.snapshot())[str(args.inflight)]):
+                if time.monotonic() - t > 5:
+                    break
+                time.sleep(0.01)
+            left["posted_s"] = round(time.monotonic() - t, 4)
+            left["posted"] = left["posted_s"] <= 5
+            report["left_inflight"] = left
         if n is not None:
             report["irq_counts"] = n.irq_counts
             report["state"] = n.save()

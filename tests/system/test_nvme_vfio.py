@@ -76,7 +76,8 @@ echo "@@LAB NVME-RESUME-DONE phase=1"
 echo "" > /sys/bus/pci/devices/$NV/reset_method
 python3 vfio_nvme.py init $NV "$dax" "$LAB_OUT/init2.json" --queues 2 --rounds 2 --inflight 2
 echo "@@LAB NVME-INIT2-DONE phase=1"
-python3 vfio_nvme.py resume $NV "$dax" "$LAB_OUT/resume2.json" --rounds ROUNDS
+python3 vfio_nvme.py resume $NV "$dax" "$LAB_OUT/resume2.json" --rounds ROUNDS \
+    --state "$LAB_OUT/state2.json"
 echo "@@LAB NVME-RESUME2-DONE phase=1"
 """.replace("BDF", NV).replace("ROUNDS", str(ROUNDS))
 
@@ -178,6 +179,10 @@ def test_nvme_resume_without_reset_goes_on_on_the_same_queues(run):
     assert all(r["data_ok"] and r["irq"] and r["vector"] == r["qid"] for r in io), io
     assert {r["phase_after"] for r in io if r["qid"] == 1} == {0, 1}
     assert rs["irq_counts"][1] >= 2 * ROUNDS and rs["irq_counts"][2] >= 2 * ROUNDS
+    # --state: the JSON copy of the state in the buffer, as of the last save
+    state2 = _json(run, "state2.json")
+    assert state2["generation"] == rs["state"]["generation"]
+    assert state2["queues"] == rs["state"]["queues"]
 
 
 def test_nvme_second_open_while_held_is_busy(run):

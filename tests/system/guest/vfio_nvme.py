@@ -45,7 +45,8 @@ the admin queue, R rounds of I/O on every queue, each completion on its queue's 
 State (``STATE_OFF``, page 0 of the buffer: b"HOVNVME1", length, crc32, JSON; also OUT.json's
 "state"): IOVA and layout, AQA/ASQ/ACQ, every queue's size, addresses, vector, SQ tail, SQ head
 (from the last CQE), CQ head, phase, next command id and the commands in flight, the
-namespace's LBA size, the last pattern written per queue. It is saved after every command.
+namespace's LBA size, the last pattern written per queue. It is saved after every command
+(and written to ``--state FILE`` then too); resume trusts the buffer's copy.
 
 hold: after init/resume, writes READY and keeps everything open until STOP exists, serving
 requests (REQUEST): "io" (one round on every queue), "inflight" (submit a write on a queue,
@@ -229,6 +230,7 @@ class Nvme:
         self.irq_counts = [0] * len(efds)
         self.queues = {}
         self.state = {}
+        self.state_file = None      # also written at every save when set (--state)
         cap = self.rd64(REG_CAP)
         self.dstrd = 4 << ((cap >> 32) & 0xF)
 
@@ -412,6 +414,7 @@ class Nvme:
         return st
 
     def save(self, path=None):
+        path = path or self.state_file
         st = self.snapshot()
         self.state["generation"] = st["generation"]
         blob = json.dumps(st, sort_keys=True).encode()
@@ -478,6 +481,7 @@ def init(args, report):
     nq = args.queues
     efds = v.msix(nq + 1)
     n = Nvme(v.bar, v.buf, efds, report)
+    n.state_file = args.state
     _timed(report, "open", t0)
     report["regs_at_open"] = n.regs()
     cap = n.rd64(REG_CAP)
@@ -575,6 +579,7 @@ def resume(args, report):
         return v, None
     if not report["command_at_open"] & 0x4:
         v.command(report["command_at_open"] | 0x6)
+    n.state_file = args.state
     n.efds = v.msix(st["vectors"])
     n.irq_counts = [0] * len(n.efds)
     n.load(st)
@@ -695,6 +700,7 @@ def main(argv=None):
         s.add_argument("--rounds", type=int, default=2)
         s.add_argument("--token")
         s.add_argument("--hold", nargs=2, metavar=("READY", "STOP"))
+        s.add_argument("--state", metavar="FILE", help="write the state here at every save too")
         s.add_argument("--inflight", type=int, metavar="QID",
                        help="at the end, leave a write in flight on this queue")
         if mode == "init":

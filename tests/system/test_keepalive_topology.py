@@ -81,7 +81,7 @@ def test_keepalive_behind_bridges(patched, topology):  # noqa: F811
 
 # the second edu: driven through VFIO as well (a fresh owner with anonymous memory), but not
 # named to `handover arm`, so the kexec stops it like any device
-SECOND = "0000:00:08.0"
+SECOND = "0000:00:09.0"
 OLD_TWO = OLD_KERNEL.replace(
     "python3 -m handover region init", f"""echo vfio-pci > /sys/bus/pci/devices/{SECOND}/driver_override
 echo {SECOND} > /sys/bus/pci/drivers_probe
@@ -105,7 +105,7 @@ ls /sys/kernel/handover/devices/ > "$LAB_OUT/handover-devices.txt"
 def test_two_devices_one_kept(patched):  # noqa: F811
     """Two edus, both driven through VFIO; only 00:03.0 is named to `handover arm`. The
     kexec stops the other one as usual; the new kernel keeps 00:03.0 (its DMA in flight
-    lands, its owner takes it over) and gives 00:08.0 fresh state: not held, bus mastering
+    lands, its owner takes it over) and gives 00:09.0 fresh state: not held, bus mastering
     off, and a new owner without a token gets DMA and MSI through a new domain."""
     res = boot(patched, ["true\n", OLD_TWO, NEW_TWO], topology="two-edu")
     old, new = res.phases[1], res.phases[2]

@@ -53,7 +53,7 @@ from .initramfs import (build_base_initramfs, build_initramfs, build_modules_cpi
                         busybox_links, setup)
 from .kernel import Kernel, fetch_kernel, module_closure, module_names
 from .payload import MARK_RE, PhaseResult, index_markers, marker_timings
-from .vm import EDU_BDF, TOPOLOGIES, GuestLock, GuestResult, RunOptions, qemu_command, run, run_guest
+from .vm import EDU_BDF, NVME_BDF, NVME_DEVICE, NVME_SERIAL, TOPOLOGIES, GuestLock, GuestResult, RunOptions, qemu_command, run, run_guest
 
 #: tests/system (the directory the single-file lab lived in)
 HERE = SYSTEM_DIR
@@ -67,7 +67,7 @@ __all__ = [
     "GUEST_MODULES", "GUEST_PY_OPTIONAL", "GUEST_PY_PACKAGES", "GUEST_PYTHON", "GUEST_STDLIB",
     "EDU_BDF", "HERE", "HOST_PACKAGES", "HSTATUS", "HSTATUS_KEYS", "LEGACY_PMEM_MEMMAP", "LEGACY_PMEM_SIZE",
     "LEGACY_PMEM_START", "LIB_DYNLOAD_EXCLUDE_RE", "MARK_RE", "REPO", "RESULT_SLOT_MB",
-    "STDLIB_EXCLUDE", "SYSTEM_DIR", "TOPOLOGIES",
+    "NVME_BDF", "NVME_DEVICE", "NVME_SERIAL", "STDLIB_EXCLUDE", "SYSTEM_DIR", "TOPOLOGIES",
     "GuestLock", "GuestResult", "Kernel", "LabError", "LabTimeout", "LabUnavailable",
     "PhaseResult", "RunOptions", "Step",
     "apt_env", "build_base_initramfs", "build_initramfs", "build_modules_cpio", "build_overlay",

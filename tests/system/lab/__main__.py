@@ -34,6 +34,7 @@ def main(argv=None) -> int:
         r.add_argument("--kexec-mode", choices=["l", "s", "p"], default="l")
         r.add_argument("--nvdimm-file")
         r.add_argument("--nvdimm-label-size", type=int)
+        r.add_argument("--nvme", action="store_true", help="add the NVMe controller at 00:08.0")
         r.add_argument("--file", action="append", default=[], metavar="GUESTPATH=HOSTPATH")
         r.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT)
         r.add_argument("--workdir")
@@ -57,7 +58,7 @@ def main(argv=None) -> int:
     opts = RunOptions(pmem=None if a.pmem == "none" else a.pmem, append=a.append,
                       kexec_append=a.kexec_append, kexec_mode=a.kexec_mode, files=files,
                       nvdimm_file=a.nvdimm_file, nvdimm_label_size=a.nvdimm_label_size,
-                      timeout=a.timeout, workdir=a.workdir)
+                      nvme=a.nvme, timeout=a.timeout, workdir=a.workdir)
     if a.cmd == "shell":
         opts.shell = True
         return run([], opts)  # type: ignore[return-value]

@@ -5,6 +5,13 @@ reader and timeout, and the result (:class:`GuestResult`).
 Machine: ``-machine q35[,nvdimm=on] -accel tcg -smp 1 -m 1G -device intel-iommu,intremap=on``,
 edu at 03.0, e1000e at 04.0 (user net, restricted), the payload disk (read-only tar) at 05.0
 and the results disk at 06.0 (both virtio-blk with ``iommu_platform=on``: behind VT-d too).
+With ``RunOptions(nvme=True)`` also an NVMe controller at 08.0 on the root bus (NVME_BDF,
+``-device nvme,serial=handover-nvme,drive=nvm0,addr=08.0,max_ioqpairs=4,msix_qsize=5``: MSI-X
+with 5 vectors, one for the admin queue and one per I/O queue pair; 64-entry queues at most
+(CAP.MQES=2047 in QEMU 7.2, the driver chooses); FLR capable, so vfio-pci resets it when it
+is opened and closed) backed by ``nvme.img``, a fresh raw image of ``nvme_size`` bytes (8 MiB)
+in the run's workdir. No guest driver claims it (the nvme module is not in the initrd).
+The default machine has no NVMe controller.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ PMEM_KINDS = (None, "legacy", "nvdimm")
 _RP = ["-device", "pcie-root-port,id=rp1,bus=pcie.0,chassis=1,slot=1,addr=07.0"]
 TOPOLOGIES = {
     "root": ["-device", "edu,addr=03.0"],
-    "two-edu": ["-device", "edu,addr=03.0", "-device", "edu,addr=08.0"],
+    "two-edu": ["-device", "edu,addr=03.0", "-device", "edu,addr=09.0"],
     "root-port": _RP + ["-device", "edu,bus=rp1,addr=00.0"],
     "switch": _RP + ["-device", "x3130-upstream,id=up1,bus=rp1,addr=00.0",
                      "-device", "xio3130-downstream,id=dn1,bus=up1,chassis=2,slot=2,addr=00.0",
@@ -40,6 +47,10 @@ TOPOLOGIES = {
 EDU_BDF = {"root": "0000:00:03.0", "two-edu": "0000:00:03.0", "root-port": "0000:01:00.0",
            "switch": "0000:03:00.0"}
 KEXEC_MODES = ("l", "s", "p")
+#: the NVMe controller of ``RunOptions(nvme=True)``: its QEMU device and guest address
+NVME_BDF = "0000:00:08.0"
+NVME_SERIAL = "handover-nvme"
+NVME_DEVICE = f"nvme,serial={NVME_SERIAL},drive=nvm0,addr=08.0,max_ioqpairs=4,msix_qsize=5"
 
 
 @dataclasses.dataclass
@@ -58,8 +69,10 @@ class RunOptions:
     memory, cpu, qemu_args: QEMU's ``-m``, ``-cpu`` and more arguments.
     topology: where edu sits (TOPOLOGIES): "root" (00:03.0 on the root bus), "root-port"
     (behind a PCIe root port at 00:07.0: 01:00.0), "switch" (behind the root port and a
-    switch's upstream and downstream ports: 03:00.0), "two-edu" (a second edu at 00:08.0).
+    switch's upstream and downstream ports: 03:00.0), "two-edu" (a second edu at 00:09.0).
     EDU_BDF gives its address.
+    nvme: add the NVMe controller (NVME_DEVICE at NVME_BDF, see the module's docstring),
+    backed by a fresh raw ``nvme.img`` of ``nvme_size`` bytes in the workdir.
     timeout: the whole run is killed after this many seconds (LabTimeout).
     workdir: where the payload, results disk, console.log and qemu-cmd.txt go (default: a
     new ``runs/run-*`` in the cache; the newest 6 are kept).  echo: copy the console to
@@ -83,6 +96,8 @@ class RunOptions:
     cpu: str | None = None
     qemu_args: list | None = None
     topology: str = "root"
+    nvme: bool = False
+    nvme_size: int = 8 << 20
     timeout: float = DEFAULT_TIMEOUT
     workdir: str | Path | None = None
     echo: bool = False
@@ -167,7 +182,7 @@ def qemu_command(kernel: Kernel, initrd: Path, cmdline: str, payload: Path, resu
                  nvdimm: Path | None = None, nvdimm_size: int = 256 << 20,
                  nvdimm_label_size: int | None = None, memory: str = "1G",
                  cpu: str | None = None, extra_args: list | None = None,
-                 topology: str = "root") -> list:
+                 topology: str = "root", nvme: Path | None = None) -> list:
     """The QEMU command line of the lab machine (see the module's docstring)."""
     if topology not in TOPOLOGIES:
         raise LabError(f"unknown topology {topology!r} (one of {', '.join(TOPOLOGIES)})")
@@ -193,6 +208,8 @@ def qemu_command(kernel: Kernel, initrd: Path, cmdline: str, payload: Path, resu
             dev += f",label-size={nvdimm_label_size}"
         cmd += ["-object", f"memory-backend-file,id=nvm0,mem-path={nvdimm},size={nvdimm_size},share=on",
                 "-device", dev]
+    if nvme:
+        cmd += ["-drive", f"if=none,id=nvm0,file={nvme},format=raw", "-device", NVME_DEVICE]
     return cmd + list(extra_args or [])
 
 
@@ -231,6 +248,11 @@ def run(scripts, opts: RunOptions) -> GuestResult:
         if not nv.exists() or nv.stat().st_size != opts.nvdimm_size:
             with open(nv, "wb") as f:
                 f.truncate(opts.nvdimm_size)
+    nvme = None
+    if opts.nvme:
+        nvme = wd / "nvme.img"
+        with open(nvme, "wb") as f:      # fresh every run: zeros
+            f.truncate(opts.nvme_size)
     first, cmdlines = opts.cmdlines(len(scripts))
     payload, results = wd / "payload.tar", wd / "results.img"
     with Step("write payload", timings):
@@ -239,7 +261,7 @@ def run(scripts, opts: RunOptions) -> GuestResult:
         f.truncate(RESULT_SLOT_MB * max(1, len(scripts)) << 20)
     cmd = qemu_command(kernel, initrd, first, payload, results, nv, opts.nvdimm_size,
                        opts.nvdimm_label_size, opts.memory, opts.cpu, opts.qemu_args,
-                       opts.topology)
+                       opts.topology, nvme)
     (wd / "qemu-cmd.txt").write_text(shlex.join(cmd) + "\n")
     log(f"boot: {shlex.join(cmd)}")
     if opts.shell:

@@ -167,7 +167,8 @@ def format_timings(timings: dict) -> str:
 def qemu_command(kernel: Kernel, initrd: Path, cmdline: str, payload: Path, results: Path,
                  nvdimm: Path | None = None, nvdimm_size: int = 256 << 20,
                  nvdimm_label_size: int | None = None, memory: str = "1G",
-                 cpu: str | None = None, extra_args: list | None = None) -> list:
+                 cpu: str | None = None, extra_args: list | None = None,
+                 root_disk: Path | None = None) -> list:
     """The QEMU command line of the lab machine (see the module's docstring)."""
     machine = "q35,nvdimm=on" if nvdimm else "q35"
     mem = f"{memory},slots=2,maxmem=4G" if nvdimm else memory
@@ -245,7 +246,8 @@ def run(scripts, opts: RunOptions) -> GuestResult:
     with open(results, "wb") as f:
         f.truncate(RESULT_SLOT_MB * max(1, len(scripts)) << 20)
     cmd = qemu_command(kernel, initrd, first, payload, results, nv, opts.nvdimm_size,
-                       opts.nvdimm_label_size, opts.memory, opts.cpu, opts.qemu_args)
+                       opts.nvdimm_label_size, opts.memory, opts.cpu, opts.qemu_args,
+                       root_disk=root_disk)
     (wd / "qemu-cmd.txt").write_text(shlex.join(cmd) + "\n")
     log(f"boot: {shlex.join(cmd)}")
     if opts.shell:

@@ -54,11 +54,16 @@ if [ -n "$ROOTFS" ]; then
     mkdir -p /newroot
     if [ -z "$DEV" ] || ! mount -t ext4 -o rw "$DEV" /newroot; then
         mark "ROOTFS-FAILED phase=$PHASE dev=${DEV:-none}"
-        mkdir -p /payload && PAY=$(waitdev 05.0) && (cd /payload && tar -xf "$PAY")
+        unpack_payload /payload
         mkdir -p /lab/out && echo 125 > /lab/out/rc
         echo "root file system on slot $ROOTFS (${DEV:-no disk}) could not be mounted" > /lab/out/stderr
         finish poweroff
     fi
+    # this boot's payload (a tmpfs: the disk need not hold it) and the tools it brings
+    mkdir -p /newroot/payload
+    mount -t tmpfs -o mode=755 payload /newroot/payload
+    unpack_payload /newroot/payload
+    install_payload_tools /newroot
     # the kernel's modules (those this initrd carries) for modprobe under systemd, this
     # boot's /lab (the phase's scratch and results), the phase code and its unit
     mkdir -p /newroot/lib/modules

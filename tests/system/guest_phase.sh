@@ -7,7 +7,7 @@
 #     LAB_INIT=systemd: kexec -l then `systemctl kexec`, `systemctl poweroff`
 # Phase N (kernel cmdline word handover.lab.phase=N, default 1):
 #   1. unpack the read-only payload disk (virtio-blk at 00:05.0, a plain tar) into /payload
-#      (rootfs: also install its handover package and the project's save unit)
+#      (rootfs: /init did, and installed its handover package and the project's save unit)
 #   2. run /payload/lab/phaseN.sh with stdout/stderr teed to the console between markers
 #   3. if /payload/lab/phase$((N+1)).sh exists: kexec-load the payload kernel+initrd with
 #      the command line in /payload/lab/cmdline.$((N+1)) (mode in /payload/lab/kexec.mode)
@@ -61,7 +61,7 @@ finish() {
     uname -r > /lab/out/lab-release.txt
     cat /proc/modules > /lab/out/lab-modules.txt 2>/dev/null
     cat /lab/modules.list /lab/modules.failed > /lab/out/lab-modules-load.txt 2>/dev/null
-    [ "$LAB_INIT" = systemd ] && journalctl -b --no-pager > /lab/out/lab-journal.txt 2>&1
+    [ "$LAB_INIT" = systemd ] && journalctl -b -o short-monotonic --no-pager > /lab/out/lab-journal.txt 2>&1
     RES=$(resdev)
     if [ -n "$RES" ]; then
         SLOT_MB=$(cat /payload/lab/slot_mb 2>/dev/null || echo 32)
@@ -111,43 +111,51 @@ finish() {
     echo o > /proc/sysrq-trigger
 }
 
-# rootfs: the payload's handover package (lab/py/) into the system's Python, a handover
-# command, the project's save unit (lab/systemd/*.service) installed and started
+# the payload disk's tar unpacked into $1 (emptied first)
+unpack_payload() {
+    PAY=$(waitdev 05.0)
+    rm -rf "$1"
+    mkdir -p "$1"
+    if [ -n "$PAY" ]; then
+        (cd "$1" && tar -xf "$PAY")
+    fi
+    mark "PAYLOAD phase=$PHASE dev=${PAY:-none}"
+}
+
+# rootfs (/init, before switch_root; $1 the new root, its payload at $1/payload): the
+# payload's Python packages (lab/py/: handover) into the system's Python and a handover
+# command, the payload's units (lab/systemd/*.service: the project's save unit) installed
+# and enabled, as a host's package would do, so systemd starts them with no reload
 install_payload_tools() {
-    if [ -d /payload/lab/py ]; then
-        SITE=/usr/local/lib/python3.11/dist-packages
+    R=$1
+    if [ -d "$R/payload/lab/py" ]; then
+        SITE=$R/usr/local/lib/python3.11/dist-packages
         mkdir -p "$SITE"
-        for p in /payload/lab/py/*; do
+        for p in "$R"/payload/lab/py/*; do
             rm -rf "$SITE/${p##*/}"
             cp -a "$p" "$SITE/"
         done
-        printf '#!/bin/sh\nexec python3 -m handover "$@"\n' > /usr/bin/handover
-        chmod 755 /usr/bin/handover
+        printf '#!/bin/sh\nexec python3 -m handover "$@"\n' > "$R/usr/bin/handover"
+        chmod 755 "$R/usr/bin/handover"
     fi
     units=
-    for u in /payload/lab/systemd/*.service; do
+    for u in "$R"/payload/lab/systemd/*.service; do
         [ -f "$u" ] || continue
-        cp "$u" /etc/systemd/system/
-        units="$units ${u##*/}"
+        n=${u##*/}
+        cp "$u" "$R/etc/systemd/system/$n"
+        for t in $(sed -n 's/^WantedBy=//p' "$u"); do
+            mkdir -p "$R/etc/systemd/system/$t.wants"
+            ln -sf "../$n" "$R/etc/systemd/system/$t.wants/$n"
+        done
+        units="$units${units:+,}$n"
     done
-    if [ -n "$units" ]; then
-        systemctl daemon-reload
-        # shellcheck disable=SC2086
-        systemctl enable --now $units > /lab/out/units.log 2>&1 || cat /lab/out/units.log > /dev/console
-    fi
-    mark "TOOLS phase=$PHASE units=$(echo $units | tr ' ' ,)"
+    mark "TOOLS phase=$PHASE units=${units:-none}"
 }
 
 lab_phase() {
-    # --- payload ---------------------------------------------------------------
-    PAY=$(waitdev 05.0)
-    rm -rf /payload
-    mkdir -p /payload /lab/out
-    if [ -n "$PAY" ]; then
-        (cd /payload && tar -xf "$PAY")
-    fi
-    mark "PAYLOAD phase=$PHASE dev=${PAY:-none}"
-    [ "$LAB_INIT" = systemd ] && install_payload_tools
+    # --- payload (rootfs: /init unpacked it into a tmpfs at /payload) ---------------
+    mkdir -p /lab/out
+    [ "$LAB_INIT" = systemd ] || unpack_payload /payload
 
     if [ "$SHELL_MODE" = 1 ]; then
         echo "handover lab: interactive shell (phase $PHASE); exit to power off" > /dev/console

@@ -49,7 +49,7 @@ GUEST_MODULES = [
 ]
 #: Modules /init loads (with their dependencies) only to mount a root file system
 #: (RunOptions(rootfs=...)); a kernel without them (built in, or none) skips them.
-ROOTFS_MODULES = ["ext4"]
+ROOTFS_MODULES = ["crc32c_generic", "ext4"]   # ext4 asks the crypto API for crc32c (no modules.dep edge)
 #: The PCI slot of the root file system's disk (virtio-blk) on the lab machine
 ROOTFS_SLOT = "08.0"
 

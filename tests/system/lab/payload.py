@@ -276,13 +276,13 @@ def marker_timings(markers, t_qemu_exit: float | None) -> dict:
     n = 1
     while ("INIT", n) in by:
         d(f"phase {n}: init -> modules loaded", ("INIT", n), ("MODULES-LOADED", n))
-        if ("SWITCH-ROOT", n) not in by:
-            d(f"phase {n}: modules -> payload", ("MODULES-LOADED", n), ("PAYLOAD", n))
-        # rootfs runs: /init mounts the disk, switch_root, systemd starts lab-phase.service
-        d(f"phase {n}: modules -> switch_root", ("MODULES-LOADED", n), ("SWITCH-ROOT", n))
-        d(f"phase {n}: switch_root -> unit", ("SWITCH-ROOT", n), ("UNIT", n))
-        d(f"phase {n}: unit -> payload", ("UNIT", n), ("PAYLOAD", n))
+        d(f"phase {n}: modules -> payload", ("MODULES-LOADED", n), ("PAYLOAD", n))
+        # rootfs runs: /init installs the payload's tools into the mounted disk,
+        # switch_root, systemd boots and starts lab-phase.service
         d(f"phase {n}: payload -> tools", ("PAYLOAD", n), ("TOOLS", n))
+        d(f"phase {n}: tools -> switch_root", ("TOOLS", n), ("SWITCH-ROOT", n))
+        d(f"phase {n}: switch_root -> unit (systemd)", ("SWITCH-ROOT", n), ("UNIT", n))
+        d(f"phase {n}: unit -> script", ("UNIT", n), ("SCRIPT-BEGIN", n))
         d(f"phase {n}: script", ("SCRIPT-BEGIN", n), ("SCRIPT-END", n))
         d(f"phase {n}: kexec load", ("KEXEC-LOAD-BEGIN", n), ("KEXEC-LOAD-END", n))
         d(f"phase {n}: write results", ("RESULTS-BEGIN", n), ("RESULTS-END", n))

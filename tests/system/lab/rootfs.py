@@ -37,16 +37,17 @@ VARIANT = "minbase"
 ROOTFS_PACKAGES = [
     "systemd", "systemd-sysv", "udev", "kmod", "procps", "python3", "kexec-tools", "ndctl",
     "daxctl", "pciutils", "zstd",
-    # handover's dependencies that bookworm packages in versions pyproject.toml accepts
-    "python3-click", "python3-msgpack", "python3-crcmod",
+    # handover's dependencies that bookworm packages in versions handover works with
+    "python3-msgpack", "python3-crcmod",
     # the VMM: Debian's QEMU for its libraries and firmware (the patched binary comes in the
     # payload)
     "qemu-system-x86",
 ]
 #: handover's dependencies bookworm lacks or has too old (construct 2.10.68, pyproject pins
-#: 2.10.70; pyelftools 0.29 < 0.31; no google-crc32c): copied from the interpreter running
-#: the lab (the same versions the tests use), into PY_SITE
-VENDORED_PY = ["construct", "google_crc32c", "elftools"]
+#: 2.10.70; pyelftools 0.29 < 0.31; no google-crc32c; click 8.1.3 has no
+#: click.exceptions.NoArgsIsHelpError, which handover/cli uses: click 8.2): copied from the
+#: interpreter running the lab (the same versions the tests use), into PY_SITE
+VENDORED_PY = ["construct", "google_crc32c", "elftools", "click"]
 PY_SITE = "/usr/local/lib/python3.11/dist-packages"
 #: the size of the (sparse) ext4 image; the root file system's label
 IMAGE_SIZE = "3G"
@@ -54,7 +55,10 @@ LABEL = "labroot"
 #: units that only slow a lab boot (or write to its console): masked
 MASKED_UNITS = ["serial-getty@ttyS0.service", "getty@tty1.service", "apt-daily.timer",
                 "apt-daily-upgrade.timer", "e2scrub_all.timer", "fstrim.timer",
-                "systemd-timesyncd.service", "man-db.timer", "dpkg-db-backup.timer"]
+                "systemd-timesyncd.service", "man-db.timer", "dpkg-db-backup.timer",
+                "getty-static.service", "e2scrub_reap.service",
+                # exits 250 without NVDIMMs after seconds of CPU under TCG
+                "ndctl-monitor.service"]
 #: bump when the image's layout (what build() does beyond debootstrap) changes
 ROOTFS_FORMAT = 1
 #: host packages the build needs

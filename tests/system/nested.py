@@ -83,7 +83,8 @@ VM_QEMU = (
 )
 
 #: phase script (rootfs guest, pmem="legacy"): devdax on the pmem, edu to vfio-pci, the VM
-#: as the systemd unit vm-edu.service, its progress watched for up to WATCH seconds
+#: as the systemd unit vm-edu.service, its progress watched for up to @WATCH@ seconds
+#: (vm_script); markers VM-START, VM-FIRST-ROUND (edu_progress.py), VM-WATCHED
 VM_SCRIPT = r"""
 set -e
 up() { cut -d' ' -f1 /proc/uptime; }
@@ -98,7 +99,7 @@ echo "@@LAB VM-START phase=$LAB_PHASE uptime=$(up)"
 systemd-run --unit=vm-edu --property=StandardOutput=file:/tmp/vm-edu.log \
     --property=StandardError=file:/tmp/vm-edu.log VM_QEMU
 rc=0
-python3 edu_progress.py /dev/dax0.0 "$LAB_OUT/progress.json" WATCH || rc=$?
+python3 edu_progress.py /dev/dax0.0 "$LAB_OUT/progress.json" @WATCH@ || rc=$?
 echo "@@LAB VM-WATCHED phase=$LAB_PHASE uptime=$(up)"
 systemctl show -p ActiveState,SubState,ExecMainStatus vm-edu.service
 cp /tmp/vm-edu.log "$LAB_OUT/vm-edu.log" 2>/dev/null || true
@@ -109,4 +110,4 @@ exit $rc
 
 
 def vm_script(watch: float = 240) -> str:
-    return VM_SCRIPT.replace("WATCH", str(int(watch)))
+    return VM_SCRIPT.replace("@WATCH@", str(int(watch)))

@@ -39,5 +39,5 @@ def test_nested_vm_edu_dma_rounds_grow():
     # every DMA asked for an interrupt: two per round, handled (not merely polled)
     assert last["irqs"] >= last["rounds"] and last["polled"] == 0, last
     marks = lab.index_markers(res.markers)
-    for m in ("VM-START", "VM-FIRST-ROUND"):
+    for m in ("VM-START", "VM-FIRST-ROUND", "VM-WATCHED"):
         assert (m, 1) in marks, res.markers

@@ -139,9 +139,9 @@ def modules_key(k: Kernel) -> str:
     """Cache key of ``k``'s module cpio: the module list, modules.dep and every module of the
     closure (size and mtime: a rebuild of the kernel changes them)."""
     h = hashlib.sha256()
-    h.update(repr((BUILD_FORMAT, k.version, GUEST_MODULES)).encode())
+    h.update(repr((BUILD_FORMAT, k.version, GUEST_MODULES, ROOTFS_MODULES)).encode())
     h.update((k.modules / "modules.dep").read_bytes())
-    for rel in module_closure(k, GUEST_MODULES):
+    for rel in module_closure(k, GUEST_MODULES) + rootfs_modules(k):
         st = os.stat(k.modules / rel)
         h.update(f"{rel}:{st.st_size}:{st.st_mtime_ns}".encode())
     return h.hexdigest()[:16]
@@ -184,9 +184,13 @@ def build_modules_cpio(k: Kernel, force: bool = False, timings: dict | None = No
         return out
 
     def fill(root: Path) -> None:
-        loads = install_modules(root, k)
+        extra = rootfs_modules(k)
+        loads = install_modules(root, k, extra)
         (root / "etc" / "lab").mkdir(parents=True, exist_ok=True)
         (root / "etc" / "lab" / f"modules.load.{k.version}").write_text("\n".join(loads) + "\n")
+        # ext4 & co., for a phase of a rootfs run on this kernel
+        (root / "etc" / "lab" / f"modules.rootfs.{k.version}").write_text(
+            "".join(_plain(m) + "\n" for m in extra))
     cached_archive(out, force, f"build module archive for {k.version}", timings, fill, ZSTD)
     log(f"module archive {out.name}: {out.stat().st_size / 1e6:.1f} MB")
     return out

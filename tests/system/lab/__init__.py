@@ -25,6 +25,7 @@ The package, one module per job:
 - ``base``       exceptions, log, timed steps, apt-get of the host packages
 - ``kernel``     Debian's kernel (fetch_kernel) and the Kernel record of a kernel tree
 - ``initramfs``  the cached base / module / overlay archives and the initrd made of them
+- ``rootfs``     the cached Debian root file system (debootstrap) of ``RunOptions(rootfs=...)``
 - ``payload``    the host side of the guest protocol: payload disk, console markers,
                  results disk
 - ``hstatus``    the guest's ``hstatus`` shell function and its parser
@@ -43,8 +44,9 @@ from __future__ import annotations
 
 from .base import (LabError, LabTimeout, LabUnavailable, Step, apt_env, ensure_host_packages,
                    log, run as run_cmd)
+from . import rootfs
 from .config import (BASE_CMDLINE, BUILD_FORMAT, DEFAULT_TIMEOUT, GUEST_BINARIES, GUEST_INIT,
-                     GUEST_MODULES, GUEST_PY_OPTIONAL, GUEST_PY_PACKAGES, GUEST_PYTHON,
+                     GUEST_MODULES, GUEST_PHASE, GUEST_UNIT, ROOTFS_MODULES, ROOTFS_SLOT, GUEST_PY_OPTIONAL, GUEST_PY_PACKAGES, GUEST_PYTHON,
                      GUEST_STDLIB, HOST_PACKAGES, LEGACY_PMEM_MEMMAP, LEGACY_PMEM_SIZE,
                      LEGACY_PMEM_START, LIB_DYNLOAD_EXCLUDE_RE, REPO, RESULT_SLOT_MB,
                      STDLIB_EXCLUDE, SYSTEM_DIR, cache_dir)
@@ -64,7 +66,8 @@ _busybox_links = busybox_links
 
 __all__ = [
     "BASE_CMDLINE", "BUILD_FORMAT", "DEFAULT_TIMEOUT", "GUEST_BINARIES", "GUEST_INIT",
-    "GUEST_MODULES", "GUEST_PY_OPTIONAL", "GUEST_PY_PACKAGES", "GUEST_PYTHON", "GUEST_STDLIB",
+    "GUEST_MODULES", "GUEST_PHASE", "GUEST_UNIT", "ROOTFS_MODULES", "ROOTFS_SLOT", "rootfs",
+    "GUEST_PY_OPTIONAL", "GUEST_PY_PACKAGES", "GUEST_PYTHON", "GUEST_STDLIB",
     "EDU_BDF", "HERE", "HOST_PACKAGES", "HSTATUS", "HSTATUS_KEYS", "LEGACY_PMEM_MEMMAP", "LEGACY_PMEM_SIZE",
     "LEGACY_PMEM_START", "LIB_DYNLOAD_EXCLUDE_RE", "MARK_RE", "REPO", "RESULT_SLOT_MB",
     "NVME_BDF", "NVME_DEVICE", "NVME_SERIAL", "STDLIB_EXCLUDE", "SYSTEM_DIR", "TOPOLOGIES",

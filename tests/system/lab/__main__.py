@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from . import rootfs
 from .base import LabError, ensure_host_packages
 from .config import DEFAULT_TIMEOUT, cache_dir
 from .initramfs import build_initramfs, setup
@@ -23,6 +24,9 @@ def main(argv=None) -> int:
     sub.add_parser("setup", help="install host packages, fetch the kernel, build the initramfs")
     b = sub.add_parser("build", help="(re)build the initramfs")
     b.add_argument("--force", action="store_true")
+    rf = sub.add_parser("rootfs", help="build (once) the Debian root file system of --rootfs "
+                        "debian (debootstrap; cached) and print its path")
+    rf.add_argument("--force", action="store_true")
     for name in ("run", "shell"):
         r = sub.add_parser(name, help="boot the guest and run scripts" if name == "run"
                            else "boot the guest into an interactive busybox shell (Ctrl-a x quits)")
@@ -38,6 +42,8 @@ def main(argv=None) -> int:
         r.add_argument("--file", action="append", default=[], metavar="GUESTPATH=HOSTPATH")
         r.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT)
         r.add_argument("--workdir")
+        r.add_argument("--rootfs", choices=list(rootfs.KINDS),
+                       help="boot a Debian root file system with systemd (phases run as a unit)")
         r.add_argument("--quiet", action="store_true", help="do not echo the console")
     t = sub.add_parser("timings", help="the step timings of a run, from its console.log")
     t.add_argument("workdir", nargs="?", help="a run's workdir (default: the newest run)")
@@ -47,6 +53,10 @@ def main(argv=None) -> int:
     if a.cmd == "setup":
         k, initrd = setup()
         print(f"kernel {k.version}: {k.vmlinuz}\ninitrd {initrd} ({initrd.stat().st_size / 1e6:.1f} MB)")
+        return 0
+    if a.cmd == "rootfs":
+        img = rootfs.build(force=a.force)
+        print(f"rootfs {img} ({rootfs.du(img) / 1e6:.0f} MB used)")
         return 0
     if a.cmd == "build":
         ensure_host_packages()
@@ -58,7 +68,7 @@ def main(argv=None) -> int:
     opts = RunOptions(pmem=None if a.pmem == "none" else a.pmem, append=a.append,
                       kexec_append=a.kexec_append, kexec_mode=a.kexec_mode, files=files,
                       nvdimm_file=a.nvdimm_file, nvdimm_label_size=a.nvdimm_label_size,
-                      nvme=a.nvme, timeout=a.timeout, workdir=a.workdir)
+                      nvme=a.nvme, timeout=a.timeout, workdir=a.workdir, rootfs=a.rootfs)
     if a.cmd == "shell":
         opts.shell = True
         return run([], opts)  # type: ignore[return-value]

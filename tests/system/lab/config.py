@@ -3,7 +3,8 @@
 and where things live (the repository, the cache outside it).
 
 Every name here is part of a cache key or of a guest convention: a change rebuilds the
-initramfs (``BUILD_FORMAT`` covers the layout of the image and ``guest_init.sh``).
+initramfs (``BUILD_FORMAT`` covers the layout of the image; the key also hashes
+``guest_init.sh``, ``guest_phase.sh`` and ``lab-phase.service``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,11 @@ SYSTEM_DIR = Path(__file__).resolve().parent.parent
 REPO = SYSTEM_DIR.parent.parent
 #: the guest's /init (busybox sh), copied into the base initramfs
 GUEST_INIT = SYSTEM_DIR / "guest_init.sh"
+#: the phase (payload, script, results, kexec), sourced by /init and run by GUEST_UNIT on a
+#: root file system: /lib/lab/phase.sh in the initramfs
+GUEST_PHASE = SYSTEM_DIR / "guest_phase.sh"
+#: the systemd unit that runs the phase on a root file system: /lib/lab/lab-phase.service
+GUEST_UNIT = SYSTEM_DIR / "lab-phase.service"
 
 #: Debian packages the lab needs on the host, with one file each that proves it installed.
 HOST_PACKAGES = {
@@ -41,6 +47,11 @@ GUEST_MODULES = [
     "dax", "device_dax", "dax_pmem",
     "vfio", "vfio_iommu_type1", "vfio_pci",
 ]
+#: Modules /init loads (with their dependencies) only to mount a root file system
+#: (RunOptions(rootfs=...)); a kernel without them (built in, or none) skips them.
+ROOTFS_MODULES = ["crc32c_generic", "ext4"]   # ext4 asks the crypto API for crc32c (no modules.dep edge)
+#: The PCI slot of the root file system's disk (virtio-blk) on the lab machine
+ROOTFS_SLOT = "0a.0"
 
 #: Host binaries copied into the guest (plus every shared library ldd names for them).
 GUEST_BINARIES = ["/sbin/kexec", "/usr/bin/ndctl", "/usr/bin/daxctl", "/usr/bin/python3.11",
@@ -69,8 +80,9 @@ DEFAULT_TIMEOUT = 300.0
 #: Each phase's results tar goes into its own slot of this many MiB of the results disk.
 RESULT_SLOT_MB = 32
 
-#: Bump when guest_init.sh or the initramfs layout changes (part of the cache key).
-BUILD_FORMAT = 3
+#: Bump when the initramfs layout changes (guest_init.sh, guest_phase.sh and the unit are
+#: part of the cache key by their contents).
+BUILD_FORMAT = 4
 
 
 def cache_dir() -> Path:

@@ -24,8 +24,9 @@ from pathlib import Path
 from handover import initramfs as _rt
 
 from .base import LabError, Step, ensure_host_packages, log, run
-from .config import (BUILD_FORMAT, GUEST_BINARIES, GUEST_INIT, GUEST_MODULES, GUEST_PYTHON,
-                     GUEST_STDLIB, LIB_DYNLOAD_EXCLUDE_RE, STDLIB_EXCLUDE, cache_dir)
+from .config import (BUILD_FORMAT, GUEST_BINARIES, GUEST_INIT, GUEST_MODULES, GUEST_PHASE,
+                     GUEST_PYTHON, GUEST_STDLIB, GUEST_UNIT, LIB_DYNLOAD_EXCLUDE_RE,
+                     ROOTFS_MODULES, STDLIB_EXCLUDE, cache_dir)
 from .kernel import Kernel, fetch_kernel, module_closure
 
 ldd = _rt.ldd
@@ -82,21 +83,40 @@ def base_key(k: Kernel) -> str:
     for f in [*GUEST_BINARIES, "/bin/busybox"]:
         st = os.stat(f)
         h.update(f"{f}:{st.st_size}:{st.st_mtime_ns}".encode())
-    h.update(GUEST_INIT.read_bytes())
+    h.update(repr(ROOTFS_MODULES).encode())
+    for f in (GUEST_INIT, GUEST_PHASE, GUEST_UNIT):
+        h.update(f.read_bytes())
     return h.hexdigest()[:16]
 
 
 DECOMPRESS = {".xz": ["xz", "-dc"], ".zst": ["zstd", "-dcq"], ".gz": ["gzip", "-dc"]}
 
 
-def install_modules(root: Path, k: Kernel) -> list[str]:
-    """GUEST_MODULES of ``k`` and their modules.dep closure into ``root``/lib/modules/<version>,
-    decompressed (busybox insmod takes plain .ko), with a modules.dep of their own (depmod, for
-    modprobe). Returns the load list: paths relative to that directory, dependencies first."""
+def rootfs_modules(k: Kernel) -> list[str]:
+    """The modules.dep closure of the ROOTFS_MODULES that ``k`` has as modules, minus those
+    GUEST_MODULES already load (paths as in modules.dep, dependencies first)."""
+    have = set(module_closure(k, GUEST_MODULES))
+    names = [n for n in ROOTFS_MODULES if _has_module(k, n)]
+    return [m for m in module_closure(k, names) if m not in have]
+
+
+def _has_module(k: Kernel, name: str) -> bool:
+    dep = (k.modules / "modules.dep").read_text()
+    return any(os.path.basename(ln.partition(":")[0]).split(".ko")[0].replace("-", "_") == name
+               for ln in dep.splitlines())
+
+
+def install_modules(root: Path, k: Kernel, extra: list[str] = ()) -> list[str]:
+    """GUEST_MODULES of ``k`` and their modules.dep closure (and ``extra``, paths as in
+    modules.dep) into ``root``/lib/modules/<version>, decompressed (busybox insmod takes plain
+    .ko), with a modules.dep of their own (depmod, for modprobe). Returns the load list of
+    the GUEST_MODULES: paths relative to that directory, dependencies first (``extra`` are
+    installed, not listed)."""
     mdst = root / "lib" / "modules" / k.version
     mdst.mkdir(parents=True, exist_ok=True)
     loads = []
-    for rel in module_closure(k, GUEST_MODULES):
+    guest = module_closure(k, GUEST_MODULES)
+    for rel in guest + [m for m in extra if m not in guest]:
         src = k.modules / rel
         suffix = next((x for x in DECOMPRESS if rel.endswith(x)), "")
         plain = rel[:-len(suffix)] if suffix else rel
@@ -106,7 +126,8 @@ def install_modules(root: Path, k: Kernel) -> list[str]:
                 run([*DECOMPRESS[suffix], str(src)], stdout=f)
         else:
             shutil.copy2(src, mdst / plain)
-        loads.append(plain)
+        if rel in guest:
+            loads.append(plain)
     for extra in ["modules.builtin", "modules.builtin.modinfo", "modules.order"]:
         if (k.modules / extra).exists():
             shutil.copy2(k.modules / extra, mdst / extra)
@@ -118,9 +139,9 @@ def modules_key(k: Kernel) -> str:
     """Cache key of ``k``'s module cpio: the module list, modules.dep and every module of the
     closure (size and mtime: a rebuild of the kernel changes them)."""
     h = hashlib.sha256()
-    h.update(repr((BUILD_FORMAT, k.version, GUEST_MODULES)).encode())
+    h.update(repr((BUILD_FORMAT, k.version, GUEST_MODULES, ROOTFS_MODULES)).encode())
     h.update((k.modules / "modules.dep").read_bytes())
-    for rel in module_closure(k, GUEST_MODULES):
+    for rel in module_closure(k, GUEST_MODULES) + rootfs_modules(k):
         st = os.stat(k.modules / rel)
         h.update(f"{rel}:{st.st_size}:{st.st_mtime_ns}".encode())
     return h.hexdigest()[:16]
@@ -140,6 +161,12 @@ def cached_archive(out: Path, force: bool, step: str, timings: dict | None, fill
     return out
 
 
+def _plain(rel: str) -> str:
+    """A module's path without its compression suffix (as install_modules writes it)."""
+    suffix = next((x for x in DECOMPRESS if rel.endswith(x)), "")
+    return rel[:-len(suffix)] if suffix else rel
+
+
 ZSTD = ["zstd", "-3", "-T0", "-q", "-c"]
 
 
@@ -157,9 +184,13 @@ def build_modules_cpio(k: Kernel, force: bool = False, timings: dict | None = No
         return out
 
     def fill(root: Path) -> None:
-        loads = install_modules(root, k)
+        extra = rootfs_modules(k)
+        loads = install_modules(root, k, extra)
         (root / "etc" / "lab").mkdir(parents=True, exist_ok=True)
         (root / "etc" / "lab" / f"modules.load.{k.version}").write_text("\n".join(loads) + "\n")
+        # ext4 & co., for a phase of a rootfs run on this kernel
+        (root / "etc" / "lab" / f"modules.rootfs.{k.version}").write_text(
+            "".join(_plain(m) + "\n" for m in extra))
     cached_archive(out, force, f"build module archive for {k.version}", timings, fill, ZSTD)
     log(f"module archive {out.name}: {out.stat().st_size / 1e6:.1f} MB")
     return out
@@ -177,9 +208,16 @@ def build_base_initramfs(k: Kernel, force: bool = False, timings: dict | None = 
         busybox_links(root)
         shutil.copy(GUEST_INIT, root / "init")
         os.chmod(root / "init", 0o755)
-        # kernel modules, decompressed (busybox insmod takes plain .ko)
-        loads = install_modules(root, k)
+        (root / "lib/lab").mkdir(parents=True, exist_ok=True)
+        shutil.copy(GUEST_PHASE, root / "lib/lab/phase.sh")
+        shutil.copy(GUEST_UNIT, root / "lib/lab/lab-phase.service")
+        # kernel modules, decompressed (busybox insmod takes plain .ko); ext4 & co. for a
+        # root file system in a list of their own
+        extra = rootfs_modules(k)
+        loads = install_modules(root, k, extra)
         (root / "etc/lab/modules.load").write_text("\n".join(loads) + "\n")
+        (root / f"etc/lab/modules.rootfs.{k.version}").write_text(
+            "".join(_plain(m) + "\n" for m in extra))
         # binaries + stdlib + shared libraries
         for b in GUEST_BINARIES:
             p = root / b.lstrip("/")

@@ -10,6 +10,8 @@ Payload (virtio-blk at 00:05.0, read-only): a plain tar the guest unpacks into /
     lab/slot_mb        the size of a results slot, MiB (RESULT_SLOT_MB)
     lab/vmlinuz, lab/initrd.img   what the guest kexecs into (when there is a phase 2)
     lab/vmlinuz.N      (a test's file) another kernel for phase N
+    lab/py/<pkg>       (rootfs runs) Python packages the phase unit installs (handover)
+    lab/systemd/*.service   (rootfs runs) units the phase unit installs and starts
     <name>             the test's files (``run_guest(files=...)``)
 
 Console: a line ``@@LAB <NAME> phase=N ... uptime=<s>`` is a marker (MARK_RE); the host
@@ -71,12 +73,19 @@ def write_payload(path: Path, scripts, files, kernel, initrd: Path | None,
             elif isinstance(content, str) and not os.path.exists(content):
                 add_bytes(name, content.encode())
             else:
-                tar.add(str(content), name)
+                tar.add(str(content), name, filter=_no_bytecode)
     # pad to a multiple of 512 (virtio-blk sector)
     sz = path.stat().st_size
     if sz % 4096:
         with open(path, "ab") as f:
             f.write(b"\0" * (4096 - sz % 4096))
+
+
+def _no_bytecode(ti: tarfile.TarInfo):
+    """tar.add's filter: a directory's ``__pycache__`` and ``*.pyc`` stay out."""
+    if "__pycache__" in ti.name.split("/") or ti.name.endswith(".pyc"):
+        return None
+    return ti
 
 
 # -- the results ----------------------------------------------------------------------
@@ -93,6 +102,7 @@ RESULT_FILES = {
     "lab-release.txt": "release",       # uname -r
     "lab-modules.txt": "modules",       # /proc/modules
     "lab-modules-load.txt": "modules_list",   # the load list used, then what insmod refused
+    "lab-journal.txt": "journal",       # rootfs runs: journalctl -b at the end of the phase
 }
 #: the directory of $LAB_OUT in the results tar
 RESULT_FILES_DIR = "files/"
@@ -114,6 +124,7 @@ class PhaseResult:
     modules: list = dataclasses.field(default_factory=list)   # names in /proc/modules at the end
     modules_list: str = ""               # the load list /init used (/etc/lab/modules.load[.<release>])
     modules_failed: list = dataclasses.field(default_factory=list)  # its entries insmod refused
+    journal: str = ""                    # rootfs runs: the systemd journal of this boot
 
     def extract(self, dest: str | Path, subdir: str = "") -> Path:
         """Extract ``$LAB_OUT/<subdir>`` of this phase to ``dest``, symlinks and empty dirs
@@ -260,10 +271,18 @@ def marker_timings(markers, t_qemu_exit: float | None) -> dict:
             tm[key] = round(by[b] - by[a], 3)
     if ("INIT", 1) in by:
         tm["qemu start -> /init (phase 1)"] = round(by[("INIT", 1)], 3)
+    if ("SCRIPT-BEGIN", 1) in by:
+        tm["qemu start -> script (phase 1)"] = round(by[("SCRIPT-BEGIN", 1)], 3)
     n = 1
     while ("INIT", n) in by:
         d(f"phase {n}: init -> modules loaded", ("INIT", n), ("MODULES-LOADED", n))
         d(f"phase {n}: modules -> payload", ("MODULES-LOADED", n), ("PAYLOAD", n))
+        # rootfs runs: /init installs the payload's tools into the mounted disk,
+        # switch_root, systemd boots and starts lab-phase.service
+        d(f"phase {n}: payload -> tools", ("PAYLOAD", n), ("TOOLS", n))
+        d(f"phase {n}: tools -> switch_root", ("TOOLS", n), ("SWITCH-ROOT", n))
+        d(f"phase {n}: switch_root -> unit (systemd)", ("SWITCH-ROOT", n), ("UNIT", n))
+        d(f"phase {n}: unit -> script", ("UNIT", n), ("SCRIPT-BEGIN", n))
         d(f"phase {n}: script", ("SCRIPT-BEGIN", n), ("SCRIPT-END", n))
         d(f"phase {n}: kexec load", ("KEXEC-LOAD-BEGIN", n), ("KEXEC-LOAD-END", n))
         d(f"phase {n}: write results", ("RESULTS-BEGIN", n), ("RESULTS-END", n))

@@ -27,7 +27,9 @@ import time
 from pathlib import Path
 
 from .base import LabError, LabTimeout, Step, log
-from .config import BASE_CMDLINE, DEFAULT_TIMEOUT, LEGACY_PMEM_MEMMAP, RESULT_SLOT_MB, cache_dir
+from .config import (BASE_CMDLINE, DEFAULT_TIMEOUT, LEGACY_PMEM_MEMMAP, REPO, RESULT_SLOT_MB,
+                     ROOTFS_SLOT, cache_dir)
+from . import rootfs as rootfs_mod
 from .initramfs import setup
 from .kernel import Kernel, module_names
 from .payload import ConsoleReader, PhaseResult, marker_timings, read_results, write_payload
@@ -46,6 +48,11 @@ TOPOLOGIES = {
 }
 EDU_BDF = {"root": "0000:00:03.0", "two-edu": "0000:00:03.0", "root-port": "0000:01:00.0",
            "switch": "0000:03:00.0"}
+ROOTFS_KINDS = (None, *rootfs_mod.KINDS)
+#: what a rootfs run adds to the payload: handover from the repository (installed into the
+#: system's Python by the phase unit) and the project's save unit (enabled)
+ROOTFS_PAYLOAD = {"lab/py/handover": REPO / "handover",
+                  "lab/systemd/handover-save.service": REPO / "initramfs/systemd/handover-save.service"}
 KEXEC_MODES = ("l", "s", "p")
 #: the NVMe controller of ``RunOptions(nvme=True)``: its QEMU device and guest address
 NVME_BDF = "0000:00:08.0"
@@ -82,6 +89,14 @@ class RunOptions:
     needed) whose GUEST_MODULES the initrd carries as well, loaded by /init when ``uname
     -r`` is that release; the test puts such a kernel's image for phase N at
     ``files={"lab/vmlinuz.N": ...}``.
+    rootfs: None (the initramfs guest: the scripts run under the initrd's /init) or
+    "debian": the same kernel and initrd mount a Debian 12 root file system (rootfs.py:
+    built once, cached; each run boots a qcow2 overlay of it, ``root.qcow2`` in the workdir,
+    a virtio-blk disk at 00:0a.0) and switch_root to systemd, whose lab-phase.service runs
+    the phase (the scripts under dash, with Debian's tools; ``handover`` from the payload
+    installed in the system's Python and as /usr/bin/handover, the project's
+    handover-save.service enabled); the next phase is reached through ``kexec -l`` and
+    ``systemctl kexec``. The overlay persists across the run's kexecs, like a host's disk.
     """
 
     pmem: str | None = "legacy"
@@ -104,6 +119,7 @@ class RunOptions:
     shell: bool = False
     kernel: Kernel | None = None
     extra_kernels: tuple | list = ()
+    rootfs: str | None = None
 
     def __post_init__(self):
         if self.pmem not in PMEM_KINDS:
@@ -111,11 +127,14 @@ class RunOptions:
         if self.kexec_mode not in KEXEC_MODES:
             raise ValueError(f"kexec_mode={self.kexec_mode!r}")
         self.extra_kernels = list(self.extra_kernels or ())
+        if self.rootfs not in ROOTFS_KINDS:
+            raise ValueError(f"rootfs={self.rootfs!r} (one of {ROOTFS_KINDS})")
 
     def cmdline(self, n: int, extra: str) -> str:
         """The kernel command line of phase ``n`` with the test's words ``extra``."""
         pm = LEGACY_PMEM_MEMMAP if self.pmem == "legacy" else ""
-        return " ".join(x for x in [BASE_CMDLINE, pm, extra, f"handover.lab.phase={n}",
+        root = f"handover.lab.rootfs={ROOTFS_SLOT}" if self.rootfs else ""
+        return " ".join(x for x in [BASE_CMDLINE, pm, root, extra, f"handover.lab.phase={n}",
                                     "handover.lab.shell=1" if self.shell and n == 1 else ""] if x)
 
     def cmdlines(self, nphases: int) -> tuple[str, dict]:
@@ -182,7 +201,8 @@ def qemu_command(kernel: Kernel, initrd: Path, cmdline: str, payload: Path, resu
                  nvdimm: Path | None = None, nvdimm_size: int = 256 << 20,
                  nvdimm_label_size: int | None = None, memory: str = "1G",
                  cpu: str | None = None, extra_args: list | None = None,
-                 topology: str = "root", nvme: Path | None = None) -> list:
+                 topology: str = "root", nvme: Path | None = None,
+                 root_disk: Path | None = None) -> list:
     """The QEMU command line of the lab machine (see the module's docstring)."""
     if topology not in TOPOLOGIES:
         raise LabError(f"unknown topology {topology!r} (one of {', '.join(TOPOLOGIES)})")
@@ -200,6 +220,10 @@ def qemu_command(kernel: Kernel, initrd: Path, cmdline: str, payload: Path, resu
         "-kernel", str(kernel.vmlinuz), "-initrd", str(initrd), "-append", cmdline,
         "-display", "none", "-monitor", "none", "-serial", "stdio", "-no-reboot",
     ]
+    if root_disk:
+        cmd += ["-drive", f"if=none,id=root,file={root_disk},format=qcow2,discard=unmap",
+                "-device", f"virtio-blk-pci,drive=root,iommu_platform=on,disable-legacy=on,"
+                           f"addr={ROOTFS_SLOT}"]
     if cpu:
         cmd += ["-cpu", cpu]
     if nvdimm:
@@ -255,13 +279,18 @@ def run(scripts, opts: RunOptions) -> GuestResult:
             f.truncate(opts.nvme_size)
     first, cmdlines = opts.cmdlines(len(scripts))
     payload, results = wd / "payload.tar", wd / "results.img"
+    files, root_disk = opts.files, None
+    if opts.rootfs:
+        image = rootfs_mod.build(opts.rootfs, timings=timings)
+        root_disk = rootfs_mod.overlay(image, wd / "root.qcow2")
+        files = {**ROOTFS_PAYLOAD, **(files or {})}
     with Step("write payload", timings):
-        write_payload(payload, scripts, opts.files, kernel, initrd, cmdlines, opts.kexec_mode)
+        write_payload(payload, scripts, files, kernel, initrd, cmdlines, opts.kexec_mode)
     with open(results, "wb") as f:
         f.truncate(RESULT_SLOT_MB * max(1, len(scripts)) << 20)
     cmd = qemu_command(kernel, initrd, first, payload, results, nv, opts.nvdimm_size,
                        opts.nvdimm_label_size, opts.memory, opts.cpu, opts.qemu_args,
-                       opts.topology, nvme)
+                       opts.topology, nvme, root_disk=root_disk)
     (wd / "qemu-cmd.txt").write_text(shlex.join(cmd) + "\n")
     log(f"boot: {shlex.join(cmd)}")
     if opts.shell:

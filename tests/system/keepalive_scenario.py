@@ -91,21 +91,23 @@ dmesg > "$LAB_OUT/dmesg.txt"
 """.replace("TOKEN", TOKEN).replace("WRONG", WRONG)
 
 
-GUEST_HELPERS = ("vfio_edu.py", "edu_keepalive.py")
+GUEST_HELPERS = ("vfio_edu.py", "edu_keepalive.py", "vfio_nvme.py")
 
 
-def boot(patched, scripts: list[str], timeout: float = 900, topology: str = "root"):
+def boot(patched, scripts: list[str], timeout: float = 900, topology: str = "root", **run_kw):
     """Run ``scripts`` in the lab: phase 1 on the stock kernel, every later phase on
     ``patched``'s kernel with handover= and the dax range on its command line, the guest
     helpers in the payload; check that every phase ran, each later one on the patched
     kernel. ``topology``: where edu sits (lab.TOPOLOGIES); the scripts name edu by its
-    root-bus address, replaced by its address there. Returns the lab's GuestResult."""
+    root-bus address, replaced by its address there. ``run_kw``: more RunOptions (nvme=True).
+    Returns the lab's GuestResult."""
     scripts = [s.replace(EDU, lab.EDU_BDF[topology]) for s in scripts]
     bz = Path(patched["bzImage"])
     files = {f"lab/vmlinuz.{n}": bz for n in range(2, len(scripts) + 1)}
     files.update({name: ROOT / "tests" / "system" / "guest" / name for name in GUEST_HELPERS})
     res = lab.run_guest(scripts, pmem="legacy", kexec_append=f"handover={REGION} {DAX_RANGE}",
-                        files=files, timeout=timeout, topology=topology, **patched["run_guest"])
+                        files=files, timeout=timeout, topology=topology,
+                        **{**patched["run_guest"], **run_kw})
     res.check()
     on_patched(patched, res, *range(2, len(scripts) + 1))
     return res

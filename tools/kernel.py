@@ -54,12 +54,12 @@ CONFIG_ON = ["INTEL_IOMMU", "IRQ_REMAP", "IOMMU_DEBUGFS", "INTEL_IOMMU_DEBUGFS",
              "TRANSPARENT_HUGEPAGE", "FS_DAX", "MEMORY_HOTPLUG", "MEMORY_HOTREMOVE", "ZONE_DEVICE", "DEV_DAX", "DEV_DAX_PMEM", "ACPI_NFIT", "VFIO",
              "VFIO_PCI", "VFIO_IOMMU_TYPE1", "E1000E", "VIRTIO_BLK", "VIRTIO_PCI", "BLK_DEV_INITRD",
              "DEBUG_FS", "DEBUG_INFO_NONE", "PROC_KCORE", "CRC32", "IKCONFIG", "IKCONFIG_PROC",
-             "HANDOVER"]
+             "HANDOVER", "EXT4_FS"]   # EXT4_FS: the lab's Debian root file system (rootfs mode)
 # what the lab never uses: off, to keep the build near 15 minutes on 2 cores
 CONFIG_OFF = ["MODULES", "SOUND", "DRM", "WLAN", "WIRELESS", "CFG80211", "MAC80211", "NFS_FS", "NFSD",
               "NETWORK_FILESYSTEMS", "AGP", "BT", "HAMRADIO", "MEDIA_SUPPORT", "INPUT_JOYSTICK",
               "INPUT_TABLET", "INPUT_TOUCHSCREEN", "FB", "USB_SUPPORT", "HID", "ATA", "MD", "WATCHDOG",
-              "HWMON", "THERMAL", "EFI", "CPU_FREQ", "SECURITY_SELINUX", "AUDIT", "XFS_FS", "EXT4_FS",
+              "HWMON", "THERMAL", "EFI", "CPU_FREQ", "SECURITY_SELINUX", "AUDIT", "XFS_FS",
               "BTRFS_FS", "ISO9660_FS", "AUTOFS_FS", "FUSE_FS"]
 
 
@@ -272,7 +272,8 @@ DEBIAN_SET = {"DEBUG_INFO_NONE": "y", "DEBUG_INFO": "n", "DEBUG_INFO_BTF": "n",
               "SYSTEM_TRUSTED_KEYS": '""', "SYSTEM_REVOCATION_KEYS": '""',
               "MODULE_SIG_KEY": '"certs/signing_key.pem"',
               "IOMMU_DEBUGFS": "y", "INTEL_IOMMU_DEBUGFS": "y",
-              "LOCALVERSION": '"-handover"', "HANDOVER": "y"}
+              "LOCALVERSION": '"-handover"', "HANDOVER": "y",
+              "EXT4_FS": "m"}   # the lab's Debian root file system (localmodconfig drops it)
 # Debian's built-in choices the series must live with: checked after configuration
 DEBIAN_KEEP = {"MODULES": "y", "INTEL_IOMMU": "y", "IRQ_REMAP": "y",
                "INTEL_IOMMU_SCALABLE_MODE_DEFAULT_ON": "y", "INTEL_IOMMU_DEFAULT_ON": None,

@@ -483,6 +483,10 @@ class KernelInterface:
     #: what the kernel can keep beyond a legacy-mode device without aliases); empty when
     #: the file is missing (legacy only)
     features: frozenset = frozenset()
+    #: /sys/kernel/debug/handover/live_ranges (kernel-patches 0011): per vfio-pci device, the
+    #: ranges its live translation and remapping use, [(kind, start, size)], every table page
+    #: included (the IOMMU's debugfs shows only leaves); None when the file is missing
+    live_ranges: dict | None = None
 
     @property
     def state(self) -> str | None:

@@ -110,13 +110,35 @@ class KernelHandover(Source):
             return
         info = KernelInterface(path=ROOT, formats=sr.try_text(f"{ROOT}/formats"),
                                decision=sr.try_text(f"{ROOT}/decision"), status=read_status(sr),
-                               features=read_features(sr))
+                               features=read_features(sr),
+                               live_ranges=parse_live_ranges(sr.try_text(LIVE_RANGES)))
         host.kernel_handover = info
         host.note("kernel-handover", "captured", self.name,
                   f"{ROOT}: state {info.state}, formats {info.formats}")
 
 
 FEATURES = f"{ROOT}/features"
+#: debugfs of a patched kernel (0011): every range each vfio-pci device's translation uses
+LIVE_RANGES = "/sys/kernel/debug/handover/live_ranges"
+_LIVE = re.compile(rf"^(?P<bdf>{BDF_PATTERN}) (?P<kind>\d+) 0x(?P<start>[0-9a-f]+) "
+                   r"0x(?P<size>[0-9a-f]+)$")
+
+
+def parse_live_ranges(text: str | None) -> dict | None:
+    """{bdf: [(kind, start, size)]} from live_ranges ("<bdf> <kind> <start> <size>" lines;
+    "context" and "error" lines are not ranges); None for no file. At most 1,000,000 lines
+    are read (the kernel's walk is bounded at 65,536 table pages per device)."""
+    if text is None:
+        return None
+    out: dict = {}
+    for n, ln in enumerate(text.splitlines()):
+        if n >= 1_000_000:
+            break
+        m = _LIVE.match(ln.strip())
+        if m:
+            out.setdefault(m["bdf"], []).append(
+                (int(m["kind"]), int(m["start"], 16), int(m["size"], 16)))
+    return out
 
 
 def read_features(sysroot: Sysroot) -> frozenset:

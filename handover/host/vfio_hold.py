@@ -10,7 +10,11 @@ mappings and pinned memory, until the kexec or until the holder is stopped.
 
 The holder's ``argv[0]`` starts with ``@``: systemd's final killing spree before a
 ``systemctl kexec`` spares such processes (its convention for root-storage daemons), so the
-device is still open when the kexec syscall runs.
+device is still open when the kexec syscall runs. Before that spree, the shutdown transaction
+stops every unit that conflicts with shutdown.target, the caller's session scope or service
+among them, and the holder with it: so under systemd the holder moves at once into a scope
+of its own, ``handover-hold-<pid>.scope``, without default dependencies (the manager's
+``StartTransientUnit`` with its pid, through ``busctl``), which the transaction leaves alone.
 
 Reading ``/proc`` goes through :class:`Sysroot`; the syscalls act on the live system only.
 """
@@ -52,6 +56,38 @@ class HoldReport:
     owners: list = field(default_factory=list)     # VfioOwner as dicts
     fds: int = 0
     groups_without_owner: list = field(default_factory=list)
+    scope: str | None = None        # the holder's own systemd scope (systemd is PID 1)
+
+
+#: systemd runs as PID 1 (sd_booted(3): this directory exists)
+SYSTEMD_RUNTIME = "/run/systemd/system"
+
+
+def scope_command(pid: int) -> list[str]:
+    """busctl call that puts ``pid`` into a transient scope of its own which no shutdown
+    transaction stops (DefaultDependencies=no: no Conflicts/Before=shutdown.target)."""
+    return ["busctl", "call", "--quiet", "org.freedesktop.systemd1", "/org/freedesktop/systemd1",
+            "org.freedesktop.systemd1.Manager", "StartTransientUnit", "ssa(sv)a(sa(sv))",
+            f"handover-hold-{pid}.scope", "fail", "3",
+            "PIDs", "au", "1", str(pid),
+            "DefaultDependencies", "b", "false",
+            "Description", "s", "handover: VFIO files of keepalive devices, kept for the kexec",
+            "0"]
+
+
+def move_to_scope(pid: int) -> str:
+    """Under systemd, the holder's own scope (its name); raises HandoverError when the
+    manager refuses (the holder would be stopped with the caller's unit at shutdown)."""
+    import subprocess
+
+    try:
+        r = subprocess.run(scope_command(pid), capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise HandoverError(f"busctl: cannot give the VFIO holder a scope of its own: {e}") from None
+    if r.returncode:
+        raise HandoverError("busctl: cannot give the VFIO holder a scope of its own: "
+                            + " ".join((r.stderr or r.stdout).split())[:300])
+    return f"handover-hold-{pid}.scope"
 
 
 def device_group(sr: Sysroot, bdf: str) -> str | None:
@@ -136,9 +172,12 @@ def hold(sr: Sysroot, devices: list[str], result_dir: str) -> HoldReport:
     return rep
 
 
-def hold_owners(owners: list[VfioOwner], result_dir: str) -> HoldReport:
+def hold_owners(owners: list[VfioOwner], result_dir: str, systemd: bool | None = None) -> HoldReport:
     """Duplicate ``owners``' fds into a new holder process (an earlier one is stopped
-    first) and record it in ``result_dir``."""
+    first) and record it in ``result_dir``; ``systemd`` (default: is it PID 1?) moves the
+    holder into its own scope."""
+    if systemd is None:
+        systemd = os.path.isdir(SYSTEMD_RUNTIME)
     rep = HoldReport()
     stop_holder(result_dir)
     if not owners:
@@ -175,6 +214,12 @@ def hold_owners(owners: list[VfioOwner], result_dir: str) -> HoldReport:
         os.close(r)
         if not ok:
             raise HandoverError("the VFIO holder process did not start")
+        if systemd:
+            try:
+                rep.scope = move_to_scope(pid)
+            except HandoverError:
+                os.kill(pid, signal.SIGTERM)    # a holder the shutdown would stop anyway
+                raise
     finally:
         for fd in taken:
             os.close(fd)
@@ -184,5 +229,5 @@ def hold_owners(owners: list[VfioOwner], result_dir: str) -> HoldReport:
     rep.fds = len(taken)
     os.makedirs(result_dir, exist_ok=True)
     with open(os.path.join(result_dir, PIDFILE), "w") as f:
-        json.dump({"holder": pid, "owners": rep.owners}, f)
+        json.dump({"holder": pid, "owners": rep.owners, "scope": rep.scope}, f)
     return rep

@@ -285,7 +285,14 @@ def build_state(host: Host, devices: list, opts: SaveOptions) -> tuple[State, di
             b.add("vectors", sbdf=dev.sbdf, unit=0xFFFF if v.unit is None else v.unit,
                   kind=v.kind, flags=fl, vector=v.vector, irte_index=v.irte_index or 0,
                   sub_handle=v.sub_handle or 0, irq=v.irq or 0)
-        # DMA remapping: context entries, domains, tables
+        # DMA remapping: context entries, domains, tables. A patched kernel lists every range
+        # the device's translation uses, empty page tables too (live_ranges); else the
+        # tables are those on the paths to the leaves debugfs shows
+        kh = host.kernel_handover
+        live = (kh.live_ranges or {}).get(dev.bdf) if kh is not None else None
+        if u is not None and live is not None:
+            reserved += [(start, size, kind, u.seq) for kind, start, size in live
+                         if kind in (5, 10)]
         if u is not None and u.contexts is not None:
             scalable = bool((u.regs.rtaddr or 0) >> 10 & 1)
             for c in _context_for(u, dev):
@@ -307,9 +314,9 @@ def build_state(host: Host, devices: list, opts: SaveOptions) -> tuple[State, di
                 if scalable and c.lo & 1:
                     pdts = c.lo >> 9 & 7
                     reserved.append((c.lo & ADDR_MASK, max(0x1000, 8 << (pdts + 7)), 3, u.seq))
-                if dom["pgd"] and dom["tt"] & 0x7F != 2 and not dev.domain:
+                if dom["pgd"] and dom["tt"] & 0x7F != 2 and not dev.domain and live is None:
                     reserved.append((dom["pgd"], 0x1000, 5, u.seq))
-            if dev.domain:
+            if dev.domain and live is None:
                 tables, leaves = walk_tables(dev.domain)
                 reserved += [(t, 0x1000, 5, u.seq) for t in tables]
                 reserved += [(s, n, 10, u.seq) for s, n in _merge(leaves)]

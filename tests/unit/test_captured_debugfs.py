@@ -79,3 +79,48 @@ def test_load_on_the_same_tree_matches_and_a_moved_irt_does_not(tmp_path):
         (dbg / name).write_text(text.replace(old, new))
     code, doc = load()
     assert code == 6 and any("IRTA" in f for f in doc["failures"])
+
+
+def test_save_takes_every_table_page_from_live_ranges(tmp_path):
+    """A patched kernel (0011) lists in debugfs every range a vfio-pci device's translation
+    uses, the page tables with no leaf among them (an unmap leaves them; the IOMMU's debugfs
+    shows only leaves, and the kexec check and the next kernel's walk visit them). The save
+    preserves exactly those page tables and DMA buffers; without the file, those derived from
+    debugfs's leaves. The live_ranges text is hand-written in the kernel's format (a page-table
+    page 0x9f9e000 without leaves added to the captured tree's tables, and the patched kernel's
+    /sys/kernel/handover/formats, which this capture lacks)."""
+    from handover.host.kernel_handover import parse_live_ranges
+
+    _root0, out0, _rep = _save(tmp_path / "a")
+    before = {(r.start, r.size, r.kind) for r in decode(out0.read_bytes()).reserved}
+    tables = sorted(s for s, n, k in before if k == RESERVED_KIND_VALUE["page-table"])
+    bufs = sorted((s, n) for s, n, k in before if k == RESERVED_KIND_VALUE["dma-buffer"])
+    assert tables
+    lines = [f"{EDU} 5 {t:#x} 0x1000" for t in tables] + [f"{EDU} 5 0x9f9e000 0x1000"]
+    lines += [f"{EDU} 10 {s:#x} {n:#x}" for s, n in bufs] + [f"{EDU} context 0x1 0x2"]
+    live = tmp_path / "b" / "host" / "sys/kernel/debug/handover/live_ranges"
+    assert (5, 0x9f9e000, 0x1000) in parse_live_ranges("\n".join(lines))[EDU]
+    root = tmp_path / "b" / "host"
+    shutil.copytree(FIX, root, symlinks=True, ignore=shutil.ignore_patterns("_capture"))
+    live.parent.mkdir(parents=True, exist_ok=True)
+    live.write_text("\n".join(lines) + "\n")
+    (root / "sys/kernel/handover").mkdir(parents=True)     # the patched kernel's directory
+    (root / "sys/kernel/handover/formats").write_text("1.0-1.1\n")
+    out = tmp_path / "b" / "state.bin"
+    r = CliRunner().invoke(main, ["save", "--sysroot", str(root), "--output", str(out), "--json"])
+    assert r.exit_code == 0, r.stderr
+    after = {(r.start, r.size, r.kind) for r in decode(out.read_bytes()).reserved}
+    assert (0x9f9e000, 0x1000, RESERVED_KIND_VALUE["page-table"]) in after
+    assert after - before == {(0x9f9e000, 0x1000, RESERVED_KIND_VALUE["page-table"])}
+
+
+def test_live_ranges_parse():
+    from handover.host.kernel_handover import parse_live_ranges
+
+    text = ("0000:00:08.0 1 0x1973000 0x1000\n0000:00:08.0 5 0x9fa8000 0x2000\n"
+            "0000:00:08.0 10 0x38200000 0x200000\n0000:00:08.0 context 0x9fa8001 0x802\n"
+            "0000:00:09.0 error -95\ngarbage line\n")
+    assert parse_live_ranges(text) == {"0000:00:08.0": [(1, 0x1973000, 0x1000),
+                                                        (5, 0x9fa8000, 0x2000),
+                                                        (10, 0x38200000, 0x200000)]}
+    assert parse_live_ranges(None) is None and parse_live_ranges("") == {}

@@ -61,7 +61,8 @@ def test_the_holder_keeps_the_owners_files_open_after_it_exits(tmp_path):
     try:
         fd = int(owner.stdout.readline())
         try:
-            rep = H.hold_owners([H.VfioOwner(owner.pid, "owner", ("7",), (fd,))], str(tmp_path))
+            rep = H.hold_owners([H.VfioOwner(owner.pid, "owner", ("7",), (fd,))], str(tmp_path),
+                                systemd=False)
         except PermissionError:
             pytest.skip("pidfd_getfd not permitted here (ptrace restrictions)")
         assert rep.holder and rep.fds == 1
@@ -85,3 +86,18 @@ def test_the_holder_keeps_the_owners_files_open_after_it_exits(tmp_path):
         assert H.stop_holder(str(tmp_path)) is None
     finally:
         owner.kill()
+
+
+def test_the_holder_scope_is_outside_the_shutdown_transaction():
+    """Under systemd the holder gets a transient scope of its own: the manager's
+    StartTransientUnit with its pid and DefaultDependencies=no (so no Conflicts= and
+    Before=shutdown.target: `systemctl kexec` does not stop it, and the final killing spree
+    spares its "@" argv[0]). The lab's rootfs test runs it under a real systemd."""
+    cmd = H.scope_command(4242)
+    assert cmd[:2] == ["busctl", "call"] and "StartTransientUnit" in cmd
+    i = cmd.index("handover-hold-4242.scope")
+    assert cmd[i + 1] == "fail" and cmd[i + 2] == "3"
+    props = cmd[i + 3:-1]
+    assert props[:4] == ["PIDs", "au", "1", "4242"]
+    assert props[4:7] == ["DefaultDependencies", "b", "false"]
+    assert cmd[-1] == "0"          # no auxiliary units

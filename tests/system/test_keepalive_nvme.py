@@ -59,7 +59,7 @@ echo vfio-pci > /sys/bus/pci/devices/NVME/driver_override
 echo NVME > /sys/bus/pci/drivers_probe
 python3 vfio_nvme.py resume NVME "$dax" "$LAB_OUT/nvme-resume.json" --token TOKEN --rounds 9 \
     > "$LAB_OUT/nvme-resume.log" 2>&1 || echo "resume rc=$?" >> "$LAB_OUT/nvme-resume.log"
-echo "@@LAB NVME-RESUMED phase=3"
+echo "@@LAB OWNER-IO-DONE phase=3"
 hstatus > "$LAB_OUT/status-end.txt" 2>&1
 cat /sys/kernel/debug/iommu/intel/ir_translation_struct > "$LAB_OUT/ir_translation.txt" 2>&1 || true
 dmesg > "$LAB_OUT/dmesg.txt"
@@ -98,6 +98,6 @@ def test_nvme_keeps_its_queues_across_kexec(patched):  # noqa: F811
     assert re.search(rf"{NVME[5:]}: (DMAR: )?handover: translation handed over to the owner's "
                      r"domain \d+", text["dmesg.txt"])
     m = lab.index_markers(res.markers)
-    a, b = m.get(("ARM-EXEC", 2)), m.get(("NVME-RESUMED", 3))
+    a, b = m.get(("ARM-EXEC", 2)), m.get(("OWNER-IO-DONE", 3))
     print("handover arm --exec -> the owner's I/O on the same queues done:",
           round(b[0] - a[0], 2) if a and b else None, "s")

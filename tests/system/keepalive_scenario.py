@@ -16,15 +16,19 @@ WRONG = "00000000-1111-2222-3333-444444444444"
 EDU = "0000:00:03.0"
 DAX_RANGE = "memmap=32M!0x38000000"
 
-OLD_KERNEL = r"""
+#: the DMA buffer: a device-dax namespace on the second legacy pmem range (DAX_RANGE), its
+#: node in $dax (and in $LAB_OUT/dax.txt); the script runs with set -e
+DAX_SETUP = r"""
 set -e
-# the DMA buffer: a device-dax namespace on the second legacy pmem range
 for r in /sys/bus/nd/devices/region*; do
   [ "$(cat $r/resource)" = "0x38000000" ] && ns=namespace${r##*region}.0
 done
 ndctl create-namespace -f -e "$ns" -m devdax -a 4K | tee "$LAB_OUT/ndctl.json" >&2
 dax=$(ls /dev/dax* | head -1)
 echo "$dax" > "$LAB_OUT/dax.txt"
+"""
+
+OLD_KERNEL = DAX_SETUP + r"""
 echo vfio-pci > /sys/bus/pci/devices/0000:00:03.0/driver_override
 echo 0000:00:03.0 > /sys/bus/pci/drivers_probe
 python3 vfio_edu.py 0000:00:03.0 /tmp/vfio-ready /tmp/vfio-stop "$dax" > /tmp/vfio-holder.log 2>&1 &

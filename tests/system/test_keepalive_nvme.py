@@ -18,20 +18,14 @@ import re
 import pytest
 
 from tests.system import lab
-from tests.system.keepalive_scenario import NEW_KERNEL_COMMON, TOKEN, boot
+from tests.system.keepalive_scenario import DAX_SETUP, NEW_KERNEL_COMMON, TOKEN, boot
 from tests.system.patched import status as _status
 
 pytestmark = [pytest.mark.system, pytest.mark.kernel]
 
 NVME = lab.NVME_BDF
 
-OLD = r"""
-set -e
-for r in /sys/bus/nd/devices/region*; do
-  [ "$(cat $r/resource)" = "0x38000000" ] && ns=namespace${r##*region}.0
-done
-ndctl create-namespace -f -e "$ns" -m devdax -a 4K > "$LAB_OUT/ndctl.json"
-dax=$(ls /dev/dax* | head -1)
+OLD = DAX_SETUP + r"""
 echo vfio-pci > /sys/bus/pci/devices/NVME/driver_override
 echo NVME > /sys/bus/pci/drivers_probe
 python3 vfio_nvme.py init NVME "$dax" "$LAB_OUT/nvme-init.json" --queues 2 --rounds 9 \

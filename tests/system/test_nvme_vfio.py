@@ -31,21 +31,15 @@ import sys
 import pytest
 
 from tests.system import lab
+from tests.system.keepalive_scenario import DAX_RANGE, DAX_SETUP
 
 pytestmark = pytest.mark.system
 
 GUEST = lab.REPO / "tests" / "system" / "guest"
 NV = lab.NVME_BDF
-DAX_RANGE = "memmap=32M!0x38000000"
 ROUNDS = 9
 
-SCRIPT = r"""
-set -e
-for r in /sys/bus/nd/devices/region*; do
-  [ "$(cat $r/resource)" = "0x38000000" ] && ns=namespace${r##*region}.0
-done
-ndctl create-namespace -f -e "$ns" -m devdax -a 4K > "$LAB_OUT/ndctl.json"
-dax=$(ls /dev/dax* | head -1)
+SCRIPT = DAX_SETUP + r"""
 NV=BDF
 cat /sys/bus/pci/devices/$NV/vendor /sys/bus/pci/devices/$NV/device > "$LAB_OUT/ids.txt"
 echo vfio-pci > /sys/bus/pci/devices/$NV/driver_override

@@ -63,10 +63,17 @@ class HoldReport:
 SYSTEMD_RUNTIME = "/run/systemd/system"
 
 
-def scope_command(pid: int) -> list[str]:
+#: the manager's own D-Bus socket, which root may talk to without a bus daemon (as systemctl
+#: does; a minimal host has no dbus-daemon)
+SYSTEMD_PRIVATE = "/run/systemd/private"
+
+
+def scope_command(pid: int, private: bool = False) -> list[str]:
     """busctl call that puts ``pid`` into a transient scope of its own which no shutdown
-    transaction stops (DefaultDependencies=no: no Conflicts/Before=shutdown.target)."""
-    return ["busctl", "call", "--quiet", "org.freedesktop.systemd1", "/org/freedesktop/systemd1",
+    transaction stops (DefaultDependencies=no: no Conflicts/Before=shutdown.target);
+    ``private``: straight to the manager's socket instead of through the system bus."""
+    via = [f"--address=unix:path={SYSTEMD_PRIVATE}"] if private else []
+    return ["busctl", *via, "call", "--quiet", "org.freedesktop.systemd1", "/org/freedesktop/systemd1",
             "org.freedesktop.systemd1.Manager", "StartTransientUnit", "ssa(sv)a(sa(sv))",
             f"handover-hold-{pid}.scope", "fail", "3",
             "PIDs", "au", "1", str(pid),
@@ -81,7 +88,8 @@ def move_to_scope(pid: int) -> str:
     import subprocess
 
     try:
-        r = subprocess.run(scope_command(pid), capture_output=True, text=True, timeout=30)
+        r = subprocess.run(scope_command(pid, os.path.exists(SYSTEMD_PRIVATE)),
+                           capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired) as e:
         raise HandoverError(f"busctl: cannot give the VFIO holder a scope of its own: {e}") from None
     if r.returncode:

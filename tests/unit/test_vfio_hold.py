@@ -95,6 +95,8 @@ def test_the_holder_scope_is_outside_the_shutdown_transaction():
     spares its "@" argv[0]). The lab's rootfs test runs it under a real systemd."""
     cmd = H.scope_command(4242)
     assert cmd[:2] == ["busctl", "call"] and "StartTransientUnit" in cmd
+    assert H.scope_command(4242, private=True)[:3] == [
+        "busctl", "--address=unix:path=/run/systemd/private", "call"]
     i = cmd.index("handover-hold-4242.scope")
     assert cmd[i + 1] == "fail" and cmd[i + 2] == "3"
     props = cmd[i + 3:-1]

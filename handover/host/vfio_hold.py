@@ -13,8 +13,8 @@ The holder's ``argv[0]`` starts with ``@``: systemd's final killing spree before
 device is still open when the kexec syscall runs. Before that spree, the shutdown transaction
 stops every unit that conflicts with shutdown.target, the caller's session scope or service
 among them, and the holder with it: so under systemd the holder moves at once into a scope
-of its own, ``handover-hold-<pid>.scope``, without default dependencies (the manager's
-``StartTransientUnit`` with its pid, through ``busctl``), which the transaction leaves alone.
+of its own, ``handover-hold-<pid>.scope``, without default dependencies (``systemd-run
+--scope``, which execs the holder in place), which the transaction leaves alone.
 
 Reading ``/proc`` goes through :class:`Sysroot`; the syscalls act on the live system only.
 """
@@ -63,39 +63,14 @@ class HoldReport:
 SYSTEMD_RUNTIME = "/run/systemd/system"
 
 
-#: the manager's own D-Bus socket, which root may talk to without a bus daemon (as systemctl
-#: does; a minimal host has no dbus-daemon)
-SYSTEMD_PRIVATE = "/run/systemd/private"
-
-
-def scope_command(pid: int, private: bool = False) -> list[str]:
-    """busctl call that puts ``pid`` into a transient scope of its own which no shutdown
-    transaction stops (DefaultDependencies=no: no Conflicts/Before=shutdown.target);
-    ``private``: straight to the manager's socket instead of through the system bus."""
-    via = [f"--address=unix:path={SYSTEMD_PRIVATE}"] if private else []
-    return ["busctl", *via, "call", "--quiet", "org.freedesktop.systemd1", "/org/freedesktop/systemd1",
-            "org.freedesktop.systemd1.Manager", "StartTransientUnit", "ssa(sv)a(sa(sv))",
-            f"handover-hold-{pid}.scope", "fail", "3",
-            "PIDs", "au", "1", str(pid),
-            "DefaultDependencies", "b", "false",
-            "Description", "s", "handover: VFIO files of keepalive devices, kept for the kexec",
-            "0"]
-
-
-def move_to_scope(pid: int) -> str:
-    """Under systemd, the holder's own scope (its name); raises HandoverError when the
-    manager refuses (the holder would be stopped with the caller's unit at shutdown)."""
-    import subprocess
-
-    try:
-        r = subprocess.run(scope_command(pid, os.path.exists(SYSTEMD_PRIVATE)),
-                           capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise HandoverError(f"busctl: cannot give the VFIO holder a scope of its own: {e}") from None
-    if r.returncode:
-        raise HandoverError("busctl: cannot give the VFIO holder a scope of its own: "
-                            + " ".join((r.stderr or r.stdout).split())[:300])
-    return f"handover-hold-{pid}.scope"
+def scope_command(pid: int) -> list[str]:
+    """The prefix that runs the holder (pid ``pid``, in place: ``systemd-run --scope``
+    execs its command) in a transient scope of its own, which no shutdown transaction stops
+    (DefaultDependencies=no: no Conflicts= or Before=shutdown.target). systemd-run talks to
+    the manager as systemctl does (its private socket for root: no D-Bus daemon needed)."""
+    return ["systemd-run", "--scope", "--quiet", f"--unit=handover-hold-{pid}",
+            "--property=DefaultDependencies=no",
+            "--description=handover: VFIO files of keepalive devices, kept for the kexec", "--"]
 
 
 def device_group(sr: Sysroot, bdf: str) -> str | None:
@@ -214,6 +189,12 @@ def hold_owners(owners: list[VfioOwner], result_dir: str, systemd: bool | None =
                 code = ("import os, signal; os.write(1, b'ok'); os.close(1); "
                         "signal.signal(signal.SIGTERM, signal.SIG_DFL)\n"
                         "while True: signal.pause()")
+                if systemd:
+                    # in its own scope first, then as "@handover-hold" (the same process)
+                    again = (f"import os, sys; os.execv(sys.executable, "
+                             f"[{HOLDER_NAME!r}, '-c', {code!r}])")
+                    cmd = scope_command(os.getpid()) + [sys.executable, "-c", again]
+                    os.execvp(cmd[0], cmd)
                 os.execv(sys.executable, [HOLDER_NAME, "-c", code])
             finally:
                 os._exit(127)
@@ -221,13 +202,12 @@ def hold_owners(owners: list[VfioOwner], result_dir: str, systemd: bool | None =
         ok = os.read(r, 2) == b"ok"
         os.close(r)
         if not ok:
-            raise HandoverError("the VFIO holder process did not start")
+            os.waitpid(pid, 0)
+            raise HandoverError("the VFIO holder process did not start" + (
+                " (systemd-run --scope failed: the holder needs a scope of its own, else "
+                "the shutdown stops it with the caller's unit)" if systemd else ""))
         if systemd:
-            try:
-                rep.scope = move_to_scope(pid)
-            except HandoverError:
-                os.kill(pid, signal.SIGTERM)    # a holder the shutdown would stop anyway
-                raise
+            rep.scope = f"handover-hold-{pid}.scope"
     finally:
         for fd in taken:
             os.close(fd)

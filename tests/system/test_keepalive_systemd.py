@@ -17,6 +17,7 @@ import re
 
 import pytest
 
+from tests.system import lab
 from tests.system.keepalive_scenario import NEW_KERNEL_KEEP, OLD_KERNEL, boot
 from tests.system.patched import status as _status
 
@@ -32,7 +33,10 @@ OLD = OLD_KERNEL.replace(VMM_LINE, 'systemd-run --unit=vmm-edu --collect '
     # udev gives block devices group "disk" (0660): handover refuses such a region, and says
     # to do this
     "python3 -m handover region init", "chown root:root /dev/pmem0; chmod 0600 /dev/pmem0\n"
-    "python3 -m handover region init", 1) + r"""
+    "python3 -m handover region init", 1).replace(
+    # arm carries the command line without handover.* words: the next phase boots the rootfs
+    "--append handover.lab.phase=3",
+    f"--append 'handover.lab.phase=3 handover.lab.rootfs={lab.ROOTFS_SLOT}'", 1) + r"""
 scope=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["hold"]["scope"])' "$LAB_OUT/arm.json")
 systemctl show -p ActiveState -p DefaultDependencies -p Conflicts "$scope" > "$LAB_OUT/scope.txt"
 systemctl show -p ActiveState vmm-edu.service > "$LAB_OUT/vmm.txt"
@@ -44,6 +48,7 @@ journalctl -b -1 --no-pager -o short-monotonic > "$LAB_OUT/journal-prev.txt" 2>&
 
 def test_holder_outlives_systemctl_kexec(patched):  # noqa: F811
     assert OLD.count("systemd-run --unit=vmm-edu") == 1 and "vfio-holder.log" not in OLD and "chmod 0600" in OLD
+    assert "handover.lab.rootfs=" in OLD
     res = boot(patched, ["true\n", OLD, NEW], rootfs="debian", timeout=1500)
     old, new = res.phases[1], res.phases[2]
     text = {n: new.files[n].decode(errors="replace") for n in new.files}

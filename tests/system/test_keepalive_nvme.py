@@ -64,7 +64,8 @@ def test_nvme_keeps_its_queues_across_kexec(patched):  # noqa: F811
     res = boot(patched, ["true\n", OLD, NEW], nvme=True)
     old, new = res.phases[1], res.phases[2]
     text = {n: new.files[n].decode(errors="replace") for n in new.files}
-    print(text["status.txt"], text.get("nvme-resume.log", ""))
+    print(text["status.txt"], text.get("nvme-resume.log", ""), text.get("load.err", ""))
+    print(text.get("load.json", "")[:3000])
     print("\n".join(ln for ln in text["dmesg.txt"].splitlines()
                     if re.search(r"handover|DMAR|00:08.0", ln)))
     init = json.loads(old.files["nvme-init.json"])
@@ -73,6 +74,9 @@ def test_nvme_keeps_its_queues_across_kexec(patched):  # noqa: F811
     assert arm["keepalive"] == {"armed": True, "devices": [NVME]}
     saved = [v for v in json.loads(old.files["inspect.json"])["vectors"] if v["device"] == NVME]
     assert len([v for v in saved if v["kind"] == "MSI-X"]) >= 3, saved   # admin + 2 I/O queues
+    # `handover load --token` in the new kernel: the state matches, accepted
+    load = json.loads(text["load.json"])
+    assert load["ok"] and load["kernel_interface"]["written"] == "accept", text.get("load.err")
     # the new kernel held the controller: translation adopted, bus mastering and MSI-X on
     assert _status(text["status.txt"])["state"] == "valid"
     assert re.search(rf"device: {NVME} held adopted domain=\d+", text["status.txt"])

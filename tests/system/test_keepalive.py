@@ -355,9 +355,12 @@ def test_ten_keepalive_kexecs(patched):  # noqa: F811
         if n < last:
             assert json.loads(ph.files["arm.json"])["keepalive"]["armed"] is True, n
     # nothing accumulates: the last kernel looks like the first
-    for key in ("mem_total_kb", "reserved_bytes", "reserved_ranges", "domains_used",
-                "irtes_present"):
+    for key in ("mem_total_kb", "reserved_bytes", "domains_used", "irtes_present"):
         assert len({r[key] for r in rows}) == 1, (key, [r[key] for r in rows])
+    # the same bytes in one range more or less: adjacent page-table pages are merged into one
+    # range (live_ranges), and whether two are adjacent depends on where the kernel put them
+    ranges = [int(r["reserved_ranges"]) for r in rows]
+    assert max(ranges) - min(ranges) <= 1, ranges
 
 
 # after `handover arm`: the VMM (vfio_edu.py) closes everything and exits; the kexec then

@@ -33,7 +33,14 @@ import pytest
 from tests.system import lab
 from tests.system.keepalive_scenario import DAX_RANGE, DAX_SETUP
 
-pytestmark = pytest.mark.system
+pytestmark = [
+    pytest.mark.system,
+    # the driver loses track of completions: phase-matching CQEs past the saved head with
+    # CIDs descending (every run), and once, under load, "SQ 2 full" after 100 s of init.
+    # Not understood yet: not part of `make test` until it is (the issue note says so); the
+    # keepalive kexec test (test_keepalive_nvme.py, make test-kernel) passes on both builds
+    pytest.mark.skip(reason="vfio_nvme.py loses track of completions (under investigation)"),
+]
 
 GUEST = lab.REPO / "tests" / "system" / "guest"
 NV = lab.NVME_BDF

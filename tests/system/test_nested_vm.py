@@ -1,6 +1,6 @@
 """A nested VM in the lab's Debian rootfs (tests/system/nested.py): the patched QEMU runs as
 a systemd unit in the lab guest with edu passed through (vfio-pci) and its RAM on
-device-dax; the freestanding workload's DMA rounds (with edu's interrupts) show up in its
+device-dax; the freestanding workload's DMA rounds (with edu's MSI) show up in its
 progress record, read from the dax device. Skipped unless the patched QEMU is built
 (python tools/qemu.py build). TCG inside TCG: several minutes.
 """
@@ -36,8 +36,11 @@ def test_nested_vm_edu_dma_rounds_grow():
     first = next(s for s in samples if s["rounds"] > 0)
     assert last["rounds"] > first["rounds"], samples
     assert last["errors"] == 0, last
-    # every DMA asked for an interrupt: two per round, handled (not merely polled)
+    # every DMA asked for an interrupt, an MSI: two per round, handled (not merely polled)
+    assert last["msi_cap"] != 0, last
     assert last["irqs"] >= last["rounds"] and last["polled"] == 0, last
+    # the liveness register the program wrote once kept its value; nothing raised from outside
+    assert last["alive_bad"] == 0 and last["poked"] == 0, last
     marks = lab.index_markers(res.markers)
     for m in ("VM-START", "VM-FIRST-ROUND", "VM-WATCHED"):
         assert (m, 1) in marks, res.markers

@@ -17,7 +17,8 @@ import time
 
 PROGRESS_ADDR = 0x300000
 FIELDS = ("state", "rounds", "irqs", "polled", "errors", "ticks", "bdf", "bar0", "irq_line",
-          "edu_id", "last_pattern")
+          "edu_id", "last_pattern", "msi_cap", "alive_bad", "poked", "spurious", "rtc", "max_gap",
+          "gap_round")
 MAP = 4 << 20
 INTERVAL = 2.0
 

@@ -2,10 +2,16 @@
  * edu_dma: a freestanding x86 guest program (multiboot, 32-bit protected mode, no paging)
  * for a nested VM in the handover lab. It finds QEMU's edu device (1234:11e8, passed through
  * with vfio-pci), then does DMA rounds forever: a pattern RAM -> edu's buffer, back edu ->
- * RAM, compared; every DMA asks for edu's completion interrupt (INTx through the 8259 PIC,
- * as SeaBIOS routed it). Progress is a record in its own RAM at PROGRESS_ADDR, which the lab
- * backs with a device-dax file (memory-backend-file share=on), so the host reads it from
- * outside. Built by tests/system/guest/edu_dma/build.py: gcc -m32 -ffreestanding.
+ * RAM, compared; every DMA asks for edu's completion interrupt, an MSI (edu's MSI capability,
+ * to the local APIC; a keepalive device must use MSI or MSI-X: set-keepalive refuses INTx).
+ * Each round it also checks a register it wrote once at start (edu's liveness register, which
+ * returns the complement of what was written) and reads the CMOS clock, which follows the host's
+ * wall clock, so that a pause of the VM (stop, save, restart) shows as a gap between two rounds.
+ * An interrupt whose status has POKE_BIT was raised by someone else (the lab host, through
+ * edu's raise register, while no VMM owned the device): it is counted apart.
+ * Progress is a record in its own RAM at PROGRESS_ADDR, which the lab backs with a device-dax
+ * file (memory-backend-file share=on), so the host reads it from outside. Built by
+ * tests/system/nested.py: gcc -m32 -ffreestanding.
  */
 typedef unsigned char u8;
 typedef unsigned short u16;
@@ -17,6 +23,10 @@ typedef unsigned int u32;
 #define EDU_BUF       0x40000u      /* edu's internal DMA buffer */
 #define ROUND_BYTES   256u
 #define PIC_BASE      0x20u         /* IRQ n -> vector 0x20 + n */
+#define MSI_VECTOR    0x41u         /* edu's MSI */
+#define LAPIC         0xfee00000u   /* the local APIC (and the MSI address of APIC ID 0) */
+#define ALIVE_VALUE   0x12345678u   /* written once to edu's liveness register (0x04) */
+#define POKE_BIT      0x10000u      /* an interrupt status the workload never asks for */
 
 struct progress {
 	char magic[8];          /* "EDUPROG1" once the record is live */
@@ -28,9 +38,16 @@ struct progress {
 	u32 ticks;              /* PIT ticks (100 Hz) */
 	u32 bdf;                /* bus << 8 | dev << 3 | fn of edu */
 	u32 bar0;               /* edu's BAR0 */
-	u32 irq_line;           /* the PIC line SeaBIOS gave edu */
+	u32 irq_line;           /* the PIC line SeaBIOS gave edu (unused: MSI) */
 	u32 edu_id;             /* edu register 0x00 */
 	u32 last_pattern;
+	u32 msi_cap;            /* config offset of edu's MSI capability */
+	u32 alive_bad;          /* rounds that found the liveness register lost */
+	u32 poked;              /* interrupts with POKE_BIT in their status (raised from outside) */
+	u32 spurious;           /* interrupts with no status bit set */
+	u32 rtc;                /* CMOS clock at the last round, seconds of the day */
+	u32 max_gap;            /* the longest CMOS-clock gap between two rounds, seconds */
+	u32 gap_round;          /* the round that ended that gap */
 };
 
 static volatile struct progress *const P = (volatile struct progress *)PROGRESS_ADDR;
@@ -45,28 +62,75 @@ static inline u32 inl(u16 port) { u32 v; __asm__ volatile("inl %1, %0" : "=a"(v)
 static u32 pci_rd(u32 bdf, u32 off) { outl(0xcf8, 0x80000000u | bdf << 8 | (off & 0xfc)); return inl(0xcfc); }
 static void pci_wr(u32 bdf, u32 off, u32 v) { outl(0xcf8, 0x80000000u | bdf << 8 | (off & 0xfc)); outl(0xcfc, v); }
 
-static void eoi(u32 irq)
-{
-	if (irq >= 8)
-		outb(0xa0, 0x20);
-	outb(0x20, 0x20);
-}
+static inline void lapic_wr(u32 reg, u32 v) { *(volatile u32 *)(LAPIC + reg) = v; }
 
-/* called from the interrupt stubs (start.S) */
-void on_timer(void) { ticks++; P->ticks = ticks; eoi(0); }
+/* called from the interrupt stubs (start.S); the timer comes through the 8259 (ExtINT) */
+void on_timer(void) { ticks++; P->ticks = ticks; outb(0x20, 0x20); }
 
 void on_edu(void)
 {
 	u32 st = edu[0x24 / 4];
 	if (st) {
-		edu[0x64 / 4] = st;     /* acknowledge: edu lowers INTx */
-		edu_irqs++;
-		P->irqs = edu_irqs;
+		edu[0x64 / 4] = st;     /* acknowledge */
+		if (st & POKE_BIT)
+			P->poked++;
+		if (st & ~POKE_BIT) {
+			edu_irqs++;
+			P->irqs = edu_irqs;
+		}
+	} else {
+		P->spurious++;
 	}
-	eoi(P->irq_line);
+	lapic_wr(0xb0, 0);              /* EOI */
 }
 
-/* the IDT: every vector to an iret, the timer and edu's line to their handlers */
+/* the CMOS clock (host wall clock), seconds of the day; BCD unless status B says binary */
+static u32 cmos(u8 reg) { outb(0x70, reg); return inb(0x71); }
+static u32 bcd(u32 v, int binary) { return binary ? v : (v >> 4) * 10 + (v & 0xf); }
+
+static u32 rtc_seconds(void)
+{
+	u32 s, m, h;
+	do {
+		while (cmos(0x0a) & 0x80)
+			;
+		s = cmos(0x00); m = cmos(0x02); h = cmos(0x04);
+	} while (s != cmos(0x00));
+	int bin = cmos(0x0b) & 4;
+	return bcd(h & 0x7f, bin) * 3600 + bcd(m, bin) * 60 + bcd(s, bin);
+}
+
+/* edu's MSI capability: 0 if none */
+static u32 find_msi(u32 bdf)
+{
+	if (!(pci_rd(bdf, 0x04) & (1u << 20)))
+		return 0;
+	u32 pos = pci_rd(bdf, 0x34) & 0xfc;
+	for (int n = 0; pos && n < 48; n++) {
+		u32 hdr = pci_rd(bdf, pos);
+		if ((hdr & 0xff) == 0x05)
+			return pos;
+		pos = (hdr >> 8) & 0xfc;
+	}
+	return 0;
+}
+
+/* MSI to APIC ID 0 (the only CPU), fixed delivery, edge, MSI_VECTOR */
+static void enable_msi(u32 bdf, u32 pos)
+{
+	u32 ctl = pci_rd(bdf, pos) >> 16;
+	pci_wr(bdf, pos + 4, LAPIC);
+	if (ctl & 0x80) {               /* 64-bit address */
+		pci_wr(bdf, pos + 8, 0);
+		pci_wr(bdf, pos + 12, MSI_VECTOR);
+	} else {
+		pci_wr(bdf, pos + 8, MSI_VECTOR);
+	}
+	ctl = (ctl & ~0x70u) | 1;       /* one vector, enabled */
+	pci_wr(bdf, pos, (pci_rd(bdf, pos) & 0xffff) | ctl << 16);
+}
+
+/* the IDT: every vector to an iret, the timer and edu's MSI to their handlers */
 struct gate { u16 lo, sel; u8 zero, type; u16 hi; } __attribute__((packed));
 static struct gate idt[256];
 static struct { u16 limit; u32 base; } __attribute__((packed)) idtr;
@@ -78,12 +142,12 @@ static void set_gate(int v, void (*h)(void))
 	idt[v].lo = a & 0xffff; idt[v].hi = a >> 16; idt[v].sel = 0x08; idt[v].zero = 0; idt[v].type = 0x8e;
 }
 
-static void setup_interrupts(u32 line)
+static void setup_interrupts(void)
 {
 	for (int v = 0; v < 256; v++)
 		set_gate(v, isr_other);
 	set_gate(PIC_BASE + 0, isr_timer);
-	set_gate(PIC_BASE + line, isr_edu);
+	set_gate(MSI_VECTOR, isr_edu);
 	idtr.limit = sizeof(idt) - 1;
 	idtr.base = (u32)idt;
 	__asm__ volatile("lidt %0" : : "m"(idtr));
@@ -95,8 +159,14 @@ static void setup_interrupts(u32 line)
 	outb(0x21, 4); outb(0xa1, 2);
 	outb(0x21, 1); outb(0xa1, 1);
 	outb(0x4d0, elcr0); outb(0x4d1, elcr1);
-	u16 mask = 0xffff & ~(1u << 0) & ~(1u << 2) & ~(1u << line);
+	u16 mask = 0xffff & ~(1u << 0) & ~(1u << 2);
 	outb(0x21, mask & 0xff); outb(0xa1, mask >> 8);
+	/* the local APIC: software-enabled (spurious vector 0xff), LINT0 ExtINT for the 8259,
+	 * LINT1 NMI (virtual wire), all priorities accepted */
+	lapic_wr(0xf0, 0x1ff);
+	lapic_wr(0x350, 0x700);
+	lapic_wr(0x360, 0x400);
+	lapic_wr(0x80, 0);
 	/* PIT channel 0: 100 Hz */
 	outb(0x43, 0x34); outb(0x40, 11932 & 0xff); outb(0x40, 11932 >> 8);
 	__asm__ volatile("sti");
@@ -139,20 +209,23 @@ void main(void)
 	P->bdf = bdf;
 	P->bar0 = pci_rd(bdf, 0x10) & ~0xfu;
 	P->irq_line = pci_rd(bdf, 0x3c) & 0xff;
-	/* memory space and bus master on, INTx not disabled */
-	pci_wr(bdf, 0x04, (pci_rd(bdf, 0x04) & 0xffff & ~0x400u) | 0x6);
+	P->msi_cap = find_msi(bdf);
+	/* memory space and bus master on, INTx disabled */
+	pci_wr(bdf, 0x04, (pci_rd(bdf, 0x04) & 0xffff) | 0x406);
 	edu = (volatile u32 *)P->bar0;
 	P->edu_id = edu[0];
-	edu[0x04 / 4] = 0x12345678;
-	if ((P->edu_id & 0xff) != 0xed || edu[0x04 / 4] != ~0x12345678u || P->irq_line >= 16 || P->irq_line == 2) {
-		P->state = 0xdead0002;      /* not edu's registers, or no usable INTx line */
+	edu[0x04 / 4] = ALIVE_VALUE;
+	if ((P->edu_id & 0xff) != 0xed || edu[0x04 / 4] != ~ALIVE_VALUE || !P->msi_cap) {
+		P->state = 0xdead0002;      /* not edu's registers, or no MSI capability */
 		for (;;) __asm__ volatile("cli; hlt");
 	}
 	const char *m = "EDUPROG1";
 	for (int i = 0; i < 8; i++)
 		P->magic[i] = m[i];
 	P->state = 2;
-	setup_interrupts(P->irq_line);
+	setup_interrupts();
+	enable_msi(bdf, P->msi_cap);
+	P->rtc = rtc_seconds();
 	P->state = 3;
 	volatile u8 *src = (volatile u8 *)SRC_ADDR, *dst = (volatile u8 *)DST_ADDR;
 	for (u32 round = 1;; round++) {
@@ -172,5 +245,13 @@ void main(void)
 			P->rounds++;
 		else
 			P->errors++;
+		if (edu[0x04 / 4] != ~ALIVE_VALUE)
+			P->alive_bad++;
+		u32 now = rtc_seconds(), gap = (now + 86400 - P->rtc) % 86400;
+		if (gap > P->max_gap) {
+			P->max_gap = gap;
+			P->gap_round = P->rounds;
+		}
+		P->rtc = now;
 	}
 }

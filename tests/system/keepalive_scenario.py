@@ -103,12 +103,13 @@ def boot(patched, scripts: list[str], timeout: float = 900, topology: str = "roo
     ``patched``'s kernel with handover= and the dax range on its command line, the guest
     helpers in the payload; check that every phase ran, each later one on the patched
     kernel. ``topology``: where edu sits (lab.TOPOLOGIES); the scripts name edu by its
-    root-bus address, replaced by its address there. ``run_kw``: more RunOptions (nvme=True).
-    Returns the lab's GuestResult."""
+    root-bus address, replaced by its address there. ``run_kw``: more RunOptions (nvme=True;
+    ``files``: more payload files). Returns the lab's GuestResult."""
     scripts = [s.replace(EDU, lab.EDU_BDF[topology]) for s in scripts]
     bz = Path(patched["bzImage"])
     files = {f"lab/vmlinuz.{n}": bz for n in range(2, len(scripts) + 1)}
     files.update({name: ROOT / "tests" / "system" / "guest" / name for name in GUEST_HELPERS})
+    files.update(run_kw.pop("files", None) or {})
     res = lab.run_guest(scripts, pmem="legacy", kexec_append=f"handover={REGION} {DAX_RANGE}",
                         files=files, timeout=timeout, topology=topology,
                         **{**patched["run_guest"], **run_kw})

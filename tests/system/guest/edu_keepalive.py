@@ -21,6 +21,11 @@ IOVA 0x100000 and left edu with bus mastering and MSI on. Usage::
         the owner's domain. edu DMAs with the old IOVA, then MSI with an eventfd. Then the
         owner's map and unmap decide: it maps memory of its own at a NEW IOVA and edu DMAs
         there; it unmaps the old IOVA and edu no longer reaches the buffer through it.
+    python3 edu_keepalive.py poke PID BITS OUT.json
+        Raise edu's interrupt from outside, as the device would while no VMM owns it: take
+        the VFIO device fd of process PID (a VMM that saved its VM, or the holder of `handover
+        arm`) with pidfd_getfd(2) and write BITS to edu's raise-interrupt register (0x60)
+        through its BAR0 region; edu ORs them into its status and raises its MSI.
     python3 edu_keepalive.py intruder BDF OUT.json
         Not the owner: attaches edu's group to a container of its own, fails to open edu
         without the token, and closes everything. The adopted translation must survive.
@@ -189,6 +194,30 @@ def kick(bdf):
           flush=True)
 
 
+def poke(pid, bits, out):
+    libc = ctypes.CDLL(None, use_errno=True)
+    pidfd = libc.syscall(434, int(pid), 0)                  # pidfd_open
+    if pidfd < 0:
+        raise OSError(ctypes.get_errno(), f"pidfd_open {pid}")
+    rep = {"pid": int(pid), "bits": int(bits, 0)}
+    for name in sorted(os.listdir(f"/proc/{pid}/fd"), key=int):
+        if os.readlink(f"/proc/{pid}/fd/{name}") == "anon_inode:[vfio-device]":
+            dfd = libc.syscall(438, pidfd, int(name), 0)    # pidfd_getfd
+            if dfd < 0:
+                raise OSError(ctypes.get_errno(), f"pidfd_getfd {pid} {name}")
+            ri = bytearray(struct.pack("IIIIQQ", 32, 0, 0, 0, 0, 0))
+            fcntl.ioctl(dfd, DEVICE_GET_REGION_INFO, ri)
+            off = struct.unpack_from("IIIIQQ", ri)[5]
+            os.pwrite(dfd, struct.pack("<I", rep["bits"]), off + 0x60)
+            rep["fd"], rep["status"] = int(name), struct.unpack("<I", os.pread(dfd, 4, off + 0x24))[0]
+            os.close(dfd)
+            break
+    os.close(pidfd)
+    with open(out, "w") as f:
+        json.dump(rep, f)
+    print(f"poke: {rep}", flush=True)
+
+
 def probe(bdf, buffer, out):
     rep = {}
     buf = _buffer(buffer)
@@ -313,4 +342,4 @@ def owner(bdf, buffer, out, token, wrong):
 if __name__ == "__main__":
     cmd, args = sys.argv[1], sys.argv[2:]
     {"probe": probe, "owner": owner, "stage": stage, "kick": kick,
-     "intruder": intruder, "map": map_more}[cmd](*args)
+     "intruder": intruder, "map": map_more, "poke": poke}[cmd](*args)

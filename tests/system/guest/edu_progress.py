@@ -2,11 +2,13 @@
 edu_dma (tests/system/guest/edu_dma/edu_dma.c) from the VM's RAM file, a device-dax node
 (read() is refused there: mmap, MAP_SHARED, 2 MiB aligned), every INTERVAL seconds.
 
-    python3 edu_progress.py /dev/dax0.0 OUT.json SECONDS [MIN_ROUNDS]
+    python3 edu_progress.py /dev/dax0.0 OUT.json SECONDS [MIN_ROUNDS [resume]]
 
-Prints one line per sample, ``@@LAB VM-FIRST-ROUND`` when rounds first go above 0, and
-writes all samples to OUT.json; stops early once the rounds grew by MIN_ROUNDS (default 3)
-after the first round. Exit 0 if the rounds grew while it watched, 1 if not."""
+Prints one line per sample, ``@@LAB VM-FIRST-ROUND`` when rounds first go above 0 (with
+``resume``: above the rounds of the first sample, i.e. the first round of a VM that resumed),
+and writes all samples to OUT.json; stops early once the rounds grew by MIN_ROUNDS (default 3)
+after that round. Exit 0 if the rounds grew while it watched, 1 if not. A sample every
+INTERVAL seconds ($EDU_PROGRESS_INTERVAL, default 2)."""
 
 import json
 import mmap
@@ -20,7 +22,7 @@ FIELDS = ("state", "rounds", "irqs", "polled", "errors", "ticks", "bdf", "bar0",
           "edu_id", "last_pattern", "msi_cap", "alive_bad", "poked", "spurious", "rtc", "max_gap",
           "gap_round")
 MAP = 4 << 20
-INTERVAL = 2.0
+INTERVAL = float(os.environ.get("EDU_PROGRESS_INTERVAL", 2.0))
 
 
 def read(m) -> dict:
@@ -35,16 +37,18 @@ def up() -> str:
         return f.read().split()[0]
 
 
-def main(path: str, out: str, seconds: str, min_rounds: str = "3") -> int:
+def main(path: str, out: str, seconds: str, min_rounds: str = "3", mode: str = "") -> int:
     fd = os.open(path, os.O_RDWR)
     m = mmap.mmap(fd, MAP, mmap.MAP_SHARED, mmap.PROT_READ)
-    t0, samples, first = time.monotonic(), [], None
+    t0, samples, first, base = time.monotonic(), [], None, None
     while time.monotonic() - t0 < float(seconds):
         rec = read(m)
         rec["t"] = round(time.monotonic() - t0, 2)
         samples.append(rec)
         print(json.dumps(rec), flush=True)
-        if rec["magic"] == "EDUPROG1" and rec["rounds"] > 0:
+        if base is None:
+            base = rec["rounds"] if mode == "resume" else 0
+        if rec["magic"] == "EDUPROG1" and rec["rounds"] > base:
             if first is None:
                 first = rec
                 print(f"@@LAB VM-FIRST-ROUND phase={os.environ.get('LAB_PHASE', 0)} "
@@ -54,7 +58,7 @@ def main(path: str, out: str, seconds: str, min_rounds: str = "3") -> int:
         time.sleep(INTERVAL)
     with open(out, "w") as f:
         json.dump(samples, f, indent=1)
-    grew = first is not None and samples[-1]["rounds"] > first["rounds"]
+    grew = first is not None and samples[-1]["rounds"] > (base if mode == "resume" else first["rounds"])
     return 0 if grew else 1
 
 

@@ -1,0 +1,162 @@
+"""Stage-2 of the VMM fast restart in the lab (issue 15): a VM keeps its passthrough device
+while the host kernel is replaced under it.
+
+The lab guest is the host: the lab's Debian root file system (systemd), the patched kernel.
+Its VMM is the patched QEMU (qemu-patches/, ``tests/system/nested.py``) as the systemd unit
+``vm-edu.service``: guest RAM on device-dax (shared, so a restart maps the same memory), edu
+passed through with vfio-pci, and the freestanding workload ``guest/edu_dma`` doing DMA rounds
+with edu's MSI and counting them in its RAM.
+
+Old kernel (``OLD``): the VM runs; ``handover vm save`` sets keepalive with the token, stops
+the VM and saves its state (x-ignore-shared: RAM stays on the dax device) to a file on the
+root file system; ``handover arm`` saves the host state and starts the holder of the VFIO
+files; then edu's interrupt is raised from outside (``edu_keepalive.py poke``: what the
+device does while no VMM owns it) and ``handover arm --exec`` runs ``systemctl kexec``,
+which stops ``vm-edu.service`` (QEMU quits) while the holder keeps the device open.
+
+New kernel (``NEW``): the initramfs checked the state; edu is held. QEMU starts again as
+``vm-edu.service``, with ``keepalive_token`` and ``-incoming defer``; ``handover vm restore``
+loads the state, turns keepalive off and resumes the VM. The workload must go on: more rounds,
+none wrong, no completion lost (``polled``), the register it wrote once still set
+(``alive_bad``), the interrupt raised while no VMM owned edu seen (``poked``).
+
+Markers (``@@LAB NAME phase=N ... wall=SECONDS``, wall clock, which survives the kexec within
+a second: the new kernel reads the RTC): VM-START, VM-RUNNING, VM-SAVE, VM-SAVED, HOST-ARMED,
+ARM-EXEC (old); VM-RESTART, VM-RESTORED, VM-PROGRESS (new).
+"""
+
+from __future__ import annotations
+
+from tests.system import lab, nested
+from tests.system.keepalive_scenario import DAX_SETUP, TOKEN, WRONG
+
+#: the VM's RAM: on the 32 MiB dax namespace of DAX_SETUP (4 KiB aligned, ~31 MiB usable)
+VM_MEM = "16M"
+QMP = "/run/vm-edu.qmp"
+STATE = "/var/lib/handover-lab/vm-edu.state"
+TOKEN_FILE = "/run/vm-edu.token"
+
+
+def vm_qemu(token: str | None = None) -> str:
+    """The VMM's command line; with ``token``: the restart (keepalive_token, -incoming defer)."""
+    dev = "vfio-pci,host=0000:00:03.0,id=edu0" + (f",keepalive_token={token}" if token else "")
+    return (
+        "/payload/qemu-system-x86_64 -machine pc,memory-backend=ram -accel tcg,tb-size=16 "
+        f"-m {VM_MEM} -object memory-backend-file,id=ram,mem-path=$dax,size={VM_MEM},share=on,align=2M "
+        f"-kernel /payload/edu_dma.elf -device {dev} "
+        "-nodefaults -display none -serial none -monitor none -no-reboot "
+        f"-qmp unix:{QMP},server=on,wait=off "
+        "-trace 'vfio_pci_keepalive_*' -L /usr/share/qemu -L /usr/share/seabios"
+        + (" -S -incoming defer" if token else "")
+    )
+
+
+#: shell helpers: a marker with the wall clock; the VMM as a unit; wait for its QMP socket
+COMMON = r"""
+up() { cut -d' ' -f1 /proc/uptime; }
+mark() { echo "@@LAB $1 phase=$LAB_PHASE uptime=$(up) wall=$(date +%s.%N)"; }
+start_vm() {
+  systemd-run --unit=vm-edu --property=StandardOutput=file:/tmp/vm-edu.log \
+      --property=StandardError=file:/tmp/vm-edu.log "$@"
+  i=0; while [ ! -S QMP ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done
+  test -S QMP
+}
+chmod 755 /payload/qemu-system-x86_64
+""".replace("QMP", QMP)
+
+OLD = DAX_SETUP + COMMON + r"""
+echo vfio-pci > /sys/bus/pci/devices/0000:00:03.0/driver_override
+echo 0000:00:03.0 > /sys/bus/pci/drivers_probe
+mark VM-START
+start_vm VM_QEMU
+python3 edu_progress.py "$dax" "$LAB_OUT/progress-before.json" 300 3
+mark VM-RUNNING
+# udev gives block devices group "disk" (0660): handover refuses such a region
+chown root:root /dev/pmem0; chmod 0600 /dev/pmem0
+python3 -m handover region init /dev/pmem0 --force
+( umask 077; printf '%s\n' TOKEN > TOKEN_FILE )
+mkdir -p $(dirname STATE)
+mark VM-SAVE
+python3 -m handover vm save --qmp QMP --state STATE --token-file TOKEN_FILE --json \
+    > "$LAB_OUT/vm-save.json"
+mark VM-SAVED
+python3 edu_progress.py "$dax" "$LAB_OUT/progress-saved.json" 1 || true
+python3 -m handover arm --kernel /payload/lab/vmlinuz.3 --initrd /payload/lab/initrd.img \
+    --command-line "$(cat /payload/lab/cmdline.3)" \
+    --append 'handover.lab.phase=3 handover.lab.rootfs=SLOT' \
+    --region /dev/pmem0 --token-file TOKEN_FILE --json > "$LAB_OUT/arm.json"
+mark HOST-ARMED
+python3 -m handover inspect --json /dev/pmem0 > "$LAB_OUT/inspect.json"
+# edu raises its interrupt now: the saved VM cannot have seen it
+python3 edu_keepalive.py poke "$(systemctl show -p MainPID --value vm-edu)" 0x10000 "$LAB_OUT/poke.json"
+cp /tmp/vm-edu.log "$LAB_OUT/vm-edu-old.log" || true
+sync
+cat > /lab/exec <<'EOF'
+echo "@@LAB ARM-EXEC phase=2 uptime=$(cut -d' ' -f1 /proc/uptime) wall=$(date +%s.%N)"
+exec python3 -m handover arm --exec
+EOF
+""".replace("VM_QEMU", vm_qemu()).replace("TOKEN_FILE", TOKEN_FILE).replace(
+    "TOKEN", TOKEN).replace("STATE", STATE).replace("QMP", QMP).replace("SLOT", lab.ROOTFS_SLOT)
+
+#: the new kernel: ``@RESTART@`` is the VMM's command line (the owner's token, or another)
+NEW = lab.HSTATUS + COMMON + r"""
+set -e
+hstatus > "$LAB_OUT/status.txt" 2>&1
+dax=$(ls /dev/dax* | head -1)
+journalctl -b -1 --no-pager -o short-monotonic > "$LAB_OUT/journal-prev.txt" 2>&1 || true
+python3 -m handover load --region /dev/pmem0 --token-file TOKEN_FILE_OLD --json \
+    > "$LAB_OUT/load.json" 2> "$LAB_OUT/load.err" || echo "load rc=$?" >> "$LAB_OUT/load.err"
+echo vfio-pci > /sys/bus/pci/devices/0000:00:03.0/driver_override
+echo 0000:00:03.0 > /sys/bus/pci/drivers_probe
+mark VM-RESTART
+start_vm @RESTART@
+rc=0
+python3 -m handover vm restore --qmp QMP --state STATE --json > "$LAB_OUT/vm-restore.json" \
+    2> "$LAB_OUT/vm-restore.err" || rc=$?
+echo "restore rc=$rc" >> "$LAB_OUT/vm-restore.err"
+mark VM-RESTORED
+EDU_PROGRESS_INTERVAL=0.2 python3 edu_progress.py "$dax" "$LAB_OUT/progress-after.json" 240 5 resume || true
+mark VM-PROGRESS
+hstatus > "$LAB_OUT/status-end.txt" 2>&1
+systemctl show -p ActiveState,SubState vm-edu.service > "$LAB_OUT/vm-unit.txt"
+cp /tmp/vm-edu.log "$LAB_OUT/vm-edu.log" || true
+dmesg > "$LAB_OUT/dmesg.txt"
+systemctl stop vm-edu.service || true
+""".replace("TOKEN_FILE_OLD", TOKEN_FILE).replace("STATE", STATE).replace("QMP", QMP)
+
+
+def new_script(token: str = TOKEN) -> str:
+    """The new kernel's phase with the VMM restarted with ``token`` (the owner's, or WRONG)."""
+    return ("( umask 077; printf '%s\\n' " + TOKEN + " > " + TOKEN_FILE + " )\n"
+            + NEW.replace("@RESTART@", vm_qemu(token)))
+
+
+#: the steps of the pause: (from marker, phase, to marker, phase, what), in order
+STEPS = [("VM-SAVE", 2, "VM-SAVED", 2, "vm save: keepalive, stop, state file"),
+         ("VM-SAVED", 2, "HOST-ARMED", 2, "handover save + arm: state, kexec load, holder"),
+         ("HOST-ARMED", 2, "ARM-EXEC", 2, "lab: inspect, poke, sync"),
+         ("ARM-EXEC", 2, "INIT", 3, "systemctl kexec: shutdown, kexec, boot to /init"),
+         ("INIT", 3, "UNIT", 3, "initramfs (handover check) + systemd boot"),
+         ("UNIT", 3, "VM-RESTART", 3, "lab: phase start, handover load, vfio-pci bind"),
+         ("VM-RESTART", 3, "VM-RESTORED", 3, "QEMU start + vm restore"),
+         ("VM-RESTORED", 3, "VM-FIRST-ROUND", 3, "first round after the resume")]
+
+
+def pause_figures(res) -> dict:
+    """The VM-visible pause, from outside (host clock of the lab's console markers) and as
+    the guest saw it (its CMOS clock's longest gap between two rounds), with where it went."""
+    t = {k: v[0] for k, v in lab.index_markers(res.markers).items()}
+    f = {}
+    if ("VM-SAVE", 2) in t and ("VM-FIRST-ROUND", 3) in t:
+        f["pause_outside_s"] = round(t[("VM-FIRST-ROUND", 3)] - t[("VM-SAVE", 2)], 1)
+    steps = STEPS
+    for a, pa, b, pb, what in steps:
+        if (a, pa) in t and (b, pb) in t:
+            f[what] = round(t[(b, pb)] - t[(a, pa)], 1)
+    return f
+
+def files() -> dict:
+    return nested.files()
+
+
+__all__ = ["OLD", "NEW", "new_script", "files", "pause_figures", "STEPS", "vm_qemu", "TOKEN", "WRONG", "QMP", "STATE"]

@@ -42,6 +42,11 @@ by ``request inflight``; its data is read back and checked), then goes on submit
 same queues from the saved SQ tails / CQ heads / phase tags / command ids, one Identify on
 the admin queue, R rounds of I/O on every queue, each completion on its queue's vector.
 
+Every register and doorbell access is one aligned 32-bit load or store (BAR0 seen as a
+memoryview of 32-bit words), never ``struct.pack_into``, which stores 0 before the value: a
+doorbell at 0 for a moment is a doorbell write the controller acts on (see ``Nvme.rd32``). A
+CQE is taken by its status word (the phase tag) first, its other fields read after it.
+
 State (``STATE_OFF``, page 0 of the buffer: b"HOVNVME1", length, crc32, JSON; also OUT.json's
 "state"): IOVA and layout, AQA/ASQ/ACQ, every queue's size, addresses, vector, SQ tail, SQ head
 (from the last CQE), CQ head, phase, next command id and the commands in flight, the
@@ -227,6 +232,7 @@ class Nvme:
 
     def __init__(self, bar, buf, efds, log):
         self.bar, self.buf, self.efds, self.log = bar, buf, efds, log
+        self.reg = memoryview(bar).cast("I")     # BAR0 as 32-bit words: see rd32/wr32
         self.irq_counts = [0] * len(efds)
         self.queues = {}
         self.state = {}
@@ -234,12 +240,21 @@ class Nvme:
         cap = self.rd64(REG_CAP)
         self.dstrd = 4 << ((cap >> 32) & 0xF)
 
-    # registers: 32-bit accesses only (struct's "<I" on x86 is one load/store)
+    # registers: aligned 32-bit accesses, each ONE load or store (x86: native order is the
+    # registers' little-endian). Not struct.pack_into: CPython's pack_into zero-fills its
+    # destination before it packs the value (s_pack_internal's memset), so every register
+    # write through it was two stores, 0 and then the value. A doorbell that reads 0 for a
+    # moment is a real doorbell write: an SQ tail of 0 made the controller fetch and run
+    # every slot from its head to the end of the ring (stale commands of the previous lap,
+    # executed again, and zeroed slots) and post their CQEs; a CQ head of 0 hands back
+    # entries not yet consumed.
     def rd32(self, off):
-        return struct.unpack_from("<I", self.bar, off)[0]
+        assert off % 4 == 0, off
+        return self.reg[off >> 2]
 
     def wr32(self, off, val):
-        struct.pack_into("<I", self.bar, off, val & 0xFFFFFFFF)
+        assert off % 4 == 0, off
+        self.reg[off >> 2] = val & 0xFFFFFFFF
 
     def rd64(self, off):
         return self.rd32(off) | self.rd32(off + 4) << 32
@@ -283,17 +298,19 @@ class Nvme:
         head doorbell is written once after them."""
         out = []
         while True:
-            off = q.cq_off + q.cq_head * 16
-            dw0, _, sq_head, sq_id, cid, status = struct.unpack_from("<IIHHHH", self.buf, off)
-            if status & 1 != q.phase:
+            slot = q.cq_head
+            cqe = read_cqe(self.buf, q.cq_off + slot * 16, q.phase)
+            if cqe is None:
                 break
+            dw0, sq_head, sq_id, cid, status = cqe
             q.cq_head += 1
             if q.cq_head == q.size:
                 q.cq_head, q.phase = 0, q.phase ^ 1
             q.sq_head = sq_head
             what = q.inflight.pop(str(cid), None)
             out.append({"cid": cid, "sq_id": sq_id, "status": status >> 1, "result": dw0,
-                        "phase": status & 1, "known": what is not None, "what": what})
+                        "phase": status & 1, "known": what is not None, "what": what,
+                        "slot": slot, "sq_head": sq_head})
         if out:
             self.wr32(DOORBELLS + (2 * q.qid + 1) * self.dstrd, q.cq_head)
         return out
@@ -378,6 +395,7 @@ class Nvme:
         return {"qid": q.qid, "seq": seq, "slba": slba, "sq_tail_before": tail0,
                 "phase_before": phase0, "write_cid": w["cid"], "read_cid": r["cid"],
                 "irq": w["irq"] and r["irq"], "vector": q.vector, "data_ok": ok,
+                "sq_head_seen": [w["sq_head"], r["sq_head"]],
                 "sq_tail_after": q.sq_tail, "cq_head_after": q.cq_head, "phase_after": q.phase}
 
     def read_check(self, q, slba, sha):
@@ -434,16 +452,28 @@ class Nvme:
         self.queues = {d["qid"]: Queue.from_dict(d) for d in st["queues"]}
 
 
+def read_cqe(buf, off, phase):
+    """The CQE at ``off`` if its phase tag is ``phase`` (posted in the current lap), else None:
+    (DW0, SQ head, SQ id, command id, status field with the phase tag in bit 0). The status
+    word is read first and the rest only after it, so an entry the controller writes while
+    we look is never taken half old, half new (x86 does not reorder loads)."""
+    (status,) = struct.unpack_from("<H", buf, off + 14)
+    if status & 1 != phase:
+        return None
+    dw0, _, sq_head, sq_id, cid = struct.unpack_from("<IIHHH", buf, off)
+    return dw0, sq_head, sq_id, cid, status
+
+
 def peek(buf, st):
     """Read-only: the CQEs the controller posted past each saved CQ head (expected phase)."""
     out = {}
     for q in st["queues"]:
         head, phase, cids = q["cq_head"], q["phase"], []
         for _ in range(q["size"]):
-            cid, status = struct.unpack_from("<HH", buf, q["cq_off"] + head * 16 + 12)
-            if status & 1 != phase:
+            cqe = read_cqe(buf, q["cq_off"] + head * 16, phase)
+            if cqe is None:
                 break
-            cids.append(cid)
+            cids.append(cqe[3])
             head += 1
             if head == q["size"]:
                 head, phase = 0, phase ^ 1

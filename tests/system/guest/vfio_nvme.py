@@ -586,7 +586,8 @@ def resume(args, report):
                        "queues": {str(q["qid"]): {k: q[k] for k in ("sq_tail", "sq_head", "cq_head",
                                                                     "phase", "next_cid")}
                                   for q in st["queues"]},
-                       "inflight": {str(q["qid"]): q["inflight"] for q in st["queues"]}}
+                       # copies: load() shares these dicts and reaping empties them
+                       "inflight": {str(q["qid"]): dict(q["inflight"]) for q in st["queues"]}}
     report["cq_posted_before_open"] = peek(v.buf, st)
     v.open_device(args.token)
     report["command_at_open"] = v.command()

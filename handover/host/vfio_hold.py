@@ -156,14 +156,15 @@ def hold(sr: Sysroot, devices: list[str], result_dir: str) -> HoldReport:
 
 
 def hold_owners(owners: list[VfioOwner], result_dir: str, systemd: bool | None = None) -> HoldReport:
-    """Duplicate ``owners``' fds into a new holder process (an earlier one is stopped
-    first) and record it in ``result_dir``; ``systemd`` (default: is it PID 1?) moves the
-    holder into its own scope."""
+    """Duplicate ``owners``' fds into a new holder process and record it in
+    ``result_dir``; ``systemd`` (default: is it PID 1?) moves the holder into its own scope.
+    An earlier holder is stopped only once the new one runs: it may be the only owner left
+    (the VMM quit), and stopping it first would close the devices (a reset)."""
     if systemd is None:
         systemd = os.path.isdir(SYSTEMD_RUNTIME)
     rep = HoldReport()
-    stop_holder(result_dir)
     if not owners:
+        stop_holder(result_dir)
         return rep
     taken = []
     try:
@@ -211,6 +212,7 @@ def hold_owners(owners: list[VfioOwner], result_dir: str, systemd: bool | None =
     finally:
         for fd in taken:
             os.close(fd)
+    stop_holder(result_dir)            # the earlier holder: its files are the new one's too
     rep.holder = pid
     rep.owners = [dict(pid=o.pid, comm=o.comm, groups=list(o.groups), fds=len(o.fds))
                   for o in owners]

@@ -88,6 +88,41 @@ def test_the_holder_keeps_the_owners_files_open_after_it_exits(tmp_path):
         owner.kill()
 
 
+def test_a_new_holder_takes_the_files_of_the_earlier_one_before_stopping_it(tmp_path):
+    """The VMM quit and the earlier holder is the only owner left: a second hold (``arm``
+    after ``vm save --hold``) must take the files from it before stopping it."""
+    target = tmp_path / "device-file"
+    target.write_text("x")
+    owner = subprocess.Popen([sys.executable, "-c", (
+        "import os, sys\n"
+        f"fd = os.open({str(target)!r}, os.O_RDONLY)\n"
+        "print(fd, flush=True)\n"
+        "sys.stdin.read()\n")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    second = None
+    try:
+        fd = int(owner.stdout.readline())
+        try:
+            first = H.hold_owners([H.VfioOwner(owner.pid, "vmm", ("7",), (fd,))], str(tmp_path),
+                                  systemd=False)
+        except PermissionError:
+            pytest.skip("pidfd_getfd not permitted here (ptrace restrictions)")
+        owner.stdin.close()
+        owner.wait(timeout=10)
+        fds = tuple(int(n) for n in os.listdir(f"/proc/{first.holder}/fd")
+                    if os.readlink(f"/proc/{first.holder}/fd/{n}") == str(target))
+        second = H.hold_owners([H.VfioOwner(first.holder, "@handover-hold", ("7",), fds)],
+                               str(tmp_path), systemd=False)
+        assert second.holder != first.holder and second.fds == 1
+        held = [os.readlink(f"/proc/{second.holder}/fd/{n}")
+                for n in os.listdir(f"/proc/{second.holder}/fd")]
+        assert str(target) in held
+        assert json.load(open(tmp_path / H.PIDFILE))["holder"] == second.holder
+    finally:
+        owner.kill()
+        if second and second.holder:
+            H.stop_holder(str(tmp_path))
+
+
 def test_the_holder_scope_is_outside_the_shutdown_transaction():
     """Under systemd the holder runs in a transient scope of its own (systemd-run --scope
     execs it in place) with DefaultDependencies=no: no Conflicts= and Before=shutdown.target,

@@ -12,6 +12,8 @@ EXIT_INTEGRITY = 4      # magic, checksum, truncation, bounds
 EXIT_VERSION = 5        # unsupported format (or region layout) version
 EXIT_MISMATCH = 6       # saved state does not match the running host (load)
 EXIT_FALLBACK = 7       # state read, but from an older generation: the newest is damaged
+EXIT_VMM = 8            # vm save/restore: a step in QEMU failed (connection, QMP, migration)
+EXIT_ROLLBACK = 9       # vm save: a step failed and undoing what was done failed too
 EXIT_PIPE = 141         # stdout closed by the reader (``| head``), as a shell reports SIGPIPE
 
 # C0 controls (ESC, CR, LF, BS, ...), DEL and C1 controls (CSI 0x9b, ...): never printed raw
@@ -62,3 +64,19 @@ class VersionError(HandoverError):
 class MismatchError(HandoverError):
     exit_code = EXIT_MISMATCH
     kind = "mismatch"
+
+
+class VmmError(HandoverError):
+    """A step in the VMM (QEMU) failed: its QMP socket, a monitor command, the migration.
+    ``vm save`` raises it after undoing what it had done (the VM is as it was)."""
+
+    exit_code = EXIT_VMM
+    kind = "vmm"
+
+
+class RollbackError(HandoverError):
+    """``vm save`` failed, and undoing what it had done failed too: the VM may be paused,
+    or its devices still kept alive (the message says what is left)."""
+
+    exit_code = EXIT_ROLLBACK
+    kind = "rollback"

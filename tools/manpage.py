@@ -35,6 +35,10 @@ EXIT_CODES = [
     (E.EXIT_MISMATCH, "the saved state does not match the running host (load)"),
     (E.EXIT_FALLBACK, "the state was read, but from an older generation because the newest "
                       "is damaged"),
+    (E.EXIT_VMM, "vm save / vm restore: a step in QEMU failed (its QMP socket, a monitor "
+                 "command, the migration, the state file); save undid what it had done"),
+    (E.EXIT_ROLLBACK, "vm save: a step failed and undoing it failed too (the message says "
+                      "what is left)"),
     (E.EXIT_PIPE, "stdout was closed by its reader (| head), as for SIGPIPE"),
 ]
 

@@ -33,6 +33,7 @@ COMMANDS = {
     "region": ("region", "region"),
     "save": ("host", "save"),
     "verify": ("forensic", "verify"),
+    "vm": ("vm", "vm"),
 }
 
 

@@ -45,9 +45,10 @@ ROOTFS_PACKAGES = [
 ]
 #: handover's dependencies bookworm lacks or has too old (construct 2.10.68, pyproject pins
 #: 2.10.70; pyelftools 0.29 < 0.31; no google-crc32c; click 8.1.3 has no
-#: click.exceptions.NoArgsIsHelpError, which handover/cli uses: click 8.2): copied from the
+#: click.exceptions.NoArgsIsHelpError, which handover/cli uses: click 8.2; no qemu.qmp, which
+#: handover vm uses: "qemu" is its namespace package, one directory): copied from the
 #: interpreter running the lab (the same versions the tests use), into PY_SITE
-VENDORED_PY = ["construct", "google_crc32c", "elftools", "click"]
+VENDORED_PY = ["construct", "google_crc32c", "elftools", "click", "qemu"]
 PY_SITE = "/usr/local/lib/python3.11/dist-packages"
 #: the size of the (sparse) ext4 image; the root file system's label
 IMAGE_SIZE = "3G"

@@ -56,19 +56,34 @@ def vm():
               help="Quit QEMU once the state is saved (the devices stay kept alive).")
 @click.option("--allow-no-device", is_flag=True,
               help="Save a VM without vfio-pci devices too (nothing is kept alive).")
+@click.option("--hold", is_flag=True,
+              help="Keep QEMU's VFIO files open in a holder process once the state is saved, "
+                   "so that QEMU may quit and the next one take them over on the same kernel "
+                   "(handover vm exec). Needs the token.")
 @_timeout
 @click.option("--json", "as_json", is_flag=True, help="Report as JSON on stdout.")
 @handle_errors
-def save(qmp, state, token_file, token, ids, quit_, allow_no_device, timeout, as_json):
+def save(qmp, state, token_file, token, ids, quit_, allow_no_device, hold, timeout, as_json):
     """Keep the devices alive, stop the VM and save its state to FILE (x-ignore-shared:
     guest RAM on a shared memory backend is not copied). Any failure before FILE is complete
     undoes it all: keepalive off, the VM running again if it ran, no partial file."""
     from ..ops.vm import VmSaveRequest, save as run
 
     tok = read_token(token, token_file)
+    if hold and not tok:
+        raise click.UsageError("--hold needs the token (--token-file)")
+    if hold and quit_:
+        raise click.UsageError("--hold takes QEMU's files after the save: quit QEMU afterwards")
     report = run(VmSaveRequest(qmp=qmp, state=state, token=tok, ids=ids, quit=quit_,
                                allow_no_device=allow_no_device, timeout=timeout,
                                progress=progress()))
+    report["hold"] = None
+    if hold:
+        from ..ops.vm_takeover import hold_vm
+
+        report["hold"] = hold_vm(report["pid"], tok)
+        (progress() or (lambda _m: None))(f"holder pid {report['hold']['holder']} keeps {report['hold']['fds']} VFIO "
+                   f"files of QEMU pid {report['pid']}")
     if as_json:
         emit_json({"schema": SCHEMA_SAVE, "ok": True, **report})
         return
@@ -83,6 +98,41 @@ def save(qmp, state, token_file, token, ids, quit_, allow_no_device, timeout, as
     elif not settings().quiet:
         err(f"QEMU pid {text(report['pid'])} is {text(report['status'])}: its devices stay "
             f"kept alive; quit it before starting the next QEMU")
+
+
+@vm.command("exec", context_settings={"ignore_unknown_options": True})
+@click.option("--token-file", "token_file", metavar="FILE", default=None,
+              help="Read the owner token (a UUID) from FILE; - reads stdin.")
+@click.option("--token", metavar="UUID", default=None,
+              help="Owner token (visible in ps: prefer --token-file).")
+@click.option("--from-pid", type=int, default=None, metavar="PID",
+              help="Take the files from this QEMU (still running, its state saved) instead "
+                   "of the holder of vm save --hold; no token check then (root only).")
+@click.argument("qemu", nargs=-1, type=click.UNPROCESSED, required=True)
+@handle_errors
+def exec_cmd(token_file, token, from_pid, qemu):
+    """Start the next QEMU on the same kernel with the VFIO files of the saved one (Stage-1
+    of a fast restart): checks the token against the one vm save --hold recorded, takes the
+    files from the holder, invalidates the mappings' virtual addresses (the next QEMU gives
+    them its own), stops the holder and execs QEMU (after --) with -add-fd options naming
+    the files. The QEMU command needs -device vfio-pci,...,keepalive_token=UUID and
+    -incoming defer; then handover vm restore."""
+    import os
+
+    from ..ops.vm_takeover import prepare_exec
+
+    tok = read_token(token, token_file)
+    if from_pid is None and not tok:
+        raise click.UsageError("vm exec needs the token (--token-file), or --from-pid")
+    say = progress() or (lambda _m: None)
+    argv, report = prepare_exec(list(qemu), tok, from_pid=from_pid, say=say)
+    say(f"exec {argv[0]} with {len(report['fds'])} VFIO files")
+    try:
+        os.execvp(argv[0], argv)
+    except OSError as e:
+        from ..errors import HandoverError
+
+        raise HandoverError(f"vm exec: {argv[0]}: {e.strerror}") from None
 
 
 @vm.command("restore")

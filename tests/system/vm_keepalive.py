@@ -37,16 +37,16 @@ STATE = "/var/lib/handover-lab/vm-edu.state"
 TOKEN_FILE = "/run/vm-edu.token"
 
 
-def vm_qemu(token: str | None = None) -> str:
+def vm_qemu(token: str | None = None, mem: str = VM_MEM) -> str:
     """The VMM's command line; with ``token``: the restart (keepalive_token, -incoming defer)."""
     dev = "vfio-pci,host=0000:00:03.0,id=edu0" + (f",keepalive_token={token}" if token else "")
     return (
         "/payload/qemu-system-x86_64 -machine pc,memory-backend=ram -accel tcg,tb-size=16 "
-        f"-m {VM_MEM} -object memory-backend-file,id=ram,mem-path=$dax,size={VM_MEM},share=on,align=2M "
+        f"-m {mem} -object memory-backend-file,id=ram,mem-path=$dax,size={mem},share=on,align=2M "
         f"-kernel /payload/edu_dma.elf -device {dev} "
         "-nodefaults -display none -serial none -monitor none -no-reboot "
         f"-qmp unix:{QMP},server=on,wait=off "
-        "-trace 'vfio_pci_keepalive_*' -L /usr/share/qemu -L /usr/share/seabios"
+        "-trace 'vfio_pci_keepalive_*' -trace 'vfio_take*' -L /usr/share/qemu -L /usr/share/seabios"
         + (" -S -incoming defer" if token else "")
     )
 
@@ -56,6 +56,7 @@ COMMON = r"""
 up() { cut -d' ' -f1 /proc/uptime; }
 mark() { echo "@@LAB $1 phase=$LAB_PHASE uptime=$(up) wall=$(date +%s.%N)"; }
 start_vm() {
+  rm -f QMP
   systemd-run --unit=vm-edu --property=StandardOutput=file:/tmp/vm-edu.log \
       --property=StandardError=file:/tmp/vm-edu.log "$@"
   i=0; while [ ! -S QMP ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done
@@ -155,8 +156,56 @@ def pause_figures(res) -> dict:
             f[what] = round(t[(b, pb)] - t[(a, pa)], 1)
     return f
 
+#: Stage-1 (no kexec, any kernel: the stock one): one phase. The VM runs; ``handover vm save
+#: --hold`` saves it and a holder keeps QEMU's VFIO files; QEMU quits (its unit is stopped);
+#: edu's interrupt is raised while no QEMU runs; ``handover vm exec`` starts the next QEMU with
+#: the holder's files (QEMU 0009) as the unit vm-edu2; ``handover vm restore`` resumes the VM.
+STAGE1 = COMMON + r"""
+set -e
+ndctl create-namespace -f -e namespace0.0 -m devdax -a 2M > "$LAB_OUT/ndctl.json"
+dax=/dev/dax0.0
+echo vfio-pci > /sys/bus/pci/devices/0000:00:03.0/driver_override
+echo 0000:00:03.0 > /sys/bus/pci/drivers_probe
+mark VM-START
+start_vm VM_QEMU
+python3 edu_progress.py "$dax" "$LAB_OUT/progress-before.json" 300 3
+( umask 077; printf '%s\n' TOKEN > TOKEN_FILE )
+mkdir -p $(dirname STATE)
+mark VM-SAVE
+handover vm save --qmp QMP --state STATE --token-file TOKEN_FILE --hold --json \
+    > "$LAB_OUT/vm-save.json"
+mark VM-SAVED
+holder=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["hold"]["holder"])' "$LAB_OUT/vm-save.json")
+systemctl stop vm-edu.service
+mark VM-QUIT
+cp /tmp/vm-edu.log "$LAB_OUT/vm-edu-old.log" || true
+cat /sys/bus/pci/devices/0000:00:03.0/enable > "$LAB_OUT/enable-after-quit.txt"
+# edu raises its interrupt while no QEMU runs (through the holder's device file)
+python3 edu_keepalive.py poke "$holder" 0x10000 "$LAB_OUT/poke.json"
+mark VM-RESTART
+rm -f QMP
+systemd-run --unit=vm-edu2 --property=StandardOutput=file:/tmp/vm-edu2.log \
+    --property=StandardError=file:/tmp/vm-edu2.log \
+    handover vm exec --token-file TOKEN_FILE -- @RESTART@
+i=0; while [ ! -S QMP ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done
+rc=0
+handover vm restore --qmp QMP --state STATE --json > "$LAB_OUT/vm-restore.json" \
+    2> "$LAB_OUT/vm-restore.err" || rc=$?
+echo "restore rc=$rc" >> "$LAB_OUT/vm-restore.err"
+mark VM-RESTORED
+EDU_PROGRESS_INTERVAL=0.2 python3 edu_progress.py "$dax" "$LAB_OUT/progress-after.json" 240 5 resume || true
+mark VM-PROGRESS
+systemctl show -p ActiveState,SubState vm-edu2.service > "$LAB_OUT/vm-unit.txt"
+cp /tmp/vm-edu2.log "$LAB_OUT/vm-edu.log" || true
+ls -l /proc/$(systemctl show -p MainPID --value vm-edu2)/fd > "$LAB_OUT/qemu-fds.txt" 2>&1 || true
+dmesg > "$LAB_OUT/dmesg.txt"
+systemctl stop vm-edu2.service || true
+""".replace("VM_QEMU", vm_qemu(mem="32M")).replace("@RESTART@", vm_qemu(TOKEN, mem="32M")).replace(
+    "TOKEN_FILE", TOKEN_FILE).replace("TOKEN", TOKEN).replace("STATE", STATE).replace("QMP", QMP)
+
+
 def files() -> dict:
     return nested.files()
 
 
-__all__ = ["OLD", "NEW", "new_script", "files", "pause_figures", "STEPS", "vm_qemu", "TOKEN", "WRONG", "QMP", "STATE"]
+__all__ = ["OLD", "NEW", "STAGE1", "new_script", "files", "pause_figures", "STEPS", "vm_qemu", "TOKEN", "WRONG", "QMP", "STATE"]

@@ -41,7 +41,7 @@ _LAZY = {
     "RegionError": "kinds", "RegionLockedError": "kinds",
     "HEADER_OFFSETS": "layout", "HEADER_SIZE": "layout", "has_magic": "layout",
 }
-_SUBMODULES = {"discover", "kinds", "layout", "protocol", "simulate"}
+_SUBMODULES = {"discover", "kinds", "layout", "protocol", "simulate", "udev"}
 
 
 def __getattr__(name: str):

@@ -1,4 +1,5 @@
-"""``handover region list|init|status|wipe``: persistent-memory regions (``handover.pmem``).
+"""``handover region list|init|status|wipe|udev-probe``: persistent-memory regions
+(``handover.pmem``).
 
 Errors go through the one error mapper (``common.handle_errors``): one line on stderr with
 the documented exit code. JSON goes to stdout only with --json; its addresses
@@ -162,3 +163,22 @@ def wipe_cmd(region_path, yes, force, wait):
     n = pmem.wipe(region_path, force=force, wait=wait)
     if not settings().quiet:
         err(f"wiped {region_path} ({n} slot bytes zeroed)")
+
+
+@region.command("udev-probe")
+@click.argument("device", metavar="DEVICE")
+@handle_errors
+def udev_probe_cmd(device):
+    """What udev imports for DEVICE: KEY=value lines when it holds a handover region.
+
+    HANDOVER_REGION=1, HANDOVER_REGION_LAYOUT (e.g. 1.0), HANDOVER_REGION_HEADERS (the header
+    copies that verify: AB, A, B or none) and HANDOVER_REGION_UUID; nothing for any other
+    device, file or path. Always exit 0. Reads the two header copies only, never writes.
+
+    udev runs the same code for every pmem block device and device-dax device
+    (60-handover-region.rules, through /usr/lib/handover/udev-probe, which starts faster than
+    this command) and makes a region's device node root:root 0600."""
+    from ..pmem import udev
+
+    for key, value in udev.probe(device).items():
+        out(f"{key}={value}")

@@ -12,22 +12,50 @@ Public API (other modules call exactly these):
 - :func:`list_regions` () -> list of dict (``region list``; module ``discover``)
 
 The blob is opaque here; the region layer has its own magic and CRC (see layout.py).
+
+The submodules are imported on first use (PEP 562 ``__getattr__`` for the names above and
+inside the functions): ``protocol`` brings in construct and ctypes (~90 ms), which a
+short-lived reader of the headers alone (udev's probe) must not pay.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 
 from handover.errors import HandoverError
 
-from .protocol import CommitResult, Region, RegionRead, create_file, open_region
-from .kinds import RegionError, RegionLockedError
-from .layout import HEADER_OFFSETS, HEADER_SIZE, has_magic
+TYPE_CHECKING = False    # typing.TYPE_CHECKING without importing typing
+if TYPE_CHECKING:
+    from .protocol import CommitResult, RegionRead
 
 __all__ = [
     "probe", "read_latest", "commit", "init", "status", "wipe", "open_region", "list_regions",
     "RegionRead", "CommitResult", "RegionError", "RegionLockedError", "Region",
 ]
+
+#: names this package re-exports -> the submodule that defines them
+_LAZY = {
+    "CommitResult": "protocol", "Region": "protocol", "RegionRead": "protocol",
+    "create_file": "protocol", "open_region": "protocol",
+    "RegionError": "kinds", "RegionLockedError": "kinds",
+    "HEADER_OFFSETS": "layout", "HEADER_SIZE": "layout", "has_magic": "layout",
+}
+_SUBMODULES = {"discover", "kinds", "layout", "protocol", "simulate", "udev"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+        globals()[name] = value
+        return value
+    if name in _SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY) | _SUBMODULES)
 
 
 def probe(path) -> bool:
@@ -35,8 +63,10 @@ def probe(path) -> bool:
 
     Never raises: a missing path, a plain blob file, garbage or a device that cannot be read
     all give False."""
+    from . import kinds
+    from .layout import HEADER_OFFSETS, HEADER_SIZE, has_magic
+
     try:
-        from . import kinds
         acc, fd, _ = kinds.open_access(os.fspath(path), write=False)
     except (HandoverError, OSError, ValueError):
         return False
@@ -57,12 +87,16 @@ def probe(path) -> bool:
 def read_latest(path, generation: int | None = None) -> RegionRead:
     """The newest valid generation (or GENERATION).  Raises NoStateError, IntegrityError,
     VersionError; ``fallback`` is True when a newer generation was found damaged."""
+    from .protocol import open_region
+
     with open_region(os.fspath(path), write=False) as r:
         return r.read_latest(generation)
 
 
 def commit(path, blob: bytes, *, wait: bool = False, force: bool = False) -> CommitResult:
     """Crash-consistent A/B commit of BLOB, under an exclusive flock for the whole call."""
+    from .protocol import open_region
+
     with open_region(os.fspath(path), write=True, wait=wait, force=force) as r:
         return r.commit(blob)
 
@@ -70,6 +104,9 @@ def commit(path, blob: bytes, *, wait: bool = False, force: bool = False) -> Com
 def init(path, *, size: int | None = None, force: bool = False, wait: bool = False) -> dict:
     """Initialize PATH as an empty region.  A missing file is created 0600 with SIZE bytes
     (SIZE is required then); an existing region or non-zero data needs FORCE."""
+    from .kinds import RegionError
+    from .protocol import create_file, open_region
+
     path = os.fspath(path)
     created = False
     if not os.path.exists(path):
@@ -100,11 +137,15 @@ def init(path, *, size: int | None = None, force: bool = False, wait: bool = Fal
 
 
 def status(path) -> dict:
+    from .protocol import open_region
+
     with open_region(os.fspath(path), write=False) as r:
         return r.status()
 
 
 def wipe(path, *, force: bool = False, wait: bool = False) -> int:
+    from .protocol import open_region
+
     with open_region(os.fspath(path), write=True, wait=wait, force=force) as r:
         return r.wipe()
 

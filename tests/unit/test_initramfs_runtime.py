@@ -54,3 +54,24 @@ def test_load_runs_inside_the_tree(tree, tmp_path):
                         "/nothing"], capture_output=True, text=True)
     assert r.returncode == 3 and "no saved state" in r.stderr
     del host, blob
+
+
+def test_udev_probe_runs_inside_the_tree(tree):
+    """The udev rule's program, as the initramfs's udev runs it (no environment)."""
+    root, _ = tree
+    probe = root / rt.UDEV_PROBE.lstrip("/")
+    assert probe.read_text() == rt.udev_probe_script(rt.PYTHON) and os.access(probe, os.X_OK)
+    r = subprocess.run(["chroot", str(root), rt.PYTHON, "-m", "handover", "region", "init",
+                        "/udev-region.img", "--size", "1M", "--json"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    uuid = json.loads(r.stdout)["uuid"]
+    chroot = shutil.which("chroot")
+    r = subprocess.run([chroot, str(root), rt.UDEV_PROBE, "/udev-region.img"],
+                       capture_output=True, text=True, env={})
+    assert (r.returncode, r.stderr) == (0, ""), r.stderr
+    assert r.stdout.splitlines() == ["HANDOVER_REGION=1", "HANDOVER_REGION_LAYOUT=1.0",
+                                     "HANDOVER_REGION_HEADERS=AB", f"HANDOVER_REGION_UUID={uuid}"]
+    r = subprocess.run([chroot, str(root), rt.UDEV_PROBE, "/usr/sbin/handover"],
+                       capture_output=True, text=True, env={})
+    assert (r.returncode, r.stdout, r.stderr) == (0, "", "")

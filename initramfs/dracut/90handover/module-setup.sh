@@ -1,7 +1,8 @@
 #!/bin/bash
 # dracut module "handover": the boot-time check of the handover state (same logic as the
 # initramfs-tools integration: /usr/lib/handover/handover-boot.sh), as a pre-mount hook
-# (udev has settled, the root file system is not mounted yet).
+# (udev has settled, the root file system is not mounted yet), and the udev rule that makes
+# the region's device root:root 0600 (60-handover-region.rules).
 # Include with `dracut --add handover` or add_dracutmodules+=" handover " in dracut.conf.d.
 # Which Python has handover installed: $HANDOVER_PYTHON, else HANDOVER_PYTHON= in
 # /etc/handover/initramfs.conf, else python3.
@@ -32,4 +33,8 @@ install() {
     inst_hook pre-mount 50 "$moddir/handover-pre-mount.sh"
     "$(_handover_python)" -m handover.initramfs install "$initdir" ||
         derror "handover: installing the Python runtime failed"
+    # the region's device root:root 0600 (installed by initramfs/install.sh); after the runtime,
+    # which wrote the rule's probe /usr/lib/handover/udev-probe for the initramfs's python
+    # (dracut keeps a file that is already there)
+    inst_rules 60-handover-region.rules
 }

@@ -105,7 +105,7 @@ def vfio_owners(sr: Sysroot, groups: set[str], exclude: int | None = None) -> li
     return out
 
 
-def _pidfd_getfd(pid: int, fd: int) -> int:
+def pidfd_getfd(pid: int, fd: int) -> int:
     libc = ctypes.CDLL(None, use_errno=True)
     pidfd = os.pidfd_open(pid)
     try:
@@ -171,7 +171,7 @@ def hold_owners(owners: list[VfioOwner], result_dir: str, systemd: bool | None =
         for o in owners:
             for fd in o.fds:
                 try:
-                    taken.append(_pidfd_getfd(o.pid, fd))
+                    taken.append(pidfd_getfd(o.pid, fd))
                 except OSError as e:
                     raise HandoverError(f"pid {o.pid} ({o.comm}) fd {fd}: cannot hold its VFIO "
                                         f"file: {e.strerror}") from None

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 from ..errors import HandoverError
 from .base import Sysroot
-from .vfio_hold import DEVICE, _pidfd_getfd
+from .vfio_hold import DEVICE, pidfd_getfd
 
 #: include/uapi/linux/vfio.h: VFIO_TYPE ';', VFIO_BASE 100
 _T = ord(";") << 8
@@ -112,7 +112,7 @@ def take_files(sr: Sysroot, pid: int) -> TakenFiles:
             if target != CONTAINER and target != DEVICE and not target.startswith("/dev/vfio/"):
                 continue
             try:
-                fd = _pidfd_getfd(pid, int(name))
+                fd = pidfd_getfd(pid, int(name))
             except OSError as e:
                 raise HandoverError(f"pid {pid} fd {name}: cannot take its VFIO file: "
                                     f"{e.strerror}") from None

@@ -11,7 +11,7 @@ HANDOVER_VENV ?= $(HOME)/.cache/handover/venv
 VPY := $(HANDOVER_VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: venv tools man test test-unit test-system test-kernel test-keepalive kernel kernel-debian kernel-check qemu qemu-check demo bench bench-keepalive vectors clean-venv
+.PHONY: venv tools man test test-unit test-system test-kernel test-keepalive kernel kernel-debian kernel-check qemu qemu-check demo demo-vm bench bench-keepalive bench-vm vectors clean-venv
 
 $(VPY): pyproject.toml
 	@echo "handover: setting up $(HANDOVER_VENV)" >&2
@@ -76,6 +76,15 @@ test-keepalive: $(VPY)
 
 demo: $(VPY)
 	$(VPY) tools/demo.py
+
+# a VM keeps its passthrough device through a QEMU restart and a host kexec (builds the
+# patched kernel and QEMU first when missing: an hour or more cold)
+demo-vm: $(VPY)
+	$(VPY) tools/demo_vm.py
+
+# the VM's pause across a host kexec, with a timeline picture
+bench-vm: $(VPY)
+	$(VPY) benchmarks/bench_vm_restart.py --svg vm-restart.svg
 
 bench: $(VPY)
 	$(VPY) benchmarks/bench_format.py

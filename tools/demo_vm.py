@@ -75,8 +75,8 @@ def stage1() -> bool:
     res.check()
     p = res.phases[0]
     t = {k: v[0] for k, v in lab.index_markers(res.markers).items()}
-    pause = (round(t[("VM-FIRST-ROUND", 1)] - t[("VM-SAVE", 1)], 1)
-             if ("VM-FIRST-ROUND", 1) in t and ("VM-SAVE", 1) in t else None)
+    pause = (round(t[("VM-RESUMED-ROUND", 1)] - t[("VM-SAVE", 1)], 1)
+             if ("VM-RESUMED-ROUND", 1) in t and ("VM-SAVE", 1) in t else None)
     return summary("Stage-1 (QEMU restart)", json.loads(p.files["progress-before.json"])[-1],
                    json.loads(p.files["progress-after.json"]), pause)
 

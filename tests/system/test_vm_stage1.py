@@ -37,13 +37,13 @@ def test_vm_keeps_edu_across_a_qemu_restart():
     before = json.loads(p.files["progress-before.json"])
     after = json.loads(p.files["progress-after.json"])
     t = {k: v[0] for k, v in lab.index_markers(res.markers).items()}
-    pause = round(t[("VM-FIRST-ROUND", 1)] - t[("VM-SAVE", 1)], 1) if ("VM-FIRST-ROUND", 1) in t else None
+    pause = round(t[("VM-RESUMED-ROUND", 1)] - t[("VM-SAVE", 1)], 1) if ("VM-RESUMED-ROUND", 1) in t else None
     print("vm save:", json.dumps(save, indent=1), "\nrestore:", p.files.get("vm-restore.json"),
           text.get("vm-restore.err"), "\npoke:", poke, "\nbefore:", before[-1],
           "\nafter:", after[0], after[-1], "\npause (s):", pause,
           {f"{a}->{b}": round(t[(b, 1)] - t[(a, 1)], 1) for a, b in
            [("VM-SAVE", "VM-SAVED"), ("VM-SAVED", "VM-QUIT"), ("VM-RESTART", "VM-RESTORED"),
-            ("VM-RESTORED", "VM-FIRST-ROUND")] if (a, 1) in t and (b, 1) in t}, file=sys.stderr)
+            ("VM-RESTORED", "VM-RESUMED-ROUND")] if (a, 1) in t and (b, 1) in t}, file=sys.stderr)
     # saved, the device kept alive, its files held while no QEMU ran (still enabled)
     assert [d["host"] for d in save["devices"]] == ["0000:00:03.0"] and save["keepalive"]["set"]
     assert save["hold"]["holder"] and save["hold"]["fds"] >= 3, save["hold"]

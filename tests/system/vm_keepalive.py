@@ -140,7 +140,7 @@ STEPS = [("VM-SAVE", 2, "VM-SAVED", 2, "vm save: keepalive, stop, state file"),
          ("INIT", 3, "UNIT", 3, "initramfs (handover check) + systemd boot"),
          ("UNIT", 3, "VM-RESTART", 3, "lab: phase start, handover load, vfio-pci bind"),
          ("VM-RESTART", 3, "VM-RESTORED", 3, "QEMU start + vm restore"),
-         ("VM-RESTORED", 3, "VM-FIRST-ROUND", 3, "first round after the resume")]
+         ("VM-RESTORED", 3, "VM-RESUMED-ROUND", 3, "first round after the resume")]
 
 
 def pause_figures(res) -> dict:
@@ -148,8 +148,8 @@ def pause_figures(res) -> dict:
     the guest saw it (its CMOS clock's longest gap between two rounds), with where it went."""
     t = {k: v[0] for k, v in lab.index_markers(res.markers).items()}
     f = {}
-    if ("VM-SAVE", 2) in t and ("VM-FIRST-ROUND", 3) in t:
-        f["pause_outside_s"] = round(t[("VM-FIRST-ROUND", 3)] - t[("VM-SAVE", 2)], 1)
+    if ("VM-SAVE", 2) in t and ("VM-RESUMED-ROUND", 3) in t:
+        f["pause_outside_s"] = round(t[("VM-RESUMED-ROUND", 3)] - t[("VM-SAVE", 2)], 1)
     steps = STEPS
     for a, pa, b, pb, what in steps:
         if (a, pa) in t and (b, pb) in t:

@@ -5,7 +5,8 @@ edu_dma (tests/system/guest/edu_dma/edu_dma.c) from the VM's RAM file, a device-
     python3 edu_progress.py /dev/dax0.0 OUT.json SECONDS [MIN_ROUNDS [resume]]
 
 Prints one line per sample, ``@@LAB VM-FIRST-ROUND`` when rounds first go above 0 (with
-``resume``: above the rounds of the first sample, i.e. the first round of a VM that resumed),
+``resume``: ``@@LAB VM-RESUMED-ROUND`` when they go above the rounds of the first sample, i.e.
+the first round of a VM that resumed),
 and writes all samples to OUT.json; stops early once the rounds grew by MIN_ROUNDS (default 3)
 after that round. Exit 0 if the rounds grew while it watched, 1 if not. A sample every
 INTERVAL seconds ($EDU_PROGRESS_INTERVAL, default 2)."""
@@ -51,7 +52,8 @@ def main(path: str, out: str, seconds: str, min_rounds: str = "3", mode: str = "
         if rec["magic"] == "EDUPROG1" and rec["rounds"] > base:
             if first is None:
                 first = rec
-                print(f"@@LAB VM-FIRST-ROUND phase={os.environ.get('LAB_PHASE', 0)} "
+                mark = "VM-RESUMED-ROUND" if mode == "resume" else "VM-FIRST-ROUND"
+                print(f"@@LAB {mark} phase={os.environ.get('LAB_PHASE', 0)} "
                       f"rounds={rec['rounds']} uptime={up()}", flush=True)
             elif rec["rounds"] - first["rounds"] >= int(min_rounds):
                 break

@@ -65,3 +65,47 @@ def test_vm_keeps_edu_across_host_kexec(patched):  # noqa: F811
     # the guest saw the pause in its wall clock, between two rounds
     assert last["max_gap"] >= 5, last
     assert "vfio_pci_keepalive_kick" in text.get("vm-edu.log", ""), text.get("vm-edu.log")
+
+
+def _run(patched, new_phase: str):
+    try:
+        files = vk.files()
+        lab.rootfs.build()
+    except lab.LabUnavailable as e:
+        pytest.skip(str(e))
+    res = boot(patched, ["true\n", vk.OLD, new_phase], rootfs="debian", timeout=2400, files=files)
+    new = res.phases[2]
+    return res, new, {n: new.files[n].decode(errors="replace") for n in new.files
+                      if not n.endswith(".json")}
+
+
+def test_a_wrong_token_is_refused_and_the_owner_restores_after_it(patched):  # noqa: F811
+    """Fallback: a restart with another token does not get the device (the kernel keeps it
+    for its owner; QEMU cannot load the state and exits, vm restore says why, the state file
+    stays); the owner's restart then takes it over as if nothing happened."""
+    res, new, text = _run(patched, vk.new_script(first_token=vk.WRONG))
+    wrong = json.loads(new.files["vm-restore-wrong.json"])
+    print("wrong token:", wrong.get("error"), "\n", text.get("vm-edu-wrong.log"), file=sys.stderr)
+    assert wrong["ok"] is False and wrong["exit_code"] == 8, wrong
+    assert "keepalive_token" in text["vm-edu-wrong.log"] or "token" in text["vm-edu-wrong.log"]
+    assert re.search(r"device: 0000:00:03.0 held", text["status-wrong.txt"])
+    assert "open refused: the token is not the owner's" in text["dmesg.txt"]
+    restore = json.loads(new.files["vm-restore.json"])
+    assert restore["status"] == "running", restore
+    after = json.loads(new.files["progress-after.json"])
+    assert after[-1]["rounds"] >= after[0]["rounds"] + 5 and after[-1]["errors"] == 0, after[-1]
+    assert after[-1]["polled"] == 0 and after[-1]["alive_bad"] == 0, after[-1]
+
+
+def test_a_device_the_new_kernel_released_opens_fresh(patched):  # noqa: F811
+    """Fallback: the new kernel releases the device (the state aborted): QEMU finds it not
+    held, opens it as a fresh device and writes the saved state to it, says so in its log;
+    the VM runs on with it."""
+    res, new, text = _run(patched, vk.new_script(decide="abort"))
+    print(text.get("status-abort.txt"), text.get("vm-edu.log"), file=sys.stderr)
+    assert re.search(r"device: 0000:00:03.0 released", text["status-abort.txt"])
+    assert "not kept running (host kernel: released)" in text["vm-edu.log"], text["vm-edu.log"]
+    restore = json.loads(new.files["vm-restore.json"])
+    assert restore["status"] == "running", restore
+    after = json.loads(new.files["progress-after.json"])
+    assert after[-1]["rounds"] >= after[0]["rounds"] + 5 and after[-1]["errors"] == 0, after[-1]

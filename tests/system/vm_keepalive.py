@@ -105,10 +105,10 @@ set -e
 hstatus > "$LAB_OUT/status.txt" 2>&1
 dax=$(ls /dev/dax* | head -1)
 journalctl -b -1 --no-pager -o short-monotonic > "$LAB_OUT/journal-prev.txt" 2>&1 || true
-python3 -m handover load --region /dev/pmem0 --token-file TOKEN_FILE_OLD --json \
-    > "$LAB_OUT/load.json" 2> "$LAB_OUT/load.err" || echo "load rc=$?" >> "$LAB_OUT/load.err"
+@DECIDE@
 echo vfio-pci > /sys/bus/pci/devices/0000:00:03.0/driver_override
 echo 0000:00:03.0 > /sys/bus/pci/drivers_probe
+@FIRST@
 mark VM-RESTART
 start_vm @RESTART@
 rc=0
@@ -123,13 +123,38 @@ systemctl show -p ActiveState,SubState vm-edu.service > "$LAB_OUT/vm-unit.txt"
 cp /tmp/vm-edu.log "$LAB_OUT/vm-edu.log" || true
 dmesg > "$LAB_OUT/dmesg.txt"
 systemctl stop vm-edu.service || true
-""".replace("TOKEN_FILE_OLD", TOKEN_FILE).replace("STATE", STATE).replace("QMP", QMP)
+""".replace("STATE", STATE).replace("QMP", QMP)
 
 
-def new_script(token: str = TOKEN) -> str:
-    """The new kernel's phase with the VMM restarted with ``token`` (the owner's, or WRONG)."""
+#: what the new kernel's phase decides: accept the state (handover load), or abort it (the
+#: kernel releases the device: stopped, no longer held)
+DECIDE = {
+    "load": "python3 -m handover load --region /dev/pmem0 --token-file " + TOKEN_FILE + " --json \\\n"
+            '    > "$LAB_OUT/load.json" 2> "$LAB_OUT/load.err" || echo "load rc=$?" >> "$LAB_OUT/load.err"',
+    "abort": 'echo abort > /sys/kernel/handover/decision\nhstatus > "$LAB_OUT/status-abort.txt" 2>&1',
+}
+
+#: a first restart with another token: refused (QEMU exits, vm restore says why), the device
+#: stays kept for its owner, whose restart then works
+FIRST_WRONG = (
+    "start_vm @WRONG@\n"
+    "rc=0; python3 -m handover vm restore --qmp QMP --state STATE --json > \"$LAB_OUT/vm-restore-wrong.json\" "
+    "2> \"$LAB_OUT/vm-restore-wrong.err\" || rc=$?\n"
+    "echo \"restore rc=$rc\" >> \"$LAB_OUT/vm-restore-wrong.err\"\n"
+    "sleep 1; systemctl stop vm-edu.service 2>/dev/null || true; systemctl reset-failed vm-edu.service 2>/dev/null || true\n"
+    "cp /tmp/vm-edu.log \"$LAB_OUT/vm-edu-wrong.log\" || true\n"
+    "hstatus > \"$LAB_OUT/status-wrong.txt\" 2>&1\n"
+).replace("QMP", QMP).replace("STATE", STATE)
+
+
+def new_script(token: str = TOKEN, decide: str = "load", first_token: str | None = None) -> str:
+    """The new kernel's phase: ``decide`` the state ("load" accepts it, "abort" releases the
+    device), optionally a first restart with ``first_token`` (refused), then the VMM
+    restarted with ``token``."""
+    first = FIRST_WRONG.replace("@WRONG@", vm_qemu(first_token)) if first_token else ""
     return ("( umask 077; printf '%s\\n' " + TOKEN + " > " + TOKEN_FILE + " )\n"
-            + NEW.replace("@RESTART@", vm_qemu(token)))
+            + NEW.replace("@DECIDE@", DECIDE[decide]).replace("@FIRST@", first)
+            .replace("@RESTART@", vm_qemu(token)))
 
 
 #: the steps of the pause: (from marker, phase, to marker, phase, what), in order

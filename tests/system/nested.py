@@ -37,7 +37,7 @@ def qemu_binary() -> Path | None:
 
 def edu_dma_elf() -> Path:
     """The workload as a 32-bit multiboot ELF (built once per change of its sources)."""
-    srcs = sorted(SRC.glob("*.[cSl]*"))
+    srcs = sorted(SRC.glob("*.[cShl]*"))
     h = hashlib.sha256(repr(CFLAGS).encode())
     for s in srcs:
         h.update(s.name.encode() + b"\0" + s.read_bytes())
@@ -47,7 +47,7 @@ def edu_dma_elf() -> Path:
     out.parent.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory() as td:
         objs = []
-        for src in (SRC / "start.S", SRC / "edu_dma.c"):
+        for src in (SRC / "start.S", SRC / "edu_dma.c", SRC / "nvme.c"):
             o = Path(td) / (src.stem + ".o")
             _cc(["gcc", *CFLAGS, "-c", str(src), "-o", str(o)])
             objs.append(str(o))

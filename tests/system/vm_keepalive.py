@@ -37,9 +37,13 @@ STATE = "/var/lib/handover-lab/vm-edu.state"
 TOKEN_FILE = "/run/vm-edu.token"
 
 
-def vm_qemu(token: str | None = None, mem: str = VM_MEM) -> str:
-    """The VMM's command line; with ``token``: the restart (keepalive_token, -incoming defer)."""
-    dev = "vfio-pci,host=0000:00:03.0,id=edu0" + (f",keepalive_token={token}" if token else "")
+def vm_qemu(token: str | None = None, mem: str = VM_MEM, nvme: bool = False) -> str:
+    """The VMM's command line; with ``token``: the restart (keepalive_token, -incoming defer);
+    ``nvme``: the lab's NVMe controller (RunOptions(nvme=True), 08.0) passed through too."""
+    tok = f",keepalive_token={token}" if token else ""
+    dev = f"vfio-pci,host=0000:00:03.0,id=edu0{tok}"
+    if nvme:
+        dev += f" -device vfio-pci,host={lab.NVME_BDF},id=nvme0{tok}"
     return (
         "/payload/qemu-system-x86_64 -machine pc,memory-backend=ram -accel tcg,tb-size=16 "
         f"-m {mem} -object memory-backend-file,id=ram,mem-path=$dax,size={mem},share=on,align=2M "
@@ -62,12 +66,17 @@ start_vm() {
   i=0; while [ ! -S QMP ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done
   test -S QMP
 }
+bind_vfio() {
+  if [ -e /sys/bus/pci/devices/$1/driver ]; then echo $1 > /sys/bus/pci/devices/$1/driver/unbind; fi
+  echo vfio-pci > /sys/bus/pci/devices/$1/driver_override
+  echo $1 > /sys/bus/pci/drivers_probe
+}
 chmod 755 /payload/qemu-system-x86_64
 """.replace("QMP", QMP)
 
-OLD = DAX_SETUP + COMMON + r"""
-echo vfio-pci > /sys/bus/pci/devices/0000:00:03.0/driver_override
-echo 0000:00:03.0 > /sys/bus/pci/drivers_probe
+OLD_TEMPLATE = DAX_SETUP + COMMON + r"""
+bind_vfio 0000:00:03.0
+@BIND_NVME@
 mark VM-START
 start_vm VM_QEMU
 python3 edu_progress.py "$dax" "$LAB_OUT/progress-before.json" 300 3
@@ -96,8 +105,20 @@ cat > /lab/exec <<'EOF'
 echo "@@LAB ARM-EXEC phase=2 uptime=$(cut -d' ' -f1 /proc/uptime) wall=$(date +%s.%N)"
 exec python3 -m handover arm --exec
 EOF
-""".replace("VM_QEMU", vm_qemu()).replace("TOKEN_FILE", TOKEN_FILE).replace(
+""".replace("TOKEN_FILE", TOKEN_FILE).replace(
     "TOKEN", TOKEN).replace("STATE", STATE).replace("QMP", QMP).replace("SLOT", lab.ROOTFS_SLOT)
+
+
+def _nvme(script: str, nvme: bool) -> str:
+    return script.replace("@BIND_NVME@", f"bind_vfio {lab.NVME_BDF}" if nvme else "")
+
+
+def old_script(nvme: bool = False) -> str:
+    """The old kernel's phase; ``nvme``: the VM has the lab's NVMe controller too."""
+    return _nvme(OLD_TEMPLATE.replace("VM_QEMU", vm_qemu(nvme=nvme)), nvme)
+
+
+OLD = old_script()
 
 #: the new kernel: ``@RESTART@`` is the VMM's command line (the owner's token, or another)
 NEW = lab.HSTATUS + COMMON + r"""
@@ -106,8 +127,8 @@ hstatus > "$LAB_OUT/status.txt" 2>&1
 dax=$(ls /dev/dax* | head -1)
 journalctl -b -1 --no-pager -o short-monotonic > "$LAB_OUT/journal-prev.txt" 2>&1 || true
 @DECIDE@
-echo vfio-pci > /sys/bus/pci/devices/0000:00:03.0/driver_override
-echo 0000:00:03.0 > /sys/bus/pci/drivers_probe
+bind_vfio 0000:00:03.0
+@BIND_NVME@
 @FIRST@
 mark VM-RESTART
 start_vm @RESTART@
@@ -147,14 +168,15 @@ FIRST_WRONG = (
 ).replace("QMP", QMP).replace("STATE", STATE)
 
 
-def new_script(token: str = TOKEN, decide: str = "load", first_token: str | None = None) -> str:
+def new_script(token: str = TOKEN, decide: str = "load", first_token: str | None = None,
+               nvme: bool = False) -> str:
     """The new kernel's phase: ``decide`` the state ("load" accepts it, "abort" releases the
     device), optionally a first restart with ``first_token`` (refused), then the VMM
     restarted with ``token``."""
-    first = FIRST_WRONG.replace("@WRONG@", vm_qemu(first_token)) if first_token else ""
-    return ("( umask 077; printf '%s\\n' " + TOKEN + " > " + TOKEN_FILE + " )\n"
-            + NEW.replace("@DECIDE@", DECIDE[decide]).replace("@FIRST@", first)
-            .replace("@RESTART@", vm_qemu(token)))
+    first = FIRST_WRONG.replace("@WRONG@", vm_qemu(first_token, nvme=nvme)) if first_token else ""
+    return _nvme("( umask 077; printf '%s\\n' " + TOKEN + " > " + TOKEN_FILE + " )\n"
+                 + NEW.replace("@DECIDE@", DECIDE[decide]).replace("@FIRST@", first)
+                 .replace("@RESTART@", vm_qemu(token, nvme=nvme)), nvme)
 
 
 #: the steps of the pause: (from marker, phase, to marker, phase, what), in order
@@ -185,12 +207,12 @@ def pause_figures(res) -> dict:
 #: --hold`` saves it and a holder keeps QEMU's VFIO files; QEMU quits (its unit is stopped);
 #: edu's interrupt is raised while no QEMU runs; ``handover vm exec`` starts the next QEMU with
 #: the holder's files (QEMU 0009) as the unit vm-edu2; ``handover vm restore`` resumes the VM.
-STAGE1 = COMMON + r"""
+STAGE1_TEMPLATE = COMMON + r"""
 set -e
 ndctl create-namespace -f -e namespace0.0 -m devdax -a 2M > "$LAB_OUT/ndctl.json"
 dax=/dev/dax0.0
-echo vfio-pci > /sys/bus/pci/devices/0000:00:03.0/driver_override
-echo 0000:00:03.0 > /sys/bus/pci/drivers_probe
+bind_vfio 0000:00:03.0
+@BIND_NVME@
 mark VM-START
 start_vm VM_QEMU
 python3 edu_progress.py "$dax" "$LAB_OUT/progress-before.json" 300 3
@@ -225,12 +247,20 @@ cp /tmp/vm-edu2.log "$LAB_OUT/vm-edu.log" || true
 ls -l /proc/$(systemctl show -p MainPID --value vm-edu2)/fd > "$LAB_OUT/qemu-fds.txt" 2>&1 || true
 dmesg > "$LAB_OUT/dmesg.txt"
 systemctl stop vm-edu2.service || true
-""".replace("VM_QEMU", vm_qemu(mem="32M")).replace("@RESTART@", vm_qemu(TOKEN, mem="32M")).replace(
-    "TOKEN_FILE", TOKEN_FILE).replace("TOKEN", TOKEN).replace("STATE", STATE).replace("QMP", QMP)
+""".replace("TOKEN_FILE", TOKEN_FILE).replace("TOKEN", TOKEN).replace("STATE", STATE).replace("QMP", QMP)
+
+
+def stage1_script(nvme: bool = False) -> str:
+    """Stage-1's phase; ``nvme``: the VM has the lab's NVMe controller too."""
+    return _nvme(STAGE1_TEMPLATE.replace("VM_QEMU", vm_qemu(mem="32M", nvme=nvme)).replace(
+        "@RESTART@", vm_qemu(TOKEN, mem="32M", nvme=nvme)), nvme)
+
+
+STAGE1 = stage1_script()
 
 
 def files() -> dict:
     return nested.files()
 
 
-__all__ = ["OLD", "NEW", "STAGE1", "new_script", "files", "pause_figures", "STEPS", "vm_qemu", "TOKEN", "WRONG", "QMP", "STATE"]
+__all__ = ["OLD", "NEW", "STAGE1", "old_script", "stage1_script", "new_script", "files", "pause_figures", "STEPS", "vm_qemu", "TOKEN", "WRONG", "QMP", "STATE"]

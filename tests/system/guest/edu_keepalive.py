@@ -23,7 +23,7 @@ IOVA 0x100000 and left edu with bus mastering and MSI on. Usage::
         there; it unmaps the old IOVA and edu no longer reaches the buffer through it.
     python3 edu_keepalive.py poke PID BITS OUT.json
         Raise edu's interrupt from outside, as the device would while no VMM owns it: take
-        the VFIO device fd of process PID (a VMM that saved its VM, or the holder of `handover
+        edu's VFIO device fd of process PID (a VMM that saved its VM, or the holder of `handover
         arm`) with pidfd_getfd(2) and write BITS to edu's raise-interrupt register (0x60)
         through its BAR0 region; edu ORs them into its status and raises its MSI.
     python3 edu_keepalive.py intruder BDF OUT.json
@@ -205,6 +205,11 @@ def poke(pid, bits, out):
             dfd = libc.syscall(438, pidfd, int(name), 0)    # pidfd_getfd
             if dfd < 0:
                 raise OSError(ctypes.get_errno(), f"pidfd_getfd {pid} {name}")
+            ri = bytearray(struct.pack("IIIIQQ", 32, 0, CONFIG_REGION, 0, 0, 0))
+            fcntl.ioctl(dfd, DEVICE_GET_REGION_INFO, ri)
+            if os.pread(dfd, 4, struct.unpack_from("IIIIQQ", ri)[5]) != bytes.fromhex("3412e811"):
+                os.close(dfd)                               # another device (NVMe)
+                continue
             ri = bytearray(struct.pack("IIIIQQ", 32, 0, 0, 0, 0, 0))
             fcntl.ioctl(dfd, DEVICE_GET_REGION_INFO, ri)
             off = struct.unpack_from("IIIIQQ", ri)[5]

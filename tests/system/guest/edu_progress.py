@@ -21,7 +21,8 @@ import time
 PROGRESS_ADDR = 0x300000
 FIELDS = ("state", "rounds", "irqs", "polled", "errors", "ticks", "bdf", "bar0", "irq_line",
           "edu_id", "last_pattern", "msi_cap", "alive_bad", "poked", "spurious", "rtc", "max_gap",
-          "gap_round")
+          "gap_round", "nvme_state", "nvme_bdf", "nvme_rounds", "nvme_errors", "nvme_status_errors",
+          "nvme_irqs_admin", "nvme_irqs_io", "nvme_stray", "nvme_hung")
 MAP = 4 << 20
 INTERVAL = float(os.environ.get("EDU_PROGRESS_INTERVAL", 2.0))
 

@@ -9,60 +9,19 @@
  * wall clock, so that a pause of the VM (stop, save, restart) shows as a gap between two rounds.
  * An interrupt whose status has POKE_BIT was raised by someone else (the lab host, through
  * edu's raise register, while no VMM owned the device): it is counted apart.
+ * With an NVMe controller too, each round also writes a block and reads it back (nvme.c).
  * Progress is a record in its own RAM at PROGRESS_ADDR, which the lab backs with a device-dax
  * file (memory-backend-file share=on), so the host reads it from outside. Built by
  * tests/system/nested.py: gcc -m32 -ffreestanding.
  */
-typedef unsigned char u8;
-typedef unsigned short u16;
-typedef unsigned int u32;
+#include "workload.h"
 
-#define PROGRESS_ADDR 0x300000u     /* the record (guest physical = offset in the RAM file) */
-#define SRC_ADDR      0x400000u     /* RAM -> edu */
-#define DST_ADDR      0x401000u     /* edu -> RAM */
-#define EDU_BUF       0x40000u      /* edu's internal DMA buffer */
-#define ROUND_BYTES   256u
-#define PIC_BASE      0x20u         /* IRQ n -> vector 0x20 + n */
-#define MSI_VECTOR    0x41u         /* edu's MSI */
-#define LAPIC         0xfee00000u   /* the local APIC (and the MSI address of APIC ID 0) */
-#define ALIVE_VALUE   0x12345678u   /* written once to edu's liveness register (0x04) */
-#define POKE_BIT      0x10000u      /* an interrupt status the workload never asks for */
-
-struct progress {
-	char magic[8];          /* "EDUPROG1" once the record is live */
-	u32 state;              /* 1 searching, 2 edu found, 3 running, 0xdead... errors */
-	u32 rounds;             /* DMA rounds (2 DMAs each) whose data compared equal */
-	u32 irqs;               /* edu completion interrupts handled */
-	u32 polled;             /* DMAs whose end was seen by polling (no interrupt in 0.5 s) */
-	u32 errors;             /* rounds whose data differed */
-	u32 ticks;              /* PIT ticks (100 Hz) */
-	u32 bdf;                /* bus << 8 | dev << 3 | fn of edu */
-	u32 bar0;               /* edu's BAR0 */
-	u32 irq_line;           /* the PIC line SeaBIOS gave edu (unused: MSI) */
-	u32 edu_id;             /* edu register 0x00 */
-	u32 last_pattern;
-	u32 msi_cap;            /* config offset of edu's MSI capability */
-	u32 alive_bad;          /* rounds that found the liveness register lost */
-	u32 poked;              /* interrupts with POKE_BIT in their status (raised from outside) */
-	u32 spurious;           /* interrupts with no status bit set */
-	u32 rtc;                /* CMOS clock at the last round, seconds of the day */
-	u32 max_gap;            /* the longest CMOS-clock gap between two rounds, seconds */
-	u32 gap_round;          /* the round that ended that gap */
-};
-
-static volatile struct progress *const P = (volatile struct progress *)PROGRESS_ADDR;
 static volatile u32 *edu;
-static volatile u32 edu_irqs, ticks;
+static volatile u32 edu_irqs;
+volatile u32 ticks;
+volatile struct progress *const P = (volatile struct progress *)PROGRESS_ADDR;
 
-static inline void outb(u16 port, u8 v) { __asm__ volatile("outb %0, %1" : : "a"(v), "Nd"(port)); }
-static inline u8 inb(u16 port) { u8 v; __asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(port)); return v; }
-static inline void outl(u16 port, u32 v) { __asm__ volatile("outl %0, %1" : : "a"(v), "Nd"(port)); }
-static inline u32 inl(u16 port) { u32 v; __asm__ volatile("inl %1, %0" : "=a"(v) : "Nd"(port)); return v; }
 
-static u32 pci_rd(u32 bdf, u32 off) { outl(0xcf8, 0x80000000u | bdf << 8 | (off & 0xfc)); return inl(0xcfc); }
-static void pci_wr(u32 bdf, u32 off, u32 v) { outl(0xcf8, 0x80000000u | bdf << 8 | (off & 0xfc)); outl(0xcfc, v); }
-
-static inline void lapic_wr(u32 reg, u32 v) { *(volatile u32 *)(LAPIC + reg) = v; }
 
 /* called from the interrupt stubs (start.S); the timer comes through the 8259 (ExtINT) */
 void on_timer(void) { ticks++; P->ticks = ticks; outb(0x20, 0x20); }
@@ -81,7 +40,7 @@ void on_edu(void)
 	} else {
 		P->spurious++;
 	}
-	lapic_wr(0xb0, 0);              /* EOI */
+	lapic_eoi();
 }
 
 /* the CMOS clock (host wall clock), seconds of the day; BCD unless status B says binary */
@@ -134,7 +93,7 @@ static void enable_msi(u32 bdf, u32 pos)
 struct gate { u16 lo, sel; u8 zero, type; u16 hi; } __attribute__((packed));
 static struct gate idt[256];
 static struct { u16 limit; u32 base; } __attribute__((packed)) idtr;
-extern void isr_other(void), isr_timer(void), isr_edu(void);
+extern void isr_other(void), isr_timer(void), isr_edu(void), isr_nvme_admin(void), isr_nvme_io(void);
 
 static void set_gate(int v, void (*h)(void))
 {
@@ -148,6 +107,8 @@ static void setup_interrupts(void)
 		set_gate(v, isr_other);
 	set_gate(PIC_BASE + 0, isr_timer);
 	set_gate(MSI_VECTOR, isr_edu);
+	set_gate(0x50, isr_nvme_admin);
+	set_gate(0x51, isr_nvme_io);
 	idtr.limit = sizeof(idt) - 1;
 	idtr.base = (u32)idt;
 	__asm__ volatile("lidt %0" : : "m"(idtr));
@@ -225,6 +186,7 @@ void main(void)
 	P->state = 2;
 	setup_interrupts();
 	enable_msi(bdf, P->msi_cap);
+	P->nvme_state = (u32)nvme_setup();
 	P->rtc = rtc_seconds();
 	P->state = 3;
 	volatile u8 *src = (volatile u8 *)SRC_ADDR, *dst = (volatile u8 *)DST_ADDR;
@@ -245,6 +207,8 @@ void main(void)
 			P->rounds++;
 		else
 			P->errors++;
+		if (P->nvme_state == 1 && nvme_round(round))
+			P->nvme_hung++;
 		if (edu[0x04 / 4] != ~ALIVE_VALUE)
 			P->alive_bad++;
 		u32 now = rtc_seconds(), gap = (now + 86400 - P->rtc) % 86400;

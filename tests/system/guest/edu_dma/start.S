@@ -23,7 +23,7 @@ _start:
 	hlt
 	jmp 2b
 
-	.globl isr_other, isr_timer, isr_edu
+	.globl isr_other, isr_timer, isr_edu, isr_nvme_admin, isr_nvme_io
 isr_other:
 	iret
 isr_timer:
@@ -36,6 +36,18 @@ isr_edu:
 	pusha
 	cld
 	call on_edu
+	popa
+	iret
+isr_nvme_admin:
+	pusha
+	cld
+	call on_nvme_admin
+	popa
+	iret
+isr_nvme_io:
+	pusha
+	cld
+	call on_nvme_io
 	popa
 	iret
 

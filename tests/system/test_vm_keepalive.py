@@ -26,14 +26,16 @@ def _last(samples: list) -> dict:
     return samples[-1]
 
 
-def test_vm_keeps_edu_across_host_kexec(patched):  # noqa: F811
+@pytest.mark.parametrize("nvme", [False, True], ids=["edu", "edu+nvme"])
+def test_vm_keeps_its_devices_across_host_kexec(patched, nvme):  # noqa: F811
+    """edu alone, then edu and the lab's NVMe controller (MSI-X, queues in the VM's RAM)."""
     try:
         files = vk.files()
         lab.rootfs.build()
     except lab.LabUnavailable as e:
         pytest.skip(str(e))
-    res = boot(patched, ["true\n", vk.OLD, vk.new_script()], rootfs="debian", timeout=2400,
-               files=files)
+    res = boot(patched, ["true\n", vk.old_script(nvme), vk.new_script(nvme=nvme)], rootfs="debian",
+               timeout=2400, files=files, nvme=nvme)
     old, new = res.phases[1], res.phases[2]
     text = {n: new.files[n].decode(errors="replace") for n in new.files if not n.endswith(".json")}
     figs = vk.pause_figures(res)
@@ -47,12 +49,14 @@ def test_vm_keeps_edu_across_host_kexec(patched):  # noqa: F811
           text.get("vm-restore.err"), "\npoke:", poke, "\nbefore:", _last(before),
           "\nafter:", after[0], _last(after), file=sys.stderr)
     # the old kernel: keepalive set, VM saved, edu armed and held, its interrupt raised
-    assert [d["host"] for d in save["devices"]] == ["0000:00:03.0"], save
+    assert sorted(d["host"] for d in save["devices"]) == ["0000:00:03.0"] + ([lab.NVME_BDF] if nvme else []), save
     assert arm["keepalive"]["armed"] is True
     assert poke["status"] & 0x10000, poke
     # the new kernel adopted edu (no reset) and the token's owner opened it
     assert _status(text["status.txt"])["state"] == "valid", text["status.txt"]
     assert re.search(r"device: 0000:00:03.0 held adopted domain=\d+", text["status.txt"])
+    if nvme:
+        assert re.search(rf"device: {lab.NVME_BDF} held adopted domain=\d+", text["status.txt"])
     restore = json.loads(new.files["vm-restore.json"])
     assert restore["status"] == "running", restore
     # the VM went on: more rounds, none wrong, no completion lost, the register it wrote once
@@ -65,6 +69,8 @@ def test_vm_keeps_edu_across_host_kexec(patched):  # noqa: F811
     # the guest saw the pause in its wall clock, between two rounds
     assert last["max_gap"] >= 5, last
     assert "vfio_pci_keepalive_kick" in text.get("vm-edu.log", ""), text.get("vm-edu.log")
+    if nvme:
+        vk.check_nvme(_last(before), first, last)
 
 
 def _run(patched, new_phase: str):

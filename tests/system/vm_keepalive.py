@@ -259,8 +259,19 @@ def stage1_script(nvme: bool = False) -> str:
 STAGE1 = stage1_script()
 
 
+
+def check_nvme(before: dict, first: dict, last: dict) -> None:
+    """The VM's NVMe queues went on after the resume: more rounds, each on its interrupt,
+    nothing wrong, no stray or lost completion, the queues' state carried on."""
+    assert before["nvme_state"] == 1 and before["nvme_rounds"] > 0, before
+    assert last["nvme_rounds"] >= first["nvme_rounds"] + 3, (first, last)
+    assert last["nvme_irqs_io"] > first["nvme_irqs_io"], (first, last)
+    for k in ("nvme_errors", "nvme_status_errors", "nvme_stray", "nvme_hung"):
+        assert last[k] == 0, (k, last)
+
+
 def files() -> dict:
     return nested.files()
 
 
-__all__ = ["OLD", "NEW", "STAGE1", "old_script", "stage1_script", "new_script", "files", "pause_figures", "STEPS", "vm_qemu", "TOKEN", "WRONG", "QMP", "STATE"]
+__all__ = ["OLD", "NEW", "STAGE1", "check_nvme", "old_script", "stage1_script", "new_script", "files", "pause_figures", "STEPS", "vm_qemu", "TOKEN", "WRONG", "QMP", "STATE"]

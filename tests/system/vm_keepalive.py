@@ -259,7 +259,6 @@ def stage1_script(nvme: bool = False) -> str:
 STAGE1 = stage1_script()
 
 
-
 def check_nvme(before: dict, first: dict, last: dict) -> None:
     """The VM's NVMe queues went on after the resume: more rounds, each on its interrupt,
     nothing wrong, no stray or lost completion, the queues' state carried on."""

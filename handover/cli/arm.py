@@ -34,6 +34,16 @@ def _exec(cmd: list[str], dry_run: bool) -> None:
     exec_armed(cmd)
 
 
+def _vm_pairs(values) -> tuple:
+    pairs = []
+    for v in values:
+        qmp, sep, state = v.partition("=")
+        if not sep or not qmp or not state:
+            raise click.UsageError(f"--vm {v!r}: expected QMP_SOCKET=STATE_FILE")
+        pairs.append((qmp, state))
+    return tuple(pairs)
+
+
 @click.command()
 @click.option("--kernel", "image", type=click.Path(dir_okay=False), metavar="IMAGE",
               help="The next kernel (bzImage or vmlinux).")
@@ -60,6 +70,10 @@ def _exec(cmd: list[str], dry_run: bool) -> None:
 @click.option("--hold/--no-hold", default=True, show_default=True,
               help="Keep the armed devices' VFIO files open in a holder process, so that "
                    "their owner (a VMM) may exit before the kexec without a device reset.")
+@click.option("--vm", "vms", multiple=True, metavar="QMP=STATE",
+              help="First save this VM (patched QEMU: its QMP socket, the state file): its "
+                   "vfio-pci devices kept alive with the token, the VM stopped, its state "
+                   "written as vm save does; repeatable. A later failure resumes the VMs.")
 @click.option("--exec", "do_exec", is_flag=True, help="Then kexec (systemctl kexec under systemd).")
 @click.option("--on-shutdown", is_flag=True, help="(systemd unit) save again if armed.")
 @click.option("--dry-run", is_flag=True, help="Collect and print the kexec command; change nothing.")
@@ -71,7 +85,7 @@ def _exec(cmd: list[str], dry_run: bool) -> None:
 @sysroot_option
 @handle_errors
 def arm(image, initrd, append, command_line, region, next_region, policy, devices, token,
-        token_file, pass_token, force, kexec_mode, hold, do_exec, on_shutdown, dry_run,
+        token_file, pass_token, force, kexec_mode, hold, vms, do_exec, on_shutdown, dry_run,
         result_dir, as_json, quiet, alter, sysroot):
     """Save the state, then kexec-load the next kernel with the handover command line."""
     from ..ops import arm as ops
@@ -96,7 +110,7 @@ def arm(image, initrd, append, command_line, region, next_region, policy, device
         next_region=next_region, policy=policy, devices=devices, token=token,
         pass_token=pass_token, force=force, kexec_mode=kexec_mode, dry_run=dry_run,
         result_dir=result_dir, alter=parse_alter(alter), sysroot=sysroot,
-        progress=progress(quiet or as_json), hold=hold))
+        progress=progress(quiet or as_json), hold=hold, vms=_vm_pairs(vms)))
     for w in doc["save"].get("warnings", []) + doc["warnings"]:
         warn(w)
     if as_json:

@@ -257,9 +257,47 @@ class ArmRequest:
     sysroot: str = "/"
     progress: object = None
     hold: bool = True
+    vms: tuple = ()         # (qmp socket, state file): VMs saved first (ops.vm.save)
 
 
 def arm(req: ArmRequest) -> dict:
+    """:func:`arm_host`, after saving the VMs of ``req.vms`` (keepalive on with the token,
+    stopped, state to their files); when anything fails before the kexec is loaded and the
+    devices armed, the VMs saved so far are resumed (keepalive off, cont) and the error says
+    so: before the point of no return, every VM goes on where it was."""
+    if not req.vms or req.dry_run:
+        return arm_host(req)
+    from .vm import VmSaveRequest, resume_saved, save as save_vm
+
+    if not req.token:
+        raise HandoverError("arm --vm: keeping a VM's devices alive needs the owner's token "
+                            "(--token-file)")
+    saved = []
+
+    def undo(why: str):
+        notes = []
+        for r in reversed(saved):
+            try:
+                notes.append(f"QMP {r['qmp']}: {', '.join(resume_saved(r)) or 'nothing to undo'}")
+            except HandoverError as e:
+                notes.append(f"QMP {r['qmp']}: NOT resumed: {e}")
+        return HandoverError(f"{why}; the VMs saved before it: {'; '.join(notes) or 'none'}")
+
+    for qmp, state in req.vms:
+        try:
+            saved.append(save_vm(VmSaveRequest(qmp=qmp, state=state, token=req.token,
+                                               progress=req.progress)))
+        except HandoverError as e:
+            raise undo(f"arm --vm: {e}") from None
+    try:
+        doc = arm_host(req)
+    except HandoverError as e:
+        raise undo(f"arm: {e}") from None
+    doc["vms"] = saved
+    return doc
+
+
+def arm_host(req: ArmRequest) -> dict:
     """Save, plan the command line, ``kexec -l``, write the marker, arm the keepalive
     devices. Returns the report (``warnings`` lists what the caller should say)."""
     from ..formats.token import hash_token

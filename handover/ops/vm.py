@@ -613,6 +613,43 @@ def _wait_exit(pid: int | None, deadline: float) -> bool | None:
     return True
 
 
+# ---- undo a save (arm --vm) ---------------------------------------------------------------
+def resume_saved(report: dict, timeout: float = 10.0, connect_fn: Callable | None = None) -> list[str]:
+    """Undo a completed ``save`` (``report``, its report) while its QEMU still runs: keepalive
+    off for the devices that save kept (not those kept before it), and ``cont`` when the VM
+    ran. For a caller whose later step failed before the point of no return (``arm --vm``):
+    the VM goes on where it was. Returns what was done; VmmError when QEMU refused or is gone."""
+    QmpError = qmp_error_class()
+    done = []
+    try:
+        conn = (connect_fn or connect)(report["qmp"], timeout)
+    except QmpError as e:
+        raise VmmError(f"vm resume: connect: {e} (QMP {report['qmp']})") from None
+    try:
+        changed = [d for d in report["devices"] if d.get("kept") is False]
+        ids = report["keepalive"].get("ids")
+        if report["keepalive"].get("set") and changed:
+            if ids:
+                for d in changed:
+                    if d["id"] in ids:
+                        conn.cmd("x-set-keepalive", enable=False, id=d["id"])
+            elif len(changed) == len(report["devices"]):
+                conn.cmd("x-set-keepalive", enable=False)
+            else:
+                for d in changed:
+                    conn.cmd("x-set-keepalive", enable=False, id=d["id"])
+            done.append("keepalive off")
+        if report.get("was_running"):
+            conn.cmd("cont")
+            done.append("cont")
+    except QmpError as e:
+        raise VmmError(f"vm resume: {e.command}: {e} ({_where(conn)}); done: "
+                       f"{', '.join(done) or 'nothing'}") from None
+    finally:
+        conn.close()
+    return done
+
+
 # ---- vm restore ---------------------------------------------------------------------------
 @dataclass
 class VmRestoreRequest:

@@ -756,3 +756,34 @@ def test_the_lab_finds_the_qemu_namespace_package():
     p = find_py_package("qemu")
     assert p is not None and p.is_dir() and not (p / "__init__.py").exists()
     assert Path(qemu.qmp.__file__).resolve().parent == (p / "qmp").resolve()
+
+
+def test_arm_vm_resumes_the_saved_vms_when_arming_the_host_fails(qemu, tmp_path):
+    """arm --vm: the VMs are saved first; a failure before the point of no return (here the
+    next kernel's image is missing) resumes them: keepalive off for the devices the save kept,
+    cont, and the error says so. The state file written stays."""
+    from handover.ops import arm as ops_arm
+
+    state = tmp_path / "vm.state"
+    with pytest.raises(HandoverError) as e:
+        ops_arm.arm(ops_arm.ArmRequest(image=str(tmp_path / "no-such-vmlinuz"), token=TOKEN,
+                                       vms=((qemu.path, str(state)),), region=str(tmp_path / "r"),
+                                       result_dir=str(tmp_path / "run")))
+    msg = str(e.value)
+    assert msg.startswith("arm: ") and "keepalive off, cont" in msg and TOKEN not in msg, msg
+    names = [c[0] for c in qemu.calls]
+    assert names.index("stop") < names.index("cont") and names[-1] == "cont", names
+    assert qemu.status == "running" and all(not d["token"] for d in qemu.devices)
+    assert state.read_bytes() == qemu.payload
+
+
+def test_arm_vm_needs_the_token_and_a_pair(tmp_path):
+    from click.testing import CliRunner
+
+    from handover.cli import main
+    from handover.ops import arm as ops_arm
+
+    with pytest.raises(HandoverError, match="needs the owner's token"):
+        ops_arm.arm(ops_arm.ArmRequest(image="x", vms=(("q", "s"),)))
+    r = CliRunner().invoke(main, ["arm", "--kernel", "x", "--vm", "no-equals-sign"])
+    assert r.exit_code == 2 and "expected QMP_SOCKET=STATE_FILE" in r.output

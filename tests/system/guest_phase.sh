@@ -142,6 +142,13 @@ install_payload_tools() {
         printf '#!/bin/sh\nexec python3 -m handover "$@"\n' > "$R/usr/bin/handover"
         chmod 755 "$R/usr/bin/handover"
     fi
+    if [ -f "$R/payload/lab/udev/60-handover-region.rules" ]; then
+        # the region's udev rule and its probe, where initramfs/install.sh puts them
+        mkdir -p "$R/usr/lib/udev/rules.d" "$R/usr/lib/handover"
+        cp "$R/payload/lab/udev/60-handover-region.rules" "$R/usr/lib/udev/rules.d/"
+        cp "$R/payload/lab/udev/udev-probe" "$R/usr/lib/handover/udev-probe"
+        chmod 755 "$R/usr/lib/handover/udev-probe"
+    fi
     units=
     for u in "$R"/payload/lab/systemd/*.service; do
         [ -f "$u" ] || continue

@@ -30,10 +30,12 @@ OLD = OLD_KERNEL.replace(VMM_LINE, 'systemd-run --unit=vmm-edu --collect '
                          '--working-directory=/payload python3 /payload/vfio_edu.py 0000:00:03.0 '
                          '/tmp/vfio-ready /tmp/vfio-stop "$dax"', 1).replace(
     "cat /tmp/vfio-holder.log >&2\n", "journalctl -u vmm-edu --no-pager >&2 || true\n", 1).replace(
-    # udev gives block devices group "disk" (0660): handover refuses such a region, and says
-    # to do this
-    "python3 -m handover region init", "chown root:root /dev/pmem0; chmod 0600 /dev/pmem0\n"
-    "python3 -m handover region init", 1).replace(
+    # udev gives block devices group "disk" (0660); once the region is written, handover's
+    # rule (initramfs/udev/60-handover-region.rules, installed in the lab's rootfs) makes it
+    # root:root 0600 on the change event, as at every boot after
+    "python3 -m handover region init /dev/pmem0 --force\n",
+    "python3 -m handover region init /dev/pmem0 --force\nudevadm settle\n"
+    "stat -c '%a %U:%G' /dev/pmem0 > \"$LAB_OUT/pmem-mode.txt\"\n", 1).replace(
     # arm carries the command line without handover.* words: the next phase boots the rootfs
     "--append handover.lab.phase=3",
     f"--append 'handover.lab.phase=3 handover.lab.rootfs={lab.ROOTFS_SLOT}'", 1) + r"""
@@ -41,13 +43,14 @@ scope=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["hold"]
 systemctl show -p ActiveState -p DefaultDependencies -p Conflicts "$scope" > "$LAB_OUT/scope.txt"
 systemctl show -p ActiveState vmm-edu.service > "$LAB_OUT/vmm.txt"
 """
-NEW = NEW_KERNEL_KEEP + r"""
+NEW = "stat -c '%a %U:%G' /dev/pmem0 > \"$LAB_OUT/pmem-mode-boot.txt\"\n" + NEW_KERNEL_KEEP + r"""
 journalctl -b -1 --no-pager -o short-monotonic > "$LAB_OUT/journal-prev.txt" 2>&1 || true
 """
 
 
 def test_holder_outlives_systemctl_kexec(patched):  # noqa: F811
-    assert OLD.count("systemd-run --unit=vmm-edu") == 1 and "vfio-holder.log" not in OLD and "chmod 0600" in OLD
+    assert OLD.count("systemd-run --unit=vmm-edu") == 1 and "vfio-holder.log" not in OLD
+    assert "udevadm settle" in OLD and "chmod" not in OLD
     assert "handover.lab.rootfs=" in OLD
     res = boot(patched, ["true\n", OLD, NEW], rootfs="debian", timeout=1500)
     old, new = res.phases[1], res.phases[2]
@@ -56,6 +59,9 @@ def test_holder_outlives_systemctl_kexec(patched):  # noqa: F811
     scope = old.files["scope.txt"].decode()
     print(json.dumps(arm.get("hold"), indent=1), scope, old.files["vmm.txt"].decode())
     assert arm["keepalive"]["armed"] is True
+    # the region's udev rule: 0600 root:root once written, and at the next boot
+    assert old.files["pmem-mode.txt"].decode().split() == ["600", "root:root"]
+    assert text["pmem-mode-boot.txt"].split() == ["600", "root:root"]
     assert re.fullmatch(r"handover-hold-\d+\.scope", arm["hold"]["scope"] or "")
     assert "ActiveState=active" in scope and "DefaultDependencies=no" in scope
     assert "shutdown.target" not in scope

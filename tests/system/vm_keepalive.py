@@ -81,9 +81,9 @@ mark VM-START
 start_vm VM_QEMU
 python3 edu_progress.py "$dax" "$LAB_OUT/progress-before.json" 300 3
 mark VM-RUNNING
-# udev gives block devices group "disk" (0660): handover refuses such a region
-chown root:root /dev/pmem0; chmod 0600 /dev/pmem0
+# udev gives block devices group "disk" (0660); the region's rule makes it 0600 once written
 python3 -m handover region init /dev/pmem0 --force
+udevadm settle
 ( umask 077; printf '%s\n' TOKEN > TOKEN_FILE )
 mkdir -p $(dirname STATE)
 mark VM-SAVE

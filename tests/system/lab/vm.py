@@ -52,7 +52,21 @@ ROOTFS_KINDS = (None, *rootfs_mod.KINDS)
 #: what a rootfs run adds to the payload: handover from the repository (installed into the
 #: system's Python by the phase unit) and the project's save unit (enabled)
 ROOTFS_PAYLOAD = {"lab/py/handover": REPO / "handover",
-                  "lab/systemd/handover-save.service": REPO / "initramfs/systemd/handover-save.service"}
+                  "lab/systemd/handover-save.service": REPO / "initramfs/systemd/handover-save.service",
+                  "lab/udev/60-handover-region.rules": REPO / "initramfs/udev/60-handover-region.rules"}
+
+
+def rootfs_payload() -> dict:
+    """ROOTFS_PAYLOAD and the udev probe the rule runs (handover.initramfs.udev_probe_script
+    for the rootfs's python3, written into the cache): guest_phase.sh installs both, so the
+    rootfs's udev gives a handover region root:root 0600 as a host's does."""
+    from handover.initramfs import udev_probe_script
+
+    probe = cache_dir() / "udev-probe"
+    text = udev_probe_script("/usr/bin/python3")
+    if not probe.exists() or probe.read_text() != text:
+        probe.write_text(text)
+    return {**ROOTFS_PAYLOAD, "lab/udev/udev-probe": probe}
 KEXEC_MODES = ("l", "s", "p")
 #: the NVMe controller of ``RunOptions(nvme=True)``: its QEMU device and guest address
 NVME_BDF = "0000:00:08.0"
@@ -283,7 +297,7 @@ def run(scripts, opts: RunOptions) -> GuestResult:
     if opts.rootfs:
         image = rootfs_mod.build(opts.rootfs, timings=timings)
         root_disk = rootfs_mod.overlay(image, wd / "root.qcow2")
-        files = {**ROOTFS_PAYLOAD, **(files or {})}
+        files = {**rootfs_payload(), **(files or {})}
     with Step("write payload", timings):
         write_payload(payload, scripts, files, kernel, initrd, cmdlines, opts.kexec_mode)
     with open(results, "wb") as f:

@@ -118,12 +118,58 @@ def region_spec(facts: dict) -> str | None:
 
 
 def kexec_command(kernel: str, initrd: str | None, cmdline: str, mode: str = "l",
-                  kexec: str = "kexec") -> list[str]:
+                  kexec: str = "kexec", window: tuple[int, int] | None = None) -> list[str]:
+    """The ``kexec`` load command; ``window`` ([start, end) of RAM, mode "l" only): every
+    segment kexec-tools places goes there (``--mem-min``/``--mem-max``)."""
     cmd = [kexec] + (["-s", "-l"] if mode == "s" else ["-l"]) + [kernel]
     if initrd:
         cmd.append(f"--initrd={initrd}")
     cmd.append(f"--command-line={cmdline}")
+    if window and mode == "l":
+        cmd += [f"--mem-min={window[0]:#x}", f"--mem-max={window[1] - 1:#x}"]
     return cmd
+
+
+#: the window's slack beyond twice the segments' size (purgatory, setup data, alignment)
+WINDOW_SLACK = 16 << 20
+WINDOW_ALIGN = 2 << 20
+
+
+def segment_window(ram: list[tuple[int, int]], preserved: list[tuple[int, int]],
+                   need: int) -> tuple[int, int] | None:
+    """Where ``kexec -l`` may place the next kernel's segments: the highest stretch of RAM
+    (``ram``: inclusive [start, end] ranges, /proc/iomem's System RAM) below 4 GiB and above
+    16 MiB that none of the ``preserved`` (start, size) ranges touches, 2 MiB aligned, at
+    least ``need`` bytes; None when there is none. kexec-tools places segments anywhere in
+    RAM it sees as free, page tables of a kept device included: the old kernel's check
+    (0010) then disarms the kexec; the window keeps it from coming to that."""
+    lo_limit, hi_limit = 16 << 20, 4 << 30
+    busy = sorted((s, s + n) for s, n in preserved if n > 0)
+    best = None
+    for r_start, r_end in ram:
+        start, end = max(r_start, lo_limit), min(r_end + 1, hi_limit)
+        cuts = [(max(start, s), min(end, e)) for s, e in busy if s < end and e > start]
+        pos = start
+        for s, e in cuts + [(end, end)]:
+            a = -(-pos // WINDOW_ALIGN) * WINDOW_ALIGN
+            b = s // WINDOW_ALIGN * WINDOW_ALIGN
+            if b - a >= need and (best is None or b > best[1]):
+                best = (a, b)
+            pos = max(pos, e)
+    return best
+
+
+def arm_window(sr, save_report: dict, kernel: str, initrd: str | None) -> tuple[int, int] | None:
+    """The segment window for this arm (segment_window() of the host's System RAM and the
+    state's preserved ranges), or None when nothing is preserved or no RAM is readable."""
+    from ..host.iomem import ranges_named, read_iomem
+
+    preserved = [(r["start"], r["size"]) for r in save_report.get("reserved") or []]
+    ram = ranges_named(read_iomem(sr), "System RAM")
+    if not preserved or not ram:
+        return None
+    size = os.path.getsize(kernel) + (os.path.getsize(initrd) if initrd else 0)
+    return segment_window(ram, preserved, 2 * size + WINDOW_SLACK)
 
 
 def exec_command(systemd_running: bool, kexec: str = "kexec") -> list[str]:
@@ -337,12 +383,18 @@ def arm_host(req: ArmRequest) -> dict:
     cmdline, word = plan_cmdline(current or "", req.command_line, req.append, region, facts,
                                  next_region=req.next_region, policy=req.policy,
                                  declared=declared, token=req.token if req.pass_token else None)
-    cmd = kexec_command(req.image, req.initrd, cmdline, req.kexec_mode)
+    window = arm_window(sr, report, req.image, req.initrd) if req.kexec_mode == "l" else None
+    if window is None and report.get("reserved") and req.kexec_mode == "l":
+        warnings.append("no stretch of RAM free of the preserved ranges is large enough for "
+                        "the kexec segments: kexec-tools places them anywhere (the kexec "
+                        "is disarmed if one lands on memory a kept device uses)")
+    cmd = kexec_command(req.image, req.initrd, cmdline, req.kexec_mode, window=window)
     doc = {"ok": True, "kernel": os.path.abspath(req.image),
            "initrd": os.path.abspath(req.initrd) if req.initrd else None,
            "kernel_declaration": kernel_note, "region": os.path.abspath(region),
            "next_region": word, "legacy": facts["legacy"], "cmdline": hide_token(cmdline),
            "kexec_command": [hide_token(w) for w in cmd], "dry_run": req.dry_run,
+           "segment_window": [f"{window[0]:#x}", f"{window[1]:#x}"] if window else None,
            "save": report, "timings": {"save": round(t_save, 3)}, "warnings": warnings}
     if not req.dry_run:
         t1 = time.monotonic()

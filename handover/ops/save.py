@@ -109,6 +109,9 @@ def save(req: SaveRequest) -> dict:
                                  region_ranges=ranges, generation=generation,
                                  alter_bars=list(req.alter))
         st, report = build.build_state(host, kept, opts)
+        # what the state preserves (arm keeps the kexec segments off it)
+        report["reserved"] = [{"start": r.start, "size": r.size, "kind": r.kind}
+                              for r in st.reserved]
         blob = encode(st, generation=generation,
                       **({} if req.minor is None else {"minor": req.minor}))
         report.update(size=len(blob), generation=generation, dry_run=req.dry_run,

@@ -327,3 +327,28 @@ def test_region_spec_is_the_kernel_parameter():
     assert region_spec({"phys_start": 0x30000000, "size": 64 << 20}) == "0x4000000@0x30000000"
     assert region_spec({"phys_start": None, "size": 64 << 20}) is None
     assert region_spec({"phys_start": 0x30000000, "size": 0}) is None
+
+
+def test_the_segment_window_avoids_every_preserved_range():
+    """kexec -l places its segments where kexec-tools sees free RAM, a kept device's page
+    tables included (the Debian build's 20 MiB initrd once landed on one: the old kernel
+    disarmed the kexec). arm gives it the highest stretch of RAM below 4 GiB that no
+    preserved range touches."""
+    from handover.ops.arm import WINDOW_ALIGN, kexec_command, segment_window
+
+    ram = [(0x1000, 0x9efff), (0x100000, 0x2fffffff), (0x3a000000, 0x3ffdffff)]
+    preserved = [(0x3c592000, 0x1000), (0x8518000, 0x1000), (0x1a40000, 0x1000),
+                 (0x3f000000, 0x200000)]
+    need = 40 << 20
+    lo, hi = segment_window(ram, preserved, need)
+    assert hi - lo >= need and lo % WINDOW_ALIGN == 0 and hi % WINDOW_ALIGN == 0
+    assert not any(s < hi and s + n > lo for s, n in preserved)
+    assert any(a <= lo and hi <= b + 1 for a, b in ram)
+    assert (lo, hi) == (0x3c600000, 0x3f000000)      # the highest stretch large enough
+    # nothing large enough: no window (arm warns and lets kexec-tools choose)
+    assert segment_window(ram, preserved + [(0x2000000, 0x2e000000), (0x3a000000, 0x5000000)], need) is None
+    cmd = kexec_command("/boot/vmlinuz", "/boot/initrd", "ro", "l", window=(lo, hi))
+    assert cmd[-2:] == ["--mem-min=0x3c600000", "--mem-max=0x3effffff"]
+    # kexec_file_load places segments in the kernel: no window options
+    assert not any(w.startswith("--mem-") for w in
+                   kexec_command("/boot/vmlinuz", None, "ro", "s", window=(lo, hi)))

@@ -26,7 +26,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+# the repository instead of tools/ (whose qemu.py would shadow the qemu.qmp package the lab's
+# root file system vendors)
+sys.path[0] = str(ROOT)
 
 
 def log(msg: str) -> None:

@@ -91,8 +91,10 @@ def _vendored() -> dict[str, Path]:
     pkgs = {}
     for n in VENDORED_PY:
         p = _rt.find_py_package(n)
-        if p is None:
-            raise LabError(f"python package {n} is not importable by the lab's interpreter")
+        if p is None or not p.is_dir():
+            raise LabError(f"python package {n} is not importable by the lab's interpreter"
+                           + (f" (found the module {p} instead: a directory on sys.path "
+                              f"shadows it)" if p else ""))
         pkgs[n] = p
         libs = p.parent / (p.name + ".libs")
         if libs.is_dir():

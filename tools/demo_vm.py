@@ -6,8 +6,9 @@ Builds what is missing first (cached outside the repository): the patched kernel
 (tools/kernel.py build, 15-45 min cold) and the patched QEMU (tools/qemu.py build, about 50
 min cold on 2 cores), and the lab's Debian root file system. Then, in the QEMU lab (TCG):
 
-  Stage-1  the host (Debian, systemd, stock kernel) runs the VM (edu passed through, RAM on
-           device-dax, a workload doing DMA rounds with edu's MSI); `handover vm save
+  Stage-1  the host (Debian, systemd, stock kernel) runs the VM (edu and an NVMe controller
+           passed through, RAM on device-dax, a workload doing DMA rounds with edu's MSI and
+           NVMe writes and read-backs with MSI-X); `handover vm save
            --hold`, QEMU quits, edu raises an interrupt while no QEMU runs, `handover vm
            exec` starts the next QEMU with the saved one's VFIO files, `handover vm
            restore` resumes the VM.
@@ -61,6 +62,14 @@ def summary(name: str, before: dict, after: list, pause: float | None) -> bool:
     print(f"  wrong rounds {last['errors']}, completions lost {last['polled']}, register "
           f"written once lost {last['alive_bad']} times (0: never reset)")
     print(f"  interrupt raised while no QEMU owned edu, delivered: {'yes' if last['poked'] else 'no'}")
+    if last.get("nvme_state") == 1:
+        nv_ok = (last["nvme_rounds"] > first["nvme_rounds"] and not last["nvme_errors"]
+                 and not last["nvme_status_errors"] and not last["nvme_stray"] and not last["nvme_hung"])
+        ok = ok and nv_ok
+        print(f"  NVMe (write + read back, MSI-X): {before['nvme_rounds']} rounds before the save, "
+              f"{first['nvme_rounds']} at the resume, {last['nvme_rounds']} later; I/O interrupts "
+              f"{first['nvme_irqs_io']} -> {last['nvme_irqs_io']}; wrong {last['nvme_errors']}, "
+              f"error status {last['nvme_status_errors']}, stray {last['nvme_stray']}, hung {last['nvme_hung']}")
     print(f"  pause: {pause} s seen from outside, {last['max_gap']} s by the guest's clock "
           f"(TCG inside TCG)")
     return ok
@@ -73,7 +82,8 @@ def stage1() -> bool:
     files = vk.files()
     files.update({n: lab.SYSTEM_DIR / "guest" / n for n in GUEST_HELPERS})
     log("Stage-1: QEMU restart on the same kernel")
-    res = lab.run_guest(vk.STAGE1, rootfs="debian", pmem="legacy", files=files, timeout=1200)
+    res = lab.run_guest(vk.stage1_script(nvme=True), rootfs="debian", pmem="legacy", files=files,
+                        timeout=1200, nvme=True)
     res.check()
     p = res.phases[0]
     t = {k: v[0] for k, v in lab.index_markers(res.markers).items()}
@@ -89,8 +99,8 @@ def stage2(patched: dict) -> bool:
     from tests.system.keepalive_scenario import boot
 
     log("Stage-2: host kexec under the VM")
-    res = boot(patched, ["true\n", vk.OLD, vk.new_script()], rootfs="debian", timeout=2400,
-               files=vk.files())
+    res = boot(patched, ["true\n", vk.old_script(nvme=True), vk.new_script(nvme=True)],
+               rootfs="debian", timeout=2400, files=vk.files(), nvme=True)
     figs = vk.pause_figures(res)
     ok = summary("Stage-2 (host kexec)", json.loads(res.phases[1].files["progress-before.json"])[-1],
                  json.loads(res.phases[2].files["progress-after.json"]), figs.get("pause_outside_s"))

@@ -79,29 +79,44 @@ def device_group(sr: Sysroot, bdf: str) -> str | None:
     return os.path.basename(link) if link else None
 
 
+#: the VFIO container node (groups: /dev/vfio/<N>)
+CONTAINER = "/dev/vfio/vfio"
+
+
+def vfio_files(sr: Sysroot, pid: int | str) -> list[tuple[int, str]]:
+    """(fd, target) of process ``pid``'s VFIO files, by fd: the container (CONTAINER), its
+    groups (``/dev/vfio/<N>``), its devices (DEVICE); [] when its fds cannot be read."""
+    try:
+        entries = sr.listdir(f"/proc/{pid}/fd")
+    except HandoverError:
+        return []
+    out = []
+    for fd in entries:
+        target = sr.readlink(f"/proc/{pid}/fd/{fd}") if fd.isdigit() else None
+        if target is not None and (target == DEVICE or target.startswith("/dev/vfio/")):
+            out.append((int(fd), target))
+    return sorted(out)
+
+
+def group_of(target: str) -> str | None:
+    """The IOMMU group a VFIO file's target names ("7" for /dev/vfio/7), else None."""
+    if target.startswith("/dev/vfio/") and target != CONTAINER:
+        return target.rsplit("/", 1)[1]
+    return None
+
+
 def vfio_owners(sr: Sysroot, groups: set[str], exclude: int | None = None) -> list[VfioOwner]:
     """Every process (but ``exclude``) with an open fd on one of ``groups``' VFIO nodes."""
-    want = {f"/dev/vfio/{g}" for g in groups}
     out = []
     for name in sr.listdir("/proc"):
         if not name.isdigit() or int(name) == exclude:
             continue
-        fds, held = [], set()
-        try:
-            entries = sr.listdir(f"/proc/{name}/fd")
-        except HandoverError:
-            continue
-        for fd in entries:
-            target = sr.readlink(f"/proc/{name}/fd/{fd}")
-            if target is None or not fd.isdigit():
-                continue
-            if target in want:
-                held.add(target.rsplit("/", 1)[1])
-            if target == DEVICE or target.startswith("/dev/vfio/"):   # container, groups
-                fds.append(int(fd))
+        files = vfio_files(sr, name)
+        held = {g for _fd, t in files if (g := group_of(t)) in groups}
         if held:
             comm = (sr.try_text(f"/proc/{name}/comm") or "?").strip()
-            out.append(VfioOwner(int(name), comm, tuple(sorted(held)), tuple(sorted(fds))))
+            out.append(VfioOwner(int(name), comm, tuple(sorted(held)),
+                                 tuple(fd for fd, _t in files)))
     return out
 
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 from ..errors import HandoverError
 from .base import Sysroot
-from .vfio_hold import DEVICE, pidfd_getfd
+from .vfio_hold import CONTAINER, DEVICE, group_of, pidfd_getfd, vfio_files
 
 #: include/uapi/linux/vfio.h: VFIO_TYPE ';', VFIO_BASE 100
 _T = ord(";") << 8
@@ -38,7 +38,6 @@ DEVICE_GET_REGION_INFO = _T | 108
 CONFIG_REGION = 7                       # VFIO_PCI_CONFIG_REGION_INDEX
 UNMAP_FLAG_ALL = 1 << 1
 UNMAP_FLAG_VADDR = 1 << 2
-CONTAINER = "/dev/vfio/vfio"
 
 
 @dataclass
@@ -105,16 +104,11 @@ def take_files(sr: Sysroot, pid: int) -> TakenFiles:
     t = TakenFiles(pid)
     devices = []
     try:
-        for name in sorted(sr.listdir(f"/proc/{pid}/fd"), key=lambda n: int(n) if n.isdigit() else -1):
-            target = sr.readlink(f"/proc/{pid}/fd/{name}")
-            if not name.isdigit() or target is None:
-                continue
-            if target != CONTAINER and target != DEVICE and not target.startswith("/dev/vfio/"):
-                continue
+        for num, target in vfio_files(sr, pid):
             try:
-                fd = pidfd_getfd(pid, int(name))
+                fd = pidfd_getfd(pid, num)
             except OSError as e:
-                raise HandoverError(f"pid {pid} fd {name}: cannot take its VFIO file: "
+                raise HandoverError(f"pid {pid} fd {num}: cannot take its VFIO file: "
                                     f"{e.strerror}") from None
             if target == CONTAINER:
                 if t.container is not None:
@@ -124,17 +118,18 @@ def take_files(sr: Sysroot, pid: int) -> TakenFiles:
             elif target == DEVICE:
                 devices.append(fd)
             else:
-                t.groups[target.rsplit("/", 1)[1]] = fd
+                t.groups[group_of(target)] = fd
         functions = {}
         for g in t.groups:
             functions.update(group_functions(sr, g))
         for fd in devices:
             t.devices[name_device(_config_ids(fd), functions, set(t.devices))] = fd
-            devices = [d for d in devices if d != fd]
     except BaseException:
+        named = set(t.devices.values())
         t.close()
         for fd in devices:
-            os.close(fd)
+            if fd not in named:
+                os.close(fd)
         raise
     if t.container is None or not t.groups:
         t.close()

@@ -28,18 +28,13 @@ TOKEN_FILE = "hold-token.json"
 def hold_vm(pid: int, token: str, result_dir: str = RESULT_DIR, systemd: bool | None = None) -> dict:
     """Keep QEMU ``pid``'s VFIO files in a holder, the token's salted hash beside it."""
     sr = Sysroot("/")
-    groups = set()
-    fds = []
-    for name in sr.listdir(f"/proc/{pid}/fd"):
-        target = sr.readlink(f"/proc/{pid}/fd/{name}")
-        if name.isdigit() and target and (target == H.DEVICE or target.startswith("/dev/vfio/")):
-            fds.append(int(name))
-            if target != "/dev/vfio/vfio" and target.startswith("/dev/vfio/"):
-                groups.add(target.rsplit("/", 1)[1])
+    files = H.vfio_files(sr, pid)
+    groups = {g for _fd, target in files if (g := H.group_of(target))}
+    fds = [fd for fd, _target in files]
     if not groups:
         raise HandoverError(f"QEMU pid {pid} holds no VFIO group: nothing to hold")
     comm = (sr.try_text(f"/proc/{pid}/comm") or "?").strip()
-    rep = H.hold_owners([H.VfioOwner(pid, comm, tuple(sorted(groups)), tuple(sorted(fds)))],
+    rep = H.hold_owners([H.VfioOwner(pid, comm, tuple(sorted(groups)), tuple(fds))],
                         result_dir, systemd=systemd)
     salt, digest = hash_token(token)
     path = os.path.join(result_dir, TOKEN_FILE)

@@ -41,9 +41,6 @@ sys.path.insert(0, str(ROOT))   # run as a script: the repository's tests.* and 
 
 from benchmarks.timeline import Step, svg  # noqa: E402
 
-WHO = {"vm save": "handover", "handover save": "handover", "lab:": "lab", "systemctl kexec": "kernel",
-       "initramfs": "kernel", "QEMU start": "vmm", "first round": "guest"}
-
 
 def one_run(config: str) -> dict:
     from tests.system import lab, vm_keepalive as vk
@@ -61,15 +58,9 @@ def one_run(config: str) -> dict:
     t = {k: v[0] for k, v in lab.index_markers(res.markers).items()}
     figs["pause_guest_s"] = last["max_gap"]
     figs["cold_start_s"] = round(t[("VM-FIRST-ROUND", 2)] - t[("VM-START", 2)], 1)
-    figs["handover_s"] = round(sum(v for k, v in figs.items() if k.startswith(("vm save", "handover save"))), 1)
-    origin = t[("VM-SAVE", 2)]
-    figs["timeline"] = [(what, round(t[(a, pa)] - origin, 2), round(t[(b, pb)] - origin, 2))
-                        for a, pa, b, pb, what in vk.STEPS if (a, pa) in t and (b, pb) in t]
+    figs["timeline"] = vk.timeline(res)
+    figs["handover_s"] = round(sum(e - s for _w, s, e, who in figs["timeline"] if who == "handover"), 1)
     return figs
-
-
-def who(name: str) -> str:
-    return next((w for k, w in WHO.items() if name.startswith(k)), "lab")
 
 
 def main() -> int:
@@ -89,7 +80,7 @@ def main() -> int:
         med["pause_vs_cold_start"] = round(med["pause_outside_s"] / med["cold_start_s"], 2)
     mid = sorted(runs, key=lambda r: r["pause_outside_s"])[len(runs) // 2]
     if a.svg:
-        steps = [Step(n, s, e, who(n)) for n, s, e in mid["timeline"]]
+        steps = [Step(*step) for step in mid["timeline"]]
         Path(a.svg).write_text(svg(f"VM restart across a host kexec ({a.config} kernel, TCG)", steps,
                                    note=f"pause {mid['pause_outside_s']} s"))
         print(f"bench_vm_restart: timeline in {a.svg}", file=sys.stderr)

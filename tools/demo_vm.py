@@ -108,15 +108,8 @@ def stage2(patched: dict) -> bool:
     for k, v in figs.items():
         if k != "pause_outside_s":
             print(f"    {v:6.1f}  {k}")
-    t = {k: v[0] for k, v in lab.index_markers(res.markers).items()}
-    origin = t.get(("VM-SAVE", 2))
-    if origin is not None:
-        steps = [Step(what, t[(a, pa)] - origin, t[(b, pb)] - origin,
-                      "handover" if what.startswith(("vm save", "handover")) else
-                      "kernel" if what.startswith(("systemctl", "initramfs")) else
-                      "vmm" if what.startswith("QEMU") else
-                      "guest" if what.startswith("first") else "lab")
-                 for a, pa, b, pb, what in vk.STEPS if (a, pa) in t and (b, pb) in t]
+    steps = [Step(*step) for step in vk.timeline(res)]
+    if steps:
         out = lab.cache_dir() / "vm-restart.svg"
         out.write_text(svg("VM restart across a host kexec (lab kernel, TCG)", steps,
                            note=f"pause {figs.get('pause_outside_s')} s"))

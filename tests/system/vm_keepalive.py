@@ -179,29 +179,45 @@ def new_script(token: str = TOKEN, decide: str = "load", first_token: str | None
                  .replace("@RESTART@", vm_qemu(token, nvme=nvme)), nvme)
 
 
-#: the steps of the pause: (from marker, phase, to marker, phase, what), in order
-STEPS = [("VM-SAVE", 2, "VM-SAVED", 2, "vm save: keepalive, stop, state file"),
-         ("VM-SAVED", 2, "HOST-ARMED", 2, "handover save + arm: state, kexec load, holder"),
-         ("HOST-ARMED", 2, "ARM-EXEC", 2, "lab: inspect, poke, sync"),
-         ("ARM-EXEC", 2, "INIT", 3, "systemctl kexec: shutdown, kexec, boot to /init"),
-         ("INIT", 3, "UNIT", 3, "initramfs (handover check) + systemd boot"),
-         ("UNIT", 3, "VM-RESTART", 3, "lab: phase start, handover load, vfio-pci bind"),
-         ("VM-RESTART", 3, "VM-RESTORED", 3, "QEMU start + vm restore"),
-         ("VM-RESTORED", 3, "VM-RESUMED-ROUND", 3, "first round after the resume")]
+#: the steps of the pause, in order: (from marker, phase, to marker, phase, what, who spends
+#: the time: a colour of benchmarks/timeline.py)
+STEPS = [("VM-SAVE", 2, "VM-SAVED", 2, "vm save: keepalive, stop, state file", "handover"),
+         ("VM-SAVED", 2, "HOST-ARMED", 2, "handover save + arm: state, kexec load, holder", "handover"),
+         ("HOST-ARMED", 2, "ARM-EXEC", 2, "lab: inspect, poke, sync", "lab"),
+         ("ARM-EXEC", 2, "INIT", 3, "systemctl kexec: shutdown, kexec, boot to /init", "kernel"),
+         ("INIT", 3, "UNIT", 3, "initramfs (handover check) + systemd boot", "kernel"),
+         ("UNIT", 3, "VM-RESTART", 3, "lab: phase start, handover load, vfio-pci bind", "lab"),
+         ("VM-RESTART", 3, "VM-RESTORED", 3, "QEMU start + vm restore", "vmm"),
+         ("VM-RESTORED", 3, "VM-RESUMED-ROUND", 3, "first round after the resume", "guest")]
+
+
+def _times(res) -> dict:
+    return {k: v[0] for k, v in lab.index_markers(res.markers).items()}
+
+
+def timeline(res) -> list[tuple[str, float, float, str]]:
+    """The steps of a Stage-2 run's pause that its markers show: (what, start, end, who),
+    seconds from the save's start (benchmarks/timeline.py draws them)."""
+    t = _times(res)
+    origin = t.get(("VM-SAVE", 2))
+    if origin is None:
+        return []
+    return [(what, round(t[(a, pa)] - origin, 2), round(t[(b, pb)] - origin, 2), who)
+            for a, pa, b, pb, what, who in STEPS if (a, pa) in t and (b, pb) in t]
 
 
 def pause_figures(res) -> dict:
     """The VM-visible pause, from outside (host clock of the lab's console markers) and as
     the guest saw it (its CMOS clock's longest gap between two rounds), with where it went."""
-    t = {k: v[0] for k, v in lab.index_markers(res.markers).items()}
+    t = _times(res)
     f = {}
     if ("VM-SAVE", 2) in t and ("VM-RESUMED-ROUND", 3) in t:
         f["pause_outside_s"] = round(t[("VM-RESUMED-ROUND", 3)] - t[("VM-SAVE", 2)], 1)
-    steps = STEPS
-    for a, pa, b, pb, what in steps:
+    for a, pa, b, pb, what, _who in STEPS:
         if (a, pa) in t and (b, pb) in t:
             f[what] = round(t[(b, pb)] - t[(a, pa)], 1)
     return f
+
 
 #: Stage-1 (no kexec, any kernel: the stock one): one phase. The VM runs; ``handover vm save
 #: --hold`` saves it and a holder keeps QEMU's VFIO files; QEMU quits (its unit is stopped);
@@ -273,4 +289,4 @@ def files() -> dict:
     return nested.files()
 
 
-__all__ = ["OLD", "NEW", "STAGE1", "check_nvme", "old_script", "stage1_script", "new_script", "files", "pause_figures", "STEPS", "vm_qemu", "TOKEN", "WRONG", "QMP", "STATE"]
+__all__ = ["OLD", "NEW", "STAGE1", "check_nvme", "old_script", "stage1_script", "new_script", "files", "pause_figures", "timeline", "STEPS", "vm_qemu", "TOKEN", "WRONG", "QMP", "STATE"]

@@ -59,21 +59,6 @@ static u32 rtc_seconds(void)
 	return bcd(h & 0x7f, bin) * 3600 + bcd(m, bin) * 60 + bcd(s, bin);
 }
 
-/* edu's MSI capability: 0 if none */
-static u32 find_msi(u32 bdf)
-{
-	if (!(pci_rd(bdf, 0x04) & (1u << 20)))
-		return 0;
-	u32 pos = pci_rd(bdf, 0x34) & 0xfc;
-	for (int n = 0; pos && n < 48; n++) {
-		u32 hdr = pci_rd(bdf, pos);
-		if ((hdr & 0xff) == 0x05)
-			return pos;
-		pos = (hdr >> 8) & 0xfc;
-	}
-	return 0;
-}
-
 /* MSI to APIC ID 0 (the only CPU), fixed delivery, edge, MSI_VECTOR */
 static void enable_msi(u32 bdf, u32 pos)
 {
@@ -170,7 +155,7 @@ void main(void)
 	P->bdf = bdf;
 	P->bar0 = pci_rd(bdf, 0x10) & ~0xfu;
 	P->irq_line = pci_rd(bdf, 0x3c) & 0xff;
-	P->msi_cap = find_msi(bdf);
+	P->msi_cap = pci_find_cap(bdf, 0x05);
 	/* memory space and bus master on, INTx disabled */
 	pci_wr(bdf, 0x04, (pci_rd(bdf, 0x04) & 0xffff) | 0x406);
 	edu = (volatile u32 *)P->bar0;

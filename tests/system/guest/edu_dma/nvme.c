@@ -74,20 +74,6 @@ static int nvme_cmd(u32 qid, struct sqe *cmd, u32 *status)
 	}
 }
 
-static u32 find_cap(u32 bdf, u32 id)
-{
-	if (!(pci_rd(bdf, 0x04) & (1u << 20)))
-		return 0;
-	u32 pos = pci_rd(bdf, 0x34) & 0xfc;
-	for (int n = 0; pos && n < 48; n++) {
-		u32 hdr = pci_rd(bdf, pos);
-		if ((hdr & 0xff) == id)
-			return pos;
-		pos = (hdr >> 8) & 0xfc;
-	}
-	return 0;
-}
-
 static u32 bar_addr(u32 bdf, u32 bir)
 {
 	u32 lo = pci_rd(bdf, 0x10 + 4 * bir);
@@ -106,7 +92,7 @@ int nvme_setup(void)
 	if (bdf == 0xffffffff)
 		return 0;
 	P->nvme_bdf = bdf;
-	u32 msix = find_cap(bdf, 0x11);
+	u32 msix = pci_find_cap(bdf, 0x11);
 	u32 bar0 = bar_addr(bdf, 0);
 	if (!msix || !bar0)
 		return -1;

@@ -66,6 +66,21 @@ static inline void outl(u16 port, u32 v) { __asm__ volatile("outl %0, %1" : : "a
 static inline u32 inl(u16 port) { u32 v; __asm__ volatile("inl %1, %0" : "=a"(v) : "Nd"(port)); return v; }
 static inline u32 pci_rd(u32 bdf, u32 off) { outl(0xcf8, 0x80000000u | bdf << 8 | (off & 0xfc)); return inl(0xcfc); }
 static inline void pci_wr(u32 bdf, u32 off, u32 v) { outl(0xcf8, 0x80000000u | bdf << 8 | (off & 0xfc)); outl(0xcfc, v); }
+/* the config offset of capability @id of function @bdf, 0 when it has none */
+static inline u32 pci_find_cap(u32 bdf, u32 id)
+{
+	if (!(pci_rd(bdf, 0x04) & (1u << 20)))
+		return 0;
+	u32 pos = pci_rd(bdf, 0x34) & 0xfc;
+	for (int n = 0; pos && n < 48; n++) {
+		u32 hdr = pci_rd(bdf, pos);
+		if ((hdr & 0xff) == id)
+			return pos;
+		pos = (hdr >> 8) & 0xfc;
+	}
+	return 0;
+}
+
 static inline void lapic_wr(u32 reg, u32 v) { *(volatile u32 *)(LAPIC + reg) = v; }
 static inline void lapic_eoi(void) { lapic_wr(0xb0, 0); }
 

@@ -49,17 +49,23 @@ def test_device_group_from_sysfs(tmp_path):
     assert H.device_group(Sysroot(str(tmp_path)), "0000:00:04.0") is None
 
 
-@pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="needs pidfd_open")
-def test_the_holder_keeps_the_owners_files_open_after_it_exits(tmp_path):
+def _owner_of_a_file(tmp_path):
+    """A process (a VMM's stand-in) holding a file open until its stdin closes:
+    (the file, the process, its fd number)."""
     target = tmp_path / "device-file"
     target.write_text("x")
     owner = subprocess.Popen([sys.executable, "-c", (
-        "import os, sys, time\n"
+        "import os, sys\n"
         f"fd = os.open({str(target)!r}, os.O_RDONLY)\n"
         "print(fd, flush=True)\n"
         "sys.stdin.read()\n")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    return target, owner, int(owner.stdout.readline())
+
+
+@pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="needs pidfd_open")
+def test_the_holder_keeps_the_owners_files_open_after_it_exits(tmp_path):
+    target, owner, fd = _owner_of_a_file(tmp_path)
     try:
-        fd = int(owner.stdout.readline())
         try:
             rep = H.hold_owners([H.VfioOwner(owner.pid, "owner", ("7",), (fd,))], str(tmp_path),
                                 systemd=False)
@@ -91,16 +97,9 @@ def test_the_holder_keeps_the_owners_files_open_after_it_exits(tmp_path):
 def test_a_new_holder_takes_the_files_of_the_earlier_one_before_stopping_it(tmp_path):
     """The VMM quit and the earlier holder is the only owner left: a second hold (``arm``
     after ``vm save --hold``) must take the files from it before stopping it."""
-    target = tmp_path / "device-file"
-    target.write_text("x")
-    owner = subprocess.Popen([sys.executable, "-c", (
-        "import os, sys\n"
-        f"fd = os.open({str(target)!r}, os.O_RDONLY)\n"
-        "print(fd, flush=True)\n"
-        "sys.stdin.read()\n")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    target, owner, fd = _owner_of_a_file(tmp_path)
     second = None
     try:
-        fd = int(owner.stdout.readline())
         try:
             first = H.hold_owners([H.VfioOwner(owner.pid, "vmm", ("7",), (fd,))], str(tmp_path),
                                   systemd=False)

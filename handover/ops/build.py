@@ -193,6 +193,13 @@ def device_fields(dev: PciDev, host: Host, token: str | None, salt: bytes | None
     return f
 
 
+#: what the state takes from a patched kernel's live ranges: scalable mode's PASID directory
+#: and table, the page tables and the memory they map (the root and context tables come
+#: from the unit's registers and the context entries)
+LIVE_KINDS = tuple(E.RESERVED_KIND_VALUE[n]
+                   for n in ("pasid-dir", "pasid-table", "page-table", "dma-buffer"))
+
+
 def _context_for(u: Unit, dev: PciDev) -> list[ContextEntry]:
     if not u or not u.contexts:
         return []
@@ -292,7 +299,7 @@ def build_state(host: Host, devices: list, opts: SaveOptions) -> tuple[State, di
         live = (kh.live_ranges or {}).get(dev.bdf) if kh is not None else None
         if u is not None and live is not None:
             reserved += [(start, size, kind, u.seq) for kind, start, size in live
-                         if kind in (5, 10)]
+                         if kind in LIVE_KINDS]
         if u is not None and u.contexts is not None:
             scalable = bool((u.regs.rtaddr or 0) >> 10 & 1)
             for c in _context_for(u, dev):

@@ -93,8 +93,8 @@ dmesg > "$LAB_OUT/dmesg.txt"
 """
 
 
-def _run(patched, last, spoil: str = ""):  # noqa: F811
-    return boot(patched, ["true\n", OLD_KERNEL + spoil, last])
+def _run(patched, last, spoil: str = "", **run_kw):  # noqa: F811
+    return boot(patched, ["true\n", OLD_KERNEL + spoil, last], **run_kw)
 
 
 def _text(phase, name):
@@ -102,11 +102,12 @@ def _text(phase, name):
 
 
 def _edu_context(dump: str) -> str:
-    """edu's context entry ("hi:lo") from dmar_translation_struct; "" when absent."""
+    """edu's context entry ("hi:lo") from dmar_translation_struct; "" when absent. In
+    scalable mode with its PASID and PASID-table entry ("hi:lo pasid val2:val1:val0")."""
     for ln in dump.splitlines():
         f = ln.split()
         if len(f) >= 3 and f[0] == "00:03.0":
-            return f[2]
+            return " ".join(f[2:5])
     return ""
 
 
@@ -137,8 +138,9 @@ def _kexec_to(res, marker):
     return round(b[0] - a[0], 2) if a and b else None
 
 
-def test_keepalive_device_survives_kexec(patched):  # noqa: F811
-    res = _run(patched, NEW_KERNEL_KEEP)
+@pytest.mark.parametrize("iommu", ["legacy", "scalable"])
+def test_keepalive_device_survives_kexec(patched, iommu):  # noqa: F811
+    res = _run(patched, NEW_KERNEL_KEEP, iommu=iommu)
     old, new = res.phases[1], res.phases[2]
     print(_text(new, "status.txt"))
     print("\n".join(ln for ln in _text(new, "dmesg.txt").splitlines()
@@ -155,8 +157,18 @@ def test_keepalive_device_survives_kexec(patched):  # noqa: F811
     assert re.search(r"device: 0000:00:03.0 held adopted domain=\d+", _text(new, "status.txt"))
     # the root table, edu's context entry (domain ID, page tables) and IRTEs are the saved ones
     assert _text(new, "rtaddr.txt") == _text(old, "rtaddr.txt")
+    assert int(_text(old, "rtaddr.txt"), 16) >> 10 & 1 == (iommu == "scalable")   # RTADDR.SMT
     ctx_old = _edu_context(_text(old, "dmar_translation.txt"))
     assert ctx_old and _edu_context(_text(new, "dmar_translation.txt")) == ctx_old
+    # the saved entry: in scalable mode the RID_PASID's PASID entry, second level only
+    saved_ctx = [c for c in json.loads(old.files["inspect.json"])["contexts"] if c["device"] == EDU]
+    assert len(saved_ctx) == 1 and saved_ctx[0]["scalable"] == (iommu == "scalable")
+    if iommu == "scalable":
+        assert saved_ctx[0]["pasid"] == 0 and len(ctx_old.split()) == 3
+        assert int(saved_ctx[0]["pasid_entry"][1], 16) & 0xFFFF == saved_ctx[0]["did"]
+        assert int(saved_ctx[0]["pasid_entry"][2], 16) >> 6 & 7 == 2        # PGTT: second level
+        kinds = {r["kind"] for r in json.loads(old.files["inspect.json"])["reserved"]}
+        assert {"pasid-dir", "pasid-table"} <= kinds, kinds
     irte_old = _edu_irtes(_text(old, "ir_translation.txt"))
     assert irte_old and irte_old <= _edu_irtes(_text(new, "ir_translation.txt"))
     # BARs did not move; bus mastering and MSI stayed on; the buffer survived
@@ -183,8 +195,7 @@ def test_keepalive_device_survives_kexec(patched):  # noqa: F811
     load = json.loads(new.files["load.json"])
     assert load["ok"] and load["kernel_interface"]["written"] == "accept"
     assert load["kernel_interface"]["status"]["keepalive"] == [
-        {"bdf": EDU, "state": "held", "adopted": True, "domain": int(ctx_old.split(":")[0], 16) >> 8 & 0xFFFF,
-         "why": None}]
+        {"bdf": EDU, "state": "held", "adopted": True, "domain": saved_ctx[0]["did"], "why": None}]
     assert _status(_text(new, "status-end.txt"))["state"] == "accepted"
     # the new owner: token required, and the old IOVA mapped again onto the same memory;
     # then the old IOVA works through the owner's domain, MSI delivered
@@ -210,7 +221,9 @@ def test_keepalive_device_survives_kexec(patched):  # noqa: F811
     assert owner["unmapped_old"] == 2 << 20 and owner["dma_old_iova_unmapped"] is False
     assert owner["dma_new_iova_still"] is True
     assert owner["unmapped_new"] == 2 << 20 and owner["dma_new_iova_unmapped"] is False
-    assert re.search(r"DMAR: \[DMA (Read|Write) NO_PASID\] Request device \[00:03.0\]", dmesg)
+    # (scalable mode: the fault names the RID_PASID, PASID 0)
+    assert re.search(r"DMAR: \[DMA (Read|Write) (NO_PASID|PASID 0x0)\] Request device \[00:03.0\]",
+                     dmesg)
     # ... through the IRTE edu used before the kexec: the message keeps its handle
     saved = [v for v in json.loads(old.files["inspect.json"])["vectors"]
              if v["device"] == EDU and v["kind"] == "MSI"]

@@ -68,6 +68,13 @@ def rootfs_payload() -> dict:
         probe.write_text(text)
     return {**ROOTFS_PAYLOAD, "lab/udev/udev-probe": probe}
 KEXEC_MODES = ("l", "s", "p")
+#: the emulated VT-d unit's translation mode: its QEMU device. In scalable mode (QEMU 7.2:
+#: second-level translation only) the kernels run scalable mode, as Debian's config has it
+#: on by default (INTEL_IOMMU_SCALABLE_MODE_DEFAULT_ON=y, the lab's config too)
+IOMMU_MODES = {
+    "legacy": "intel-iommu,intremap=on",
+    "scalable": "intel-iommu,intremap=on,x-scalable-mode=on",
+}
 #: the NVMe controller of ``RunOptions(nvme=True)``: its QEMU device and guest address
 NVME_BDF = "0000:00:08.0"
 NVME_SERIAL = "handover-nvme"
@@ -94,6 +101,7 @@ class RunOptions:
     EDU_BDF gives its address.
     nvme: add the NVMe controller (NVME_DEVICE at NVME_BDF, see the module's docstring),
     backed by a fresh raw ``nvme.img`` of ``nvme_size`` bytes in the workdir.
+    iommu: the VT-d unit's mode (IOMMU_MODES): "legacy" or "scalable".
     timeout: the whole run is killed after this many seconds (LabTimeout).
     workdir: where the payload, results disk, console.log and qemu-cmd.txt go (default: a
     new ``runs/run-*`` in the cache; the newest 6 are kept).  echo: copy the console to
@@ -127,6 +135,7 @@ class RunOptions:
     topology: str = "root"
     nvme: bool = False
     nvme_size: int = 8 << 20
+    iommu: str = "legacy"
     timeout: float = DEFAULT_TIMEOUT
     workdir: str | Path | None = None
     echo: bool = False
@@ -143,6 +152,8 @@ class RunOptions:
         self.extra_kernels = list(self.extra_kernels or ())
         if self.rootfs not in ROOTFS_KINDS:
             raise ValueError(f"rootfs={self.rootfs!r} (one of {ROOTFS_KINDS})")
+        if self.iommu not in IOMMU_MODES:
+            raise ValueError(f"iommu={self.iommu!r} (one of {', '.join(IOMMU_MODES)})")
 
     def cmdline(self, n: int, extra: str) -> str:
         """The kernel command line of phase ``n`` with the test's words ``extra``."""
@@ -216,7 +227,7 @@ def qemu_command(kernel: Kernel, initrd: Path, cmdline: str, payload: Path, resu
                  nvdimm_label_size: int | None = None, memory: str = "1G",
                  cpu: str | None = None, extra_args: list | None = None,
                  topology: str = "root", nvme: Path | None = None,
-                 root_disk: Path | None = None) -> list:
+                 root_disk: Path | None = None, iommu: str = "legacy") -> list:
     """The QEMU command line of the lab machine (see the module's docstring)."""
     if topology not in TOPOLOGIES:
         raise LabError(f"unknown topology {topology!r} (one of {', '.join(TOPOLOGIES)})")
@@ -224,7 +235,7 @@ def qemu_command(kernel: Kernel, initrd: Path, cmdline: str, payload: Path, resu
     mem = f"{memory},slots=2,maxmem=4G" if nvdimm else memory
     cmd = [
         "qemu-system-x86_64", "-machine", machine, "-accel", "tcg", "-smp", "1", "-m", mem,
-        "-device", "intel-iommu,intremap=on",
+        "-device", IOMMU_MODES[iommu],
         *TOPOLOGIES[topology],
         "-netdev", "user,id=n0,restrict=on", "-device", "e1000e,netdev=n0,addr=04.0",
         "-drive", f"if=none,id=pay,file={payload},format=raw,readonly=on",
@@ -304,7 +315,7 @@ def run(scripts, opts: RunOptions) -> GuestResult:
         f.truncate(RESULT_SLOT_MB * max(1, len(scripts)) << 20)
     cmd = qemu_command(kernel, initrd, first, payload, results, nv, opts.nvdimm_size,
                        opts.nvdimm_label_size, opts.memory, opts.cpu, opts.qemu_args,
-                       opts.topology, nvme, root_disk=root_disk)
+                       opts.topology, nvme, root_disk=root_disk, iommu=opts.iommu)
     (wd / "qemu-cmd.txt").write_text(shlex.join(cmd) + "\n")
     log(f"boot: {shlex.join(cmd)}")
     if opts.shell:

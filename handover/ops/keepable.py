@@ -1,11 +1,11 @@
 """What the kernel can keep running across the kexec, and why it cannot keep a device.
 
-The kernel series keeps a device whose unit is in legacy mode, whose DMA reaches the IOMMU
-with its own requester ID (no DMA alias), and that is neither an SR-IOV VF nor a PF with VF
-Enable on. Anything beyond that must be declared by the running kernel in
+A kernel of the series keeps a device whose unit is in legacy mode, whose DMA reaches the
+IOMMU with its own requester ID (no DMA alias), and that is neither an SR-IOV VF nor a PF
+with VF Enable on. Anything beyond that must be declared by the running kernel in
 /sys/kernel/handover/features (feature detection, not versions; host.kernel_handover):
 
-- ``scalable``: units in scalable mode (PASID tables) are adopted;
+- ``scalable``: units in scalable mode (PASID tables) are adopted (kernel-patches 0012);
 - ``dma-alias``: devices whose DMA carries a bridge's requester ID are handed over;
 - ``sriov``: the next kernel's SR-IOV init leaves VF Enable (and so the VFs) as it was.
 

@@ -17,7 +17,7 @@ import re
 import pytest
 
 from tests.system import lab
-from tests.system.keepalive_scenario import NEW_KERNEL_KEEP, OLD_KERNEL, boot
+from tests.system.keepalive_scenario import NEW_KERNEL_KEEP, OLD_KERNEL, TOKEN, boot
 from tests.system.patched import status as _status
 
 pytestmark = [pytest.mark.system, pytest.mark.kernel]
@@ -122,6 +122,70 @@ def test_two_devices_one_kept(patched):  # noqa: F811
     assert owner["owner_token"] == "opened" and owner["translation"] == "owner"
     assert owner["dma_old_iova"] is True and owner["msi_eventfd"] == "ok"
     # the second edu: stopped at the kexec, then a fresh device for a fresh owner
+    assert not int(text["second-command.txt"].split()[0], 16) & 0x4
+    second = text.get("vfio2-ready.txt", "")
+    assert "dma_roundtrip=ok" in second and "msi_eventfd=ok" in second, text.get("vfio2.log")
+
+
+# several devices: edu (00:03.0) and the NVMe controller (00:08.0) kept, the second edu
+# (00:09.0) not; the controller's queues in the same device-dax, from 16 MiB on
+NVME, NVME_BUF = lab.NVME_BDF, '"$dax@0x1000000"'
+OLD_SEVERAL = OLD_TWO.replace("python3 -m handover region init", f"""echo vfio-pci > /sys/bus/pci/devices/{NVME}/driver_override
+echo {NVME} > /sys/bus/pci/drivers_probe
+python3 vfio_nvme.py init {NVME} {NVME_BUF} "$LAB_OUT/nvme-init.json" --queues 2 --rounds 5 \\
+    --hold /tmp/nvme-ready /tmp/nvme-stop > /tmp/nvme.log 2>&1 &
+i=0; while [ ! -f /tmp/nvme-ready ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done
+cat /tmp/nvme.log >&2
+python3 -m handover region init""", 1).replace(
+    "--device 0000:00:03.0 --token", f"--device 0000:00:03.0 --device {NVME} --token", 1).replace(
+    "python3 /payload/edu_keepalive.py kick 0000:00:03.0\n",
+    f"python3 /payload/edu_keepalive.py kick 0000:00:03.0\n"
+    f"python3 /payload/vfio_nvme.py request {NVME} inflight 1 > /tmp/inflight.json\n", 1)
+NEW_SEVERAL = NEW_TWO + f"""
+od -An -tx2 -j4 -N2 /sys/bus/pci/devices/{NVME}/config > "$LAB_OUT/nvme-command.txt"
+echo vfio-pci > /sys/bus/pci/devices/{NVME}/driver_override
+echo {NVME} > /sys/bus/pci/drivers_probe
+python3 vfio_nvme.py resume {NVME} {NVME_BUF} "$LAB_OUT/nvme-resume.json" --token {TOKEN} \\
+    --rounds 5 > "$LAB_OUT/nvme-resume.log" 2>&1 || echo "resume rc=$?" >> "$LAB_OUT/nvme-resume.log"
+dmesg > "$LAB_OUT/dmesg-end.txt"
+"""
+
+
+def test_several_devices_two_kinds_kept_one_not(patched):  # noqa: F811
+    """edu and the NVMe controller (MSI-X, queues in the same device-dax) both kept, a
+    second edu driven through VFIO but not named: one run. Both kept devices are held and
+    adopted (two domains), edu's DMA in flight lands and its owner takes it over, the
+    controller's owner goes on with the same queues without a reset; the second edu is
+    stopped at the kexec and gets fresh state for a fresh owner."""
+    res = boot(patched, ["true\n", OLD_SEVERAL, NEW_SEVERAL], topology="two-edu", nvme=True)
+    old, new = res.phases[1], res.phases[2]
+    text = {n: new.files[n].decode(errors="replace") for n in new.files}
+    print(text["status.txt"], text.get("nvme-resume.log", ""))
+    print("\n".join(ln for ln in text["dmesg-end.txt"].splitlines()
+                    if re.search(r"handover|DMAR: \[|00:0[389].0", ln)))
+    assert json.loads(old.files["nvme-init.json"])["ok"]
+    arm = json.loads(old.files["arm.json"])
+    assert arm["keepalive"] == {"armed": True, "devices": ["0000:00:03.0", NVME]}
+    assert text["handover-devices.txt"].split() == ["0000:00:03.0", NVME]
+    doms = re.findall(r"device: (\S+) held adopted domain=(\d+)", text["status.txt"])
+    assert sorted(d for d, _ in doms) == ["0000:00:03.0", NVME] and doms[0][1] != doms[1][1]
+    # edu: its DMA in flight landed, its owner took it over
+    probe = json.loads(text["probe.json"])
+    assert probe["dma_old_iova"] is True
+    assert probe["inflight"] == json.loads(old.files["inflight.json"])["pattern"]
+    owner = json.loads(text["owner.json"])
+    assert owner["owner_token"] == "opened" and owner["translation"] == "owner"
+    assert owner["dma_old_iova"] is True and owner["msi_eventfd"] == "ok"
+    # the controller: held with bus mastering, not reset, the write in flight reaped, the
+    # same queues going on, each on its vector
+    assert int(text["nvme-command.txt"].split()[0], 16) & 0x4
+    rep = json.loads(text["nvme-resume.json"])
+    assert rep["controller_reset"] is False and rep["ok"] is True, rep
+    assert [c["cid"] for c in rep["reaped"]] == [int(c) for c in rep["saved"]["inflight"]["1"]]
+    assert all(rep["irq_counts"][q] > 0 for q in (1, 2)), rep["irq_counts"]
+    assert re.search(rf"{NVME[5:]}: (DMAR: )?handover: translation handed over to the owner's "
+                     r"domain \d+", text["dmesg-end.txt"])
+    # the second edu: stopped at the kexec, then fresh
     assert not int(text["second-command.txt"].split()[0], 16) & 0x4
     second = text.get("vfio2-ready.txt", "")
     assert "dma_roundtrip=ok" in second and "msi_eventfd=ok" in second, text.get("vfio2.log")

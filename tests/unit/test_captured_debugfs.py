@@ -98,6 +98,9 @@ def test_save_takes_every_table_page_from_live_ranges(tmp_path):
     assert tables
     lines = [f"{EDU} 5 {t:#x} 0x1000" for t in tables] + [f"{EDU} 5 0x9f9e000 0x1000"]
     lines += [f"{EDU} 10 {s:#x} {n:#x}" for s, n in bufs] + [f"{EDU} context 0x1 0x2"]
+    # scalable mode (0012): the PASID directory and table come from the live ranges too
+    lines += [f"{EDU} 3 0x9f9c000 0x1000", f"{EDU} 4 0x9f9b000 0x1000",
+              f"{EDU} pasid 0x9f9a089 0x4 0x0"]
     live = tmp_path / "b" / "host" / "sys/kernel/debug/handover/live_ranges"
     assert (5, 0x9f9e000, 0x1000) in parse_live_ranges("\n".join(lines))[EDU]
     root = tmp_path / "b" / "host"
@@ -111,7 +114,9 @@ def test_save_takes_every_table_page_from_live_ranges(tmp_path):
     assert r.exit_code == 0, r.stderr
     after = {(r.start, r.size, r.kind) for r in decode(out.read_bytes()).reserved}
     assert (0x9f9e000, 0x1000, RESERVED_KIND_VALUE["page-table"]) in after
-    assert after - before == {(0x9f9e000, 0x1000, RESERVED_KIND_VALUE["page-table"])}
+    assert after - before == {(0x9f9e000, 0x1000, RESERVED_KIND_VALUE["page-table"]),
+                              (0x9f9c000, 0x1000, RESERVED_KIND_VALUE["pasid-dir"]),
+                              (0x9f9b000, 0x1000, RESERVED_KIND_VALUE["pasid-table"])}
 
 
 def test_live_ranges_parse():
@@ -119,6 +124,7 @@ def test_live_ranges_parse():
 
     text = ("0000:00:08.0 1 0x1973000 0x1000\n0000:00:08.0 5 0x9fa8000 0x2000\n"
             "0000:00:08.0 10 0x38200000 0x200000\n0000:00:08.0 context 0x9fa8001 0x802\n"
+            "0000:00:08.0 pasid 0x9fa8089 0x4 0x0\n"
             "0000:00:09.0 error -95\ngarbage line\n")
     assert parse_live_ranges(text) == {"0000:00:08.0": [(1, 0x1973000, 0x1000),
                                                         (5, 0x9fa8000, 0x2000),

@@ -176,13 +176,18 @@ class Vfio:
 
     @staticmethod
     def _buffer(path):
+        """"anon", a file, or a device-dax node; "PATH@OFFSET" maps it from OFFSET (a
+        device-dax shared with another device's driver)."""
         if path == "anon":
             return mmap.mmap(-1, BUF, mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
+        path, _, off = path.partition("@")
+        off = int(off or "0", 0)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            if os.path.isfile(path) and os.fstat(fd).st_size < BUF:
-                os.ftruncate(fd, BUF)
-            return mmap.mmap(fd, BUF, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            if os.path.isfile(path) and os.fstat(fd).st_size < off + BUF:
+                os.ftruncate(fd, off + BUF)
+            return mmap.mmap(fd, BUF, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
+                             offset=off)
         finally:
             os.close(fd)
 

@@ -2,8 +2,9 @@
 (:class:`RunOptions`), one guest at a time per machine (an flock), the boot with its console
 reader and timeout, and the result (:class:`GuestResult`).
 
-Machine: ``-machine q35[,nvdimm=on] -accel tcg -smp 1 -m 1G -device intel-iommu,intremap=on``,
-edu at 03.0, e1000e at 04.0 (user net, restricted), the payload disk (read-only tar) at 05.0
+Machine: ``-machine q35[,nvdimm=on] -accel tcg -smp 1 -m 1G -device
+intel-iommu,intremap=on,x-scalable-mode=on`` (VT-d in scalable mode by default, as Debian's
+kernel runs it; ``RunOptions(iommu="legacy")`` without it), edu at 03.0, e1000e at 04.0 (user net, restricted), the payload disk (read-only tar) at 05.0
 and the results disk at 06.0 (both virtio-blk with ``iommu_platform=on``: behind VT-d too).
 With ``RunOptions(nvme=True)`` also an NVMe controller at 08.0 on the root bus (NVME_BDF,
 ``-device nvme,serial=handover-nvme,drive=nvm0,addr=08.0,max_ioqpairs=4,msix_qsize=5``: MSI-X
@@ -101,7 +102,8 @@ class RunOptions:
     EDU_BDF gives its address.
     nvme: add the NVMe controller (NVME_DEVICE at NVME_BDF, see the module's docstring),
     backed by a fresh raw ``nvme.img`` of ``nvme_size`` bytes in the workdir.
-    iommu: the VT-d unit's mode (IOMMU_MODES): "legacy" or "scalable".
+    iommu: the VT-d unit's mode (IOMMU_MODES): "scalable" (what Debian's kernel runs on
+    a Xeon that has it) or "legacy".
     timeout: the whole run is killed after this many seconds (LabTimeout).
     workdir: where the payload, results disk, console.log and qemu-cmd.txt go (default: a
     new ``runs/run-*`` in the cache; the newest 6 are kept).  echo: copy the console to
@@ -135,7 +137,7 @@ class RunOptions:
     topology: str = "root"
     nvme: bool = False
     nvme_size: int = 8 << 20
-    iommu: str = "legacy"
+    iommu: str = "scalable"
     timeout: float = DEFAULT_TIMEOUT
     workdir: str | Path | None = None
     echo: bool = False
@@ -227,7 +229,7 @@ def qemu_command(kernel: Kernel, initrd: Path, cmdline: str, payload: Path, resu
                  nvdimm_label_size: int | None = None, memory: str = "1G",
                  cpu: str | None = None, extra_args: list | None = None,
                  topology: str = "root", nvme: Path | None = None,
-                 root_disk: Path | None = None, iommu: str = "legacy") -> list:
+                 root_disk: Path | None = None, iommu: str = "scalable") -> list:
     """The QEMU command line of the lab machine (see the module's docstring)."""
     if topology not in TOPOLOGIES:
         raise LabError(f"unknown topology {topology!r} (one of {', '.join(TOPOLOGIES)})")
